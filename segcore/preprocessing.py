@@ -1,0 +1,206 @@
+"""Preprocessing shared by training and inference, and its inverse.
+
+The model's canonical frame is RAS+ (closest canonical axes, as ``nibabel.as_closest_canonical``)
+with slices stacked along S, laid out as ``(Z, Y, X)`` so one axial slice is ``[k]``.
+In-plane resampling goes to the checkpoint's ``target_spacing_mm`` (or stays native), and
+intensities are clipped and z-scored with values recorded in the checkpoint.
+
+Training calls :func:`preprocess_case`; the inference engine calls the same
+:func:`canonical_view`, :func:`resample_slices` and :func:`normalize` batch by batch, and maps the
+label map back with :func:`from_canonical`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+_RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing recorded in every checkpoint; inference reruns exactly this.
+
+    Attributes:
+        orientation: the canonical frame's axis codes (only ``RAS`` is implemented).
+        target_spacing_mm: in-plane ``(y, x)`` spacing to resample to, or None for native.
+        clip_hu: intensity window ``(low, high)`` in HU applied before normalisation.
+        mean: subtracted after clipping (HU).
+        std: divided after centring (HU).
+    """
+
+    orientation: str = "RAS"
+    target_spacing_mm: tuple[float, float] | None = (1.6, 1.6)
+    clip_hu: tuple[float, float] = (-200.0, 300.0)
+    mean: float = 50.0
+    std: float = 80.0
+
+    def __post_init__(self) -> None:
+        if self.orientation != "RAS":
+            raise ValueError(f"only orientation 'RAS' is implemented, got {self.orientation!r}")
+        if self.target_spacing_mm is not None:
+            if len(self.target_spacing_mm) != 2 or min(self.target_spacing_mm) <= 0:
+                raise ValueError(f"target_spacing_mm must be two positive numbers, got {self.target_spacing_mm}")
+            object.__setattr__(self, "target_spacing_mm", tuple(float(v) for v in self.target_spacing_mm))
+        lo, hi = self.clip_hu
+        if not lo < hi:
+            raise ValueError(f"clip_hu must be (low, high) with low < high, got {self.clip_hu}")
+        object.__setattr__(self, "clip_hu", (float(lo), float(hi)))
+        if self.std <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown PreprocessConfig fields {sorted(unknown)}")
+        d = dict(d)
+        if d.get("target_spacing_mm") is not None:
+            d["target_spacing_mm"] = tuple(d["target_spacing_mm"])
+        if "clip_hu" in d:
+            d["clip_hu"] = tuple(d["clip_hu"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """How an input grid maps to the canonical ``(Z, Y, X)`` layout and back.
+
+    Attributes:
+        ornt: nibabel orientation of the input relative to RAS (``io_orientation``).
+        input_shape: the input's ``(i, j, k)`` shape.
+        spacing_zyx: voxel size in mm along canonical ``(Z, Y, X)``.
+    """
+
+    ornt: npt.NDArray[np.float64]
+    input_shape: tuple[int, int, int]
+    spacing_zyx: tuple[float, float, float]
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        perm = [int(a) for a in self.ornt[:, 0]]  # input axis i goes to RAS axis perm[i]
+        ras = [0, 0, 0]
+        for i, p in enumerate(perm):
+            ras[p] = self.input_shape[i]
+        return (ras[2], ras[1], ras[0])
+
+
+def canonical_info(affine: npt.NDArray[np.float64], shape: tuple[int, int, int]) -> Canonical:
+    ornt = nib.orientations.io_orientation(affine)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    ras_sp = [0.0, 0.0, 0.0]
+    for i, p in enumerate(ornt[:, 0].astype(int)):
+        ras_sp[p] = float(zooms[i])
+    return Canonical(ornt=ornt, input_shape=shape, spacing_zyx=(ras_sp[2], ras_sp[1], ras_sp[0]))
+
+
+def canonical_view(data: npt.NDArray[Any], canon: Canonical) -> npt.NDArray[Any]:
+    """A no-copy view of ``data`` (input ``(i, j, k)``) in canonical ``(Z, Y, X)`` layout."""
+    ras = nib.orientations.apply_orientation(data, canon.ornt)  # (X, Y, Z), flips are views
+    return np.asarray(ras).transpose(2, 1, 0)
+
+
+def from_canonical(arr_zyx: npt.NDArray[Any], canon: Canonical) -> npt.NDArray[Any]:
+    """Inverse of :func:`canonical_view`: a ``(Z, Y, X)`` array back on the input's ``(i, j, k)`` grid."""
+    ras = arr_zyx.transpose(2, 1, 0)
+    back = nib.orientations.ornt_transform(_RAS, canon.ornt)
+    out = nib.orientations.apply_orientation(ras, back)
+    if out.shape != canon.input_shape:
+        raise AssertionError(f"inverse reorientation gave {out.shape}, expected {canon.input_shape}")
+    return np.asarray(out)
+
+
+def model_grid(shape_yx: tuple[int, int], spacing_yx: tuple[float, float], cfg: PreprocessConfig) -> tuple[int, int]:
+    """In-plane size the model sees for a slice of ``shape_yx`` at ``spacing_yx`` mm."""
+    if cfg.target_spacing_mm is None:
+        return shape_yx
+    ty, tx = cfg.target_spacing_mm
+    return (
+        max(1, round(shape_yx[0] * spacing_yx[0] / ty)),
+        max(1, round(shape_yx[1] * spacing_yx[1] / tx)),
+    )
+
+
+def resample_slices(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resample ``(B, C, H, W)`` slices in-plane to ``size``; a no-op when already that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest-exact")
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=False)
+
+
+def normalize(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """Clip to ``cfg.clip_hu`` and z-score with ``cfg.mean`` / ``cfg.std`` (works in place on a copy)."""
+    lo, hi = cfg.clip_hu
+    return (x.clamp(lo, hi) - cfg.mean) / cfg.std
+
+
+def context_indices(centre: npt.NDArray[np.int64], context: int, n_slices: int) -> npt.NDArray[np.int64]:
+    """``(B, 2k+1)`` slice indices around each centre, clamped at the volume's ends."""
+    offsets = np.arange(-context, context + 1)
+    return np.clip(centre[:, None] + offsets[None, :], 0, n_slices - 1)
+
+
+@dataclass
+class PreprocessedCase:
+    """A case on the model's grid.
+
+    Attributes:
+        image: ``(Z, h, w)`` float16 normalised intensities.
+        label: ``(Z, h, w)`` uint8 labels, or None.
+        spacing_zyx: spacing of this grid in mm.
+    """
+
+    image: npt.NDArray[np.float16]
+    label: npt.NDArray[np.uint8] | None
+    spacing_zyx: tuple[float, float, float]
+
+
+def preprocess_case(
+    data: npt.NDArray[np.float32],
+    affine: npt.NDArray[np.float64],
+    label: npt.NDArray[np.uint8] | None,
+    cfg: PreprocessConfig,
+    num_classes: int,
+    chunk: int = 32,
+) -> PreprocessedCase:
+    """Reorient, resample in-plane and normalise a whole case for training.
+
+    Labels are resampled as one-hot maps with bilinear interpolation followed by argmax (the
+    nnU-Net way), which keeps thin structures better than nearest-neighbour.
+    """
+    shape = (int(data.shape[0]), int(data.shape[1]), int(data.shape[2]))
+    canon = canonical_info(affine, shape)
+    img_v = canonical_view(data, canon)
+    lab_v = canonical_view(label, canon) if label is not None else None
+    z, y, x = canon.shape_zyx
+    size = model_grid((y, x), (canon.spacing_zyx[1], canon.spacing_zyx[2]), cfg)
+    out_img = np.empty((z, *size), dtype=np.float16)
+    out_lab = np.empty((z, *size), dtype=np.uint8) if lab_v is not None else None
+    for k0 in range(0, z, chunk):
+        k1 = min(z, k0 + chunk)
+        t = torch.from_numpy(np.ascontiguousarray(img_v[k0:k1], dtype=np.float32))[:, None]
+        t = normalize(resample_slices(t, size), cfg)
+        out_img[k0:k1] = t[:, 0].numpy().astype(np.float16)
+        if lab_v is not None and out_lab is not None:
+            lab = torch.from_numpy(np.ascontiguousarray(lab_v[k0:k1]).astype(np.int64))
+            if tuple(lab.shape[-2:]) == size:
+                out_lab[k0:k1] = lab.numpy().astype(np.uint8)
+            else:
+                onehot = F.one_hot(lab.clamp_max(num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+                out_lab[k0:k1] = resample_slices(onehot, size).argmax(1).numpy().astype(np.uint8)
+    sp = canon.spacing_zyx
+    if cfg.target_spacing_mm is not None:
+        sp = (sp[0], cfg.target_spacing_mm[0], cfg.target_spacing_mm[1])
+    return PreprocessedCase(image=out_img, label=out_lab, spacing_zyx=sp)

@@ -1,0 +1,175 @@
+"""Per-class statistics of a mask, the numbers a clinician asks for.
+
+Volumes come from the header's voxel size (mL = mm^3 / 1000); positions are world (RAS+) mm from
+the affine. Connected components use ``connected-components-3d`` (26-connectivity) inside each
+class's bounding box. Kidney gets a left/right split (patient left = world -x in RAS+), with the
+tumor volume inside each side; tumor gets its largest axial diameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cc3d
+import numpy as np
+import numpy.typing as npt
+from scipy.spatial import ConvexHull, QhullError
+
+from segcore.io import Volume
+from segcore.preprocessing import canonical_info, canonical_view
+
+
+def _bbox(mask: npt.NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
+    out = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.nonzero(mask.any(axis=other))[0]
+        if idx.size == 0:
+            return None
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return (out[0], out[1], out[2])
+
+
+def _world(affine: npt.NDArray[np.float64], ijk: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def max_axial_diameter_mm(mask: npt.NDArray[np.bool_], volume: Volume) -> float:
+    """Largest in-plane (axial, canonical Z slices) Feret diameter of ``mask`` in mm."""
+    canon = canonical_info(volume.affine, volume.shape)
+    view = canonical_view(mask, canon)  # (Z, Y, X)
+    _, sy, sx = canon.spacing_zyx
+    best = 0.0
+    for k in np.nonzero(view.reshape(view.shape[0], -1).any(1))[0]:
+        ys, xs = np.nonzero(view[k])
+        pts = np.stack([ys * sy, xs * sx], axis=1).astype(np.float64)
+        # Use the pixel corners so a single pixel measures its own width, not 0.
+        corners = np.concatenate([pts + [dy, dx] for dy in (-sy / 2, sy / 2) for dx in (-sx / 2, sx / 2)])
+        if len(corners) > 4:
+            try:
+                corners = corners[ConvexHull(corners).vertices]
+            except QhullError:
+                pass
+        d = np.sqrt(((corners[:, None, :] - corners[None, :, :]) ** 2).sum(-1)).max()
+        best = max(best, float(d))
+    return best
+
+
+def class_statistics(
+    mask: npt.NDArray[np.uint8],
+    volume: Volume,
+    label: int,
+    name: str,
+    confidence: float | None,
+    region: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """Statistics of ``label`` (or of the union ``region``) in ``mask`` on ``volume``'s grid."""
+    voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    sel = np.isin(mask, region) if region else mask == label
+    n = int(np.count_nonzero(sel))
+    out: dict[str, Any] = {
+        "label": label,
+        "name": name,
+        "present": n > 0,
+        "voxels": n,
+        "volume_ml": n * voxel_ml,
+        "components": 0,
+        "largest_component_ml": 0.0,
+        "bbox_voxels": None,
+        "bbox_size_mm": None,
+        "centroid_mm": None,
+        "hu": None,
+        "mean_confidence": confidence,
+        "touches_border": False,
+    }
+    if region:
+        out["labels"] = list(region)
+    bb = _bbox(sel) if n else None
+    if bb is None:
+        return out
+    crop = np.ascontiguousarray(sel[bb])
+    cc, ncomp = cc3d.connected_components(crop, connectivity=26, return_N=True)
+    sizes = np.bincount(cc.ravel())[1:]
+    out["components"] = int(ncomp)
+    out["largest_component_ml"] = float(sizes.max()) * voxel_ml if sizes.size else 0.0
+    lo = [s.start for s in bb]
+    hi = [s.stop - 1 for s in bb]
+    out["bbox_voxels"] = {"min": lo, "max": hi}
+    out["bbox_size_mm"] = [float((h - l + 1) * z) for l, h, z in zip(lo, hi, volume.zooms, strict=True)]
+    idx = np.nonzero(crop)
+    centroid_ijk = np.array([float(i.mean()) + o for i, o in zip(idx, lo, strict=True)])
+    out["centroid_mm"] = [float(v) for v in _world(volume.affine, centroid_ijk[None])[0]]
+    vals = volume.data[bb][crop]
+    out["hu"] = {"mean": float(vals.mean()), "std": float(vals.std()), "min": float(vals.min()), "max": float(vals.max())}
+    shape = mask.shape
+    out["touches_border"] = any(l == 0 for l in lo) or any(h == s - 1 for h, s in zip(hi, shape, strict=True))
+    return out
+
+
+def kidney_sides(mask: npt.NDArray[np.uint8], volume: Volume, tumor_label: int = 2) -> dict[str, Any]:
+    """Left/right split of the kidney region (labels > 0) with the tumor volume in each side.
+
+    The midline is halfway between the two largest components' centroids when there are two,
+    else the centre of the field of view; each voxel goes to the side of the midline it lies on.
+    """
+    voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    region = mask > 0
+    empty = {"kidney_ml": 0.0, "tumor_ml": 0.0, "total_ml": 0.0, "present": False}
+    bb = _bbox(region)
+    if bb is None:
+        return {"left": dict(empty), "right": dict(empty), "midline_x_mm": None}
+    crop = np.ascontiguousarray(region[bb])
+    lo = np.array([s.start for s in bb], dtype=np.float64)
+    cc, n = cc3d.connected_components(crop, connectivity=26, return_N=True)
+    idx = np.nonzero(crop)
+    world_x = _world(volume.affine, np.stack(idx, axis=1).astype(np.float64) + lo)[:, 0]
+    if n >= 2:
+        comp = cc[idx]
+        sizes = np.bincount(comp)
+        top2 = np.argsort(sizes[1:])[-2:] + 1
+        cx = [float(world_x[comp == c].mean()) for c in top2]
+        midline = 0.5 * (cx[0] + cx[1])
+    else:
+        centre = (np.array(volume.shape, dtype=np.float64) - 1) / 2
+        midline = float(_world(volume.affine, centre[None])[0, 0])
+    labels = mask[bb][idx]
+    out: dict[str, Any] = {"midline_x_mm": midline}
+    for side, sel in (("right", world_x > midline), ("left", world_x <= midline)):  # RAS+: +x is patient right
+        tumor_n = int(np.count_nonzero(labels[sel] == tumor_label))
+        total_n = int(np.count_nonzero(sel))
+        out[side] = {
+            "present": total_n > 0,
+            "total_ml": total_n * voxel_ml,
+            "kidney_ml": int(np.count_nonzero(labels[sel] == 1)) * voxel_ml,
+            "tumor_ml": tumor_n * voxel_ml,
+        }
+    return out
+
+
+def compute_statistics(
+    mask: npt.NDArray[np.uint8],
+    volume: Volume,
+    labels: dict[int, str],
+    confidence: dict[int, float] | None = None,
+) -> list[dict[str, Any]]:
+    """One entry per non-background class of the model, in label order."""
+    conf = confidence or {}
+    out = []
+    for lab, name in sorted(labels.items()):
+        if lab == 0:
+            continue
+        entry = class_statistics(mask, volume, lab, name, conf.get(lab))
+        if name == "kidney":
+            entry["sides"] = kidney_sides(mask, volume)
+        if name == "tumor":
+            largest = mask == lab
+            if entry["components"] > 1:
+                bb = _bbox(largest)
+                assert bb is not None
+                cc = cc3d.connected_components(np.ascontiguousarray(largest[bb]), connectivity=26)
+                biggest = np.argmax(np.bincount(cc.ravel())[1:]) + 1
+                largest = np.zeros_like(largest)
+                largest[bb] = cc == biggest
+            entry["max_axial_diameter_mm"] = max_axial_diameter_mm(largest, volume) if entry["present"] else 0.0
+        out.append(entry)
+    return out

@@ -1,0 +1,118 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from segcore.checkpoint import KITS19_LABELS, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
+from segcore.errors import CheckpointError
+from segcore.preprocessing import PreprocessConfig
+from segcore.unet import UNet, UNetConfig
+
+
+def _meta(cfg: UNetConfig) -> CheckpointMeta:
+    return CheckpointMeta(cfg, PreprocessConfig(target_spacing_mm=(1.5, 1.5)), dict(KITS19_LABELS), metrics={"val_composite": 0.5}, provenance={"git": "abc", "data": "phantoms"})
+
+
+def test_roundtrip_rebuilds_the_same_model(tmp_path: Path) -> None:
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
+    torch.manual_seed(0)
+    model = UNet(cfg).eval()
+    p = tmp_path / "m.safetensors"
+    save_checkpoint(p, model, _meta(cfg))
+    loaded, meta = load_checkpoint(p)
+    assert meta.model == cfg and meta.preprocessing.target_spacing_mm == (1.5, 1.5)
+    assert meta.labels == KITS19_LABELS and meta.metrics["val_composite"] == 0.5
+    x = torch.randn(1, 3, 20, 20)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_ddp_and_compile_wrappers_are_unwrapped(tmp_path: Path) -> None:
+    cfg = UNetConfig(base_width=4, depth=3)
+    model = UNet(cfg)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = m
+
+    p = tmp_path / "w.safetensors"
+    save_checkpoint(p, Wrapper(model), _meta(cfg))
+    assert not any(k.startswith("_orig_mod") for k in load_file(str(p)))
+    load_checkpoint(p)
+
+
+def test_tampered_weights_are_rejected(tmp_path: Path) -> None:
+    cfg = UNetConfig(base_width=4, depth=3)
+    p = tmp_path / "m.safetensors"
+    save_checkpoint(p, UNet(cfg), _meta(cfg))
+    tensors = load_file(str(p))
+    md = {"kitseg": read_meta(p).to_json()}
+    k = next(k for k in tensors if k.endswith("weight"))
+    tensors[k] = tensors[k] + 0.01
+    save_file(tensors, str(p), metadata=md)
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(p)
+
+
+def test_truncated_file_is_rejected(tmp_path: Path) -> None:
+    cfg = UNetConfig(base_width=4, depth=3)
+    p = tmp_path / "m.safetensors"
+    save_checkpoint(p, UNet(cfg), _meta(cfg))
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(p)
+
+
+def test_config_mismatch_says_what_differs(tmp_path: Path) -> None:
+    cfg = UNetConfig(base_width=4, depth=3)
+    p = tmp_path / "m.safetensors"
+    save_checkpoint(p, UNet(cfg), _meta(cfg))
+    tensors = load_file(str(p))
+    d = json.loads(read_meta(p).to_json())
+    d["model"]["base_width"] = 8
+    d["weights_sha256"] = ""
+    save_file(tensors, str(p), metadata={"kitseg": json.dumps(d)})
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_checkpoint(p)
+
+
+def test_version_mismatch_and_foreign_files(tmp_path: Path) -> None:
+    cfg = UNetConfig(base_width=4, depth=3)
+    p = tmp_path / "m.safetensors"
+    save_checkpoint(p, UNet(cfg), _meta(cfg))
+    d = json.loads(read_meta(p).to_json())
+    d["format_version"] = 99
+    save_file(load_file(str(p)), str(p), metadata={"kitseg": json.dumps(d)})
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_checkpoint(p)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="no kitseg metadata"):
+        load_checkpoint(foreign)
+    pickle = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, pickle)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(pickle)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_labels_must_match_classes() -> None:
+    with pytest.raises(ValueError, match="labels"):
+        CheckpointMeta(UNetConfig(num_classes=4), PreprocessConfig(), dict(KITS19_LABELS))
+
+
+@pytest.mark.gpu
+def test_cuda_checkpoint_loads_on_cpu_and_back(tmp_path: Path) -> None:
+    cfg = UNetConfig(base_width=4, depth=3)
+    model = UNet(cfg).cuda().eval()
+    p = tmp_path / "cuda.safetensors"
+    save_checkpoint(p, model, _meta(cfg))
+    cpu_model, _ = load_checkpoint(p, device="cpu")
+    gpu_model, _ = load_checkpoint(p, device="cuda")
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_model(x), gpu_model(x.cuda()).cpu(), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,110 @@
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from segcore.errors import InvalidVolume, NotNifti, VolumeTooLarge
+from segcore.io import load_labels, load_volume, read_decompressed, save_mask
+from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+
+def test_roundtrip_nii_gz_keeps_geometry(tmp_path: Path) -> None:
+    hu, aff, truth = make_volume(ORIENTATIONS["IPL"])
+    p = write_nifti(tmp_path / "ct.nii.gz", hu, aff)
+    vol = load_volume(p)
+    assert vol.data.dtype == np.float32 and vol.shape == hu.shape
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-5)
+    assert vol.axcodes == ("I", "P", "L")
+    out = tmp_path / "mask.nii.gz"
+    save_mask(truth, vol, out)
+    m = nib.load(str(out))
+    assert m.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(m.affine, vol.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asanyarray(m.dataobj), truth)
+    assert not list(tmp_path.glob(".tmp-*")), "atomic write left a temp file"
+
+
+def test_gzip_is_detected_by_magic_not_name(tmp_path: Path) -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS["RAS"])
+    real = write_nifti(tmp_path / "a.nii.gz", hu, aff)
+    misnamed = tmp_path / "upload.bin"
+    misnamed.write_bytes(real.read_bytes())
+    np.testing.assert_array_equal(load_volume(misnamed).data, hu)
+    plain = write_nifti(tmp_path / "b.nii", hu, aff)
+    misnamed2 = tmp_path / "plain.nii.gz"
+    misnamed2.write_bytes(plain.read_bytes())
+    np.testing.assert_array_equal(load_volume(misnamed2).data, hu)
+
+
+def test_nifti2_and_scaling(tmp_path: Path) -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS["LPS"])
+    raw = (hu + 1024).astype(np.uint16)
+    img = nib.Nifti2Image(raw, aff)
+    img.header.set_slope_inter(1.0, -1024.0)
+    p = tmp_path / "n2.nii"
+    nib.save(img, str(p))
+    vol = load_volume(p)
+    np.testing.assert_allclose(vol.data, hu, atol=1e-3)
+    mask_p = tmp_path / "m.nii.gz"
+    save_mask((hu > 0).astype(np.uint8), vol, mask_p)
+    assert isinstance(nib.load(str(mask_p)), nib.Nifti2Image)
+
+
+def test_uint16_labels_read_as_uint8(tmp_path: Path) -> None:
+    _, aff, truth = make_volume(ORIENTATIONS["IPL"])
+    p = write_nifti(tmp_path / "seg.nii.gz", truth, aff, dtype=np.uint16)
+    lab, laff = load_labels(p)
+    assert lab.dtype == np.uint8
+    np.testing.assert_array_equal(lab, truth)
+
+
+def test_trailing_singleton_axes_are_squeezed(tmp_path: Path) -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS["RAS"])
+    p = write_nifti(tmp_path / "4d.nii.gz", hu[..., None], aff)
+    assert load_volume(p).shape == hu.shape
+
+
+@pytest.mark.parametrize(
+    "make, exc",
+    [
+        (lambda p, hu, aff: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 400), NotNifti),
+        (lambda p, hu, aff: p.write_bytes(gzip.compress(b"not nifti" * 100)), NotNifti),
+        (lambda p, hu, aff: p.write_bytes(gzip.compress(write_nifti(p.with_suffix(".x.nii"), hu, aff).read_bytes())[:-200]), NotNifti),
+        (lambda p, hu, aff: write_nifti(p, np.zeros((32, 32), np.int16), np.eye(4)), InvalidVolume),
+        (lambda p, hu, aff: write_nifti(p, np.zeros((32, 32, 4, 2), np.int16), np.eye(4)), InvalidVolume),
+        (lambda p, hu, aff: write_nifti(p, np.zeros((4, 4, 4), np.int16), np.eye(4)), InvalidVolume),
+        (lambda p, hu, aff: write_nifti(p, np.full((32, 32, 3), np.nan, np.float32), np.eye(4), dtype=np.float32), InvalidVolume),
+        (lambda p, hu, aff: write_nifti(p, hu, np.diag([1.0, 1.0, 0.0, 1.0])), InvalidVolume),
+    ],
+    ids=["png", "gzip-not-nifti", "truncated-gzip", "2d", "4d", "too-small", "nan", "singular-affine"],
+)
+def test_bad_inputs_raise_domain_errors(tmp_path: Path, make, exc) -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS["RAS"])
+    p = tmp_path / "bad.nii.gz"
+    make(p, hu, aff)
+    with pytest.raises(exc):
+        load_volume(p)
+
+
+def test_decompressed_limit_stops_a_gzip_bomb_early(tmp_path: Path) -> None:
+    p = tmp_path / "bomb.gz"
+    with gzip.open(p, "wb", compresslevel=9) as f:
+        for _ in range(64):
+            f.write(bytes(1 << 20))  # 64 MiB of zeros, ~64 KiB compressed
+    assert p.stat().st_size < 200_000
+    with pytest.raises(VolumeTooLarge):
+        read_decompressed(p, max_bytes=4 << 20)
+
+
+def test_declared_voxels_checked_before_allocation(tmp_path: Path) -> None:
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((1024, 1024, 1024))
+    hdr.set_data_dtype(np.int16)
+    p = tmp_path / "liar.nii"
+    p.write_bytes(hdr.binaryblock + b"\x00" * 4 + b"\x00" * 1000)
+    with pytest.raises(VolumeTooLarge):
+        load_volume(p, max_voxels=600 * 512 * 512)
+    with pytest.raises(InvalidVolume, match="truncated"):
+        load_volume(p)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from segcore.unet import UNet, UNetConfig, flops_per_pixel
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (7, 13), (37, 53), (64, 64), (100, 159)])
+@pytest.mark.parametrize("cfg", [UNetConfig(base_width=4, depth=3), UNetConfig(in_slices=3, base_width=4, depth=4, norm="instance"), UNetConfig(in_slices=5, num_classes=4, base_width=8, depth=5, norm="group")])
+def test_any_size_in_same_size_out(cfg: UNetConfig, hw: tuple[int, int]) -> None:
+    model = UNet(cfg).eval()
+    with torch.no_grad():
+        y = model(torch.randn(2, cfg.in_slices, *hw))
+    assert y.shape == (2, cfg.num_classes, *hw)
+    assert torch.isfinite(y).all()
+
+
+def test_kits_case_160_width() -> None:
+    # The seed's model crashed on KiTS case 160 (512x796); check a scaled version of that aspect ratio.
+    model = UNet(UNetConfig(base_width=2, depth=4)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 64, 99)).shape == (1, 3, 64, 99)
+
+
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        ({"num_classes": 1}, "num_classes"),
+        ({"in_slices": 2}, "in_slices"),
+        ({"depth": 1}, "depth"),
+        ({"norm": "layer"}, "norm"),
+        ({"base_width": 0}, "base_width"),
+        ({"norm": "group", "base_width": 12}, "group"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
+def test_bad_config_fails_at_build_time(kwargs: dict, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        UNetConfig(**kwargs)
+
+
+def test_wrong_input_channels_is_a_clear_error() -> None:
+    model = UNet(UNetConfig(in_slices=3, base_width=4, depth=3))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.randn(1, 1, 16, 16))
+
+
+def test_flops_match_measured_anchor() -> None:
+    # ANCHORS.md: base 16 -> 18.4 GFLOP and base 32 -> 73.5 GFLOP per 512x512 slice.
+    assert flops_per_pixel(UNetConfig(base_width=16)) * 512 * 512 / 1e9 == pytest.approx(18.4, rel=0.01)
+    assert flops_per_pixel(UNetConfig(base_width=32)) * 512 * 512 / 1e9 == pytest.approx(73.5, rel=0.01)
+
+
+def test_config_roundtrip_and_unknown_field() -> None:
+    cfg = UNetConfig(in_slices=3, base_width=8)
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        UNetConfig.from_dict({**cfg.to_dict(), "attention": True})

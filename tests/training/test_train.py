@@ -1,0 +1,124 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segcore.checkpoint import load_checkpoint
+from segcore.unet import UNet, UNetConfig
+from training.cli import _one_phantom, main
+from training.datasets import CaseCache, SliceDataset, find_cases, split_cases
+from training.train import dice_ce_loss
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_single_channel_loss_is_refused() -> None:
+    with pytest.raises(ValueError, match="identically zero"):
+        dice_ce_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
+
+
+def test_loss_learns_a_tiny_problem() -> None:
+    # The seed's model never learned; this one must, on a trivially separable problem.
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_width=4, depth=3))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    x = torch.randn(4, 1, 32, 32)
+    y = (x[:, 0] > 0.5).long() + (x[:, 0] > 1.5).long()
+    first = None
+    for _ in range(60):
+        loss, _ = dice_ce_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else float(loss)
+    assert float(loss) < 0.5 * first
+    acc = (model.eval()(x).argmax(1) == y).float().mean()
+    assert acc > 0.9
+
+
+def test_split_is_by_patient_and_deterministic(tmp_path: Path) -> None:
+    for i in range(5):
+        _one_phantom((i, str(tmp_path), 32, False, 0))
+    cases = find_cases(tmp_path)
+    tr, va = split_cases(cases, 0.4, seed=1)
+    assert {c.case_id for c in tr}.isdisjoint({c.case_id for c in va}) and len(tr) + len(va) == 5
+    assert split_cases(cases, 0.4, seed=1) == (tr, va)
+
+
+def test_cache_and_sampler_oversample_foreground(tmp_path: Path) -> None:
+    from segcore.preprocessing import PreprocessConfig
+
+    for i in range(2):
+        _one_phantom((i, str(tmp_path / "d"), 64, False, 0))
+    cases = find_cases(tmp_path / "d")
+    cache = CaseCache(tmp_path / "c", PreprocessConfig(target_spacing_mm=None), 3)
+    arrays = [cache.get(c) for c in cases]
+    assert isinstance(arrays[0][0], np.memmap)
+    stamp = next((tmp_path / "c").rglob("*.stamp")).stat().st_mtime_ns
+    cache.get(cases[0])  # reused, not rebuilt
+    assert next((tmp_path / "c").rglob("*.stamp")).stat().st_mtime_ns == stamp
+    ds = SliceDataset(arrays, context=1, patch=32, length=64, fg_fraction=0.8, seed=0)
+    fg = sum(bool((ds[i][1] > 0).any()) for i in range(64))
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32) and y.dtype == torch.int64
+    assert fg > 32, "foreground slices must be oversampled"
+
+
+def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(3):
+        _one_phantom((i, str(data), 48, False, 0))
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "2", "--iters", "2",
+            "--batch-size", "2", "--patch", "32", "--base-width", "4", "--depth", "3", "--val-fraction", "0.34",
+            "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    for f in ("best.safetensors", "last.safetensors", "last.state.pt", "metrics.jsonl", "curves.png"):
+        assert (run / f).exists(), f
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"val_kidney_dice", "val_tumor_dice", "val_composite", "train_loss"} <= set(rows[0])
+    model, meta = load_checkpoint(run / "best.safetensors")
+    assert meta.provenance["val_cases"] and not set(meta.provenance["val_cases"]) & set(meta.provenance["train_cases"])
+    # Resume continues at epoch 3 with the saved history.
+    assert main([*args[:6], "3", *args[7:], "--resume", str(run / "last.state.pt")]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate"])
+def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    extra = ["--out", str(tmp_path / "o")] if cmd in ("phantoms", "synth-ct") else []
+    r = subprocess.run([sys.executable, "-m", "training", cmd, "--dry-run", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if cmd == "evaluate":
+        assert "KiTS19: kidney Dice" in r.stdout and "all-background" in r.stdout
+
+
+@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate"])
+def test_cli_help(cmd: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "training", cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--dry-run" in r.stdout
+
+
+def test_ddp_gloo_two_processes(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    data = tmp_path / "data"
+    for i in range(3):
+        _one_phantom((i, str(data), 48, False, 0))
+    r = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", "29531", "-m", "training", "train", "--data", str(data),
+         "--out", str(tmp_path / "run"), "--epochs", "1", "--iters", "2", "--batch-size", "2", "--patch", "32",
+         "--base-width", "4", "--depth", "3", "--val-fraction", "0.34", "--no-progress", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert meta.provenance["world_size"] == 2

@@ -1,0 +1,297 @@
+"""``kitseg-train`` / ``python -m training``: make phantoms, synthesize CT for label maps, train,
+and evaluate a checkpoint. Every subcommand has ``--dry-run``, a tiny version that CI runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import tempfile
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger("kitseg.train")
+
+
+# ---------------------------------------------------------------- phantoms
+def _one_phantom(args: tuple[int, str, int, bool, int]) -> str:
+    from training.datasets import write_kits_case
+    from training.synth import make_phantom
+
+    i, out, inplane, cysts, seed = args
+    rng = np.random.default_rng((seed, i))
+    hu, seg, sp = make_phantom(rng, inplane=inplane, cysts=cysts)
+    case = f"case_{i:05d}"
+    write_kits_case(Path(out) / case, hu, seg, sp)
+    return case
+
+
+def cmd_phantoms(a: argparse.Namespace) -> int:
+    n, size = (3, 64) if a.dry_run else (a.n, a.size)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(a.start + i, str(out), size, a.cysts, a.seed) for i in range(n)]
+    t0 = time.perf_counter()
+    if a.workers > 1:
+        with ProcessPoolExecutor(a.workers) as ex:
+            list(tqdm(ex.map(_one_phantom, jobs), total=n, desc="phantoms"))
+    else:
+        for j in tqdm(jobs, desc="phantoms"):
+            _one_phantom(j)
+    print(f"wrote {n} KiTS19-layout phantom cases to {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+# ---------------------------------------------------------------- synth-ct
+def _one_render(args: tuple[str, str, int, int | None]) -> str:
+    import nibabel as nib
+
+    from segcore.io import load_labels, save_image
+    from segcore.preprocessing import canonical_info, canonical_view, from_canonical
+    from training.synth import render_for_labels
+
+    seg_path, out_dir, seed, max_slices = args
+    seg, affine = load_labels(seg_path)
+    canon = canonical_info(affine, seg.shape)  # type: ignore[arg-type]
+    seg_zyx = np.ascontiguousarray(canonical_view(seg, canon))
+    # Seeded per case name (stable across processes), so re-running renders the same CT.
+    rng = np.random.default_rng((seed, zlib.crc32(Path(seg_path).parent.name.encode())))
+    hu_zyx = render_for_labels(seg_zyx, canon.spacing_zyx, rng)
+    hu = from_canonical(hu_zyx, canon)
+    case_dir = Path(out_dir) / Path(seg_path).parent.name
+    case_dir.mkdir(parents=True, exist_ok=True)
+    save_image(np.ascontiguousarray(hu), affine, case_dir / "imaging.nii.gz")
+    # Copy the labels unchanged (uint8), same affine, so the case is self-contained.
+    img = nib.load(seg_path)
+    save_image(np.ascontiguousarray(np.asanyarray(img.dataobj).astype(np.uint8)), affine, case_dir / "segmentation.nii.gz")
+    return case_dir.name
+
+
+def cmd_synth_ct(a: argparse.Namespace) -> int:
+    from training.datasets import find_cases
+
+    src = Path(a.labels)
+    if a.dry_run:
+        # Tiny and independent of ../shared: a label-only folder made from a 64x64 phantom.
+        from training.datasets import write_kits_case
+        from training.synth import make_phantom
+
+        src = Path(tempfile.mkdtemp(prefix="kitseg-labels-"))
+        _, seg, sp = make_phantom(np.random.default_rng(0), inplane=64)
+        write_kits_case(src / "case_00000", None, seg, sp)
+    cases = [c for c in find_cases(src, need_image=False) if c.label is not None and c.label.parent.name.startswith("case_")]
+    if a.cases:
+        lo, hi = (int(v) for v in a.cases.split(":"))
+        cases = [c for c in cases if lo <= int(c.case_id.split("_")[1]) < hi]
+    if a.dry_run:
+        cases = cases[:1]
+    if not cases:
+        print(f"no case_XXXXX/segmentation.nii.gz found under {src}", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(c.label), str(out), a.seed, None) for c in cases]
+    t0 = time.perf_counter()
+    if a.workers > 1:
+        with ProcessPoolExecutor(a.workers) as ex:
+            list(tqdm(ex.map(_one_render, jobs), total=len(jobs), desc="synth-ct"))
+    else:
+        for j in tqdm(jobs, desc="synth-ct"):
+            _one_render(j)
+    print(f"rendered CT for {len(jobs)} label maps into {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+def cmd_train(a: argparse.Namespace) -> int:
+    from training.train import TrainConfig, train
+
+    extra: dict[str, Any] = {"name": a.name}
+    if a.dry_run:
+        tmp = Path(tempfile.mkdtemp(prefix="kitseg-dry-"))
+        for i in range(3):
+            _one_phantom((i, str(tmp / "data"), 64, a.kits23, 0))
+        cfg = TrainConfig(
+            data=str(tmp / "data"), out=a.out or str(tmp / "run"), epochs=2, iters_per_epoch=2, batch_size=2,
+            patch=32, base_width=4, depth=3, in_slices=a.in_slices, kits23=a.kits23, val_fraction=0.34,
+            target_spacing_mm=a.spacing if a.spacing > 0 else None, device=a.device, progress=False, extra=extra,
+        )
+    else:
+        if not a.data or not a.out:
+            print("train needs --data and --out (or --dry-run)", file=sys.stderr)
+            return 2
+        cfg = TrainConfig(
+            data=a.data, out=a.out, cache=a.cache, epochs=a.epochs, iters_per_epoch=a.iters, batch_size=a.batch_size,
+            patch=a.patch, lr=a.lr, lr_schedule=a.lr_schedule, val_fraction=a.val_fraction,
+            val_cases=a.val_cases.split(",") if a.val_cases else None, seed=a.seed, device=a.device, amp=a.amp,
+            workers=a.workers, max_minutes=a.max_minutes, resume=a.resume, kits23=a.kits23, base_width=a.base_width,
+            depth=a.depth, in_slices=a.in_slices, target_spacing_mm=a.spacing if a.spacing > 0 else None,
+            max_train_cases=a.max_train_cases, data_description=a.describe, progress=not a.no_progress, extra=extra,
+        )
+    res = train(cfg)
+    best = res["best"]
+    if best:
+        print(
+            f"best: kidney Dice {best.get('val_kidney_dice', float('nan')):.4f}  tumor Dice "
+            f"{best.get('val_tumor_dice', float('nan')):.4f}  composite {best.get('val_composite', float('nan')):.4f}  "
+            f"(epoch {best.get('epoch')}, {res['elapsed_s']:.0f}s); checkpoints in {cfg.out}"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+def kits_table(rows: list[dict[str, Any]], summary: dict[str, float]) -> str:
+    keys = ["kidney_dice", "tumor_dice", "composite", "pixel_accuracy", "all_background_accuracy"]
+    keys += sorted(k for k in summary if k.startswith("kits23_"))
+    head = "| case | " + " | ".join(keys) + " | seconds |"
+    sep = "|" + "---|" * (len(keys) + 2)
+    lines = [head, sep]
+    for r in rows:
+        lines.append(f"| {r['case']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + f" | {r['seconds']:.1f} |")
+    lines.append("| **mean** | " + " | ".join(f"**{summary[k]:.4f}**" for k in keys) + f" | {summary['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from segcore.inference import Engine
+    from segcore.metrics import summarize
+    from training.datasets import find_cases
+    from training.train import evaluate_cases
+
+    if a.dry_run:
+        tmp = Path(tempfile.mkdtemp(prefix="kitseg-dry-"))
+        cmd_train(argparse.Namespace(**{**vars(a), "dry_run": True, "out": str(tmp / "run"), "name": "dry-run", "in_slices": 1, "kits23": False, "spacing": 0, "device": "cpu"}))
+        a.checkpoint = str(tmp / "run" / "best.safetensors")
+        a.data = str(next(Path(tempfile.gettempdir()).glob("kitseg-dry-*/data")))
+    if not a.checkpoint or not a.data:
+        print("evaluate needs --checkpoint and --data (or --dry-run)", file=sys.stderr)
+        return 2
+    engine = Engine.from_checkpoint(a.checkpoint, device=a.device, batch_size=a.batch_size, precision=a.precision)
+    cases = find_cases(a.data)
+    if a.cases:
+        wanted = set(a.cases.split(","))
+        cases = [c for c in cases if c.case_id in wanted]
+    if a.limit:
+        cases = cases[: a.limit]
+    with_kits23 = a.kits23 or engine.meta.model.num_classes == 4
+    rows = evaluate_cases(engine, cases, kits23_metrics=with_kits23, progress=True)
+    summary = summarize([{k: v for k, v in r.items() if k != "case"} for r in rows])
+    table = kits_table(rows, summary)
+    print(table)
+    print(
+        f"\nKiTS19: kidney Dice {summary['kidney_dice']:.4f}, tumor Dice {summary['tumor_dice']:.4f}, "
+        f"composite {summary['composite']:.4f} over {len(rows)} cases "
+        f"(precision {engine.precision}; pixel accuracy {summary['pixel_accuracy']:.4f} vs "
+        f"{summary['all_background_accuracy']:.4f} for all-background)"
+    )
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kits_table.md").write_text(table + "\n")
+        (out / "summary.json").write_text(json.dumps({"summary": summary, "cases": rows, "checkpoint": a.checkpoint, "precision": engine.precision}, indent=2))
+        with open(out / "cases.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {out}/kits_table.md, summary.json, cases.csv")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kitseg-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    ph = sub.add_parser("phantoms", help="write procedural KiTS19-layout phantom cases", description=(
+        "Write N procedural abdomen phantoms (fat, muscle, spine, aorta, liver, spleen, two kidneys with cortex and "
+        "medulla, 0-2 tumors of varied size/texture, some exophytic) as case_XXXXX/imaging.nii.gz + "
+        "segmentation.nii.gz, shape (slices, H, W), orientation IPL."))
+    ph.add_argument("--out", required=True, help="output folder")
+    ph.add_argument("--n", type=int, default=40, help="number of cases (default 40)")
+    ph.add_argument("--start", type=int, default=0, help="first case number")
+    ph.add_argument("--size", type=int, default=256, help="in-plane matrix size (KiTS is 512; default 256)")
+    ph.add_argument("--cysts", action="store_true", help="add cysts (label 3, KiTS21/23 style)")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--workers", type=int, default=2, help="parallel processes")
+    ph.add_argument("--dry-run", action="store_true", help="3 tiny 64x64 cases")
+    ph.set_defaults(func=cmd_phantoms)
+
+    sc = sub.add_parser("synth-ct", help="render a plausible CT for each real KiTS label map", description=(
+        "For each case_XXXXX/segmentation.nii.gz under --labels, render imaging.nii.gz on the same grid (same affine) "
+        "with a synthetic abdomen placed around the real kidneys, and copy the labels next to it."))
+    sc.add_argument("--labels", default="../shared/data/kits19-labels", help="folder of case_XXXXX/segmentation.nii.gz")
+    sc.add_argument("--out", required=True, help="output folder (KiTS19 layout)")
+    sc.add_argument("--cases", help="range lo:hi of case numbers, e.g. 0:150")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--workers", type=int, default=2)
+    sc.add_argument("--dry-run", action="store_true", help="one case (a phantom's labels if --labels is missing)")
+    sc.set_defaults(func=cmd_synth_ct)
+
+    tr = sub.add_parser("train", help="train a U-Net (CPU, CUDA, or DDP under torchrun)", description=(
+        "Train the 2D/2.5D U-Net with CE + Dice and Adam, validating on whole held-out volumes with the KiTS "
+        "metrics each epoch. Writes best.safetensors, last.safetensors, last.state.pt, metrics.jsonl and curves.png. "
+        "Multi-GPU/multi-process: torchrun --nproc-per-node N -m training train ..."))
+    tr.add_argument("--data", help="KiTS19/21/23-layout folder")
+    tr.add_argument("--out", help="run folder")
+    tr.add_argument("--cache", help="preprocessed cache folder (default OUT/cache)")
+    tr.add_argument("--epochs", type=int, default=20)
+    tr.add_argument("--iters", type=int, default=100, help="iterations per epoch")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--patch", type=int, default=160, help="square training patch on the model grid")
+    tr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the seed's 1e-3)")
+    tr.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
+    tr.add_argument("--val-fraction", type=float, default=0.2, help="patients held out for validation")
+    tr.add_argument("--val-cases", help="comma-separated case ids to validate on instead")
+    tr.add_argument("--max-train-cases", type=int)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    tr.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="auto: bf16 on CUDA, off on CPU")
+    tr.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    tr.add_argument("--max-minutes", type=float, help="stop after the epoch that crosses this wall time")
+    tr.add_argument("--resume", help="a last.state.pt to continue from")
+    tr.add_argument("--kits23", action="store_true", help="4 classes (with cyst)")
+    tr.add_argument("--base-width", type=int, default=16)
+    tr.add_argument("--depth", type=int, default=4)
+    tr.add_argument("--in-slices", type=int, default=3, help="1, or 2k+1 for 2.5D context")
+    tr.add_argument("--spacing", type=float, default=1.6, help="in-plane target spacing in mm; 0 keeps native")
+    tr.add_argument("--name", default="kitseg-unet", help="model name stored in the checkpoint")
+    tr.add_argument("--describe", default="", help="data description stored in the checkpoint")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--dry-run", action="store_true", help="2 epochs x 2 iterations of a tiny model on 3 tiny phantoms")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="score a checkpoint on a dataset with the KiTS metrics", description=(
+        "Run the inference engine over every case and print the KiTS table: kidney Dice (labels > 0), tumor Dice "
+        "(label 2), composite, and pixel accuracy next to the all-background baseline; KiTS21/23 regions with "
+        "Surface Dice for 4-class models or with --kits23."))
+    ev.add_argument("--checkpoint")
+    ev.add_argument("--data")
+    ev.add_argument("--out", help="folder for kits_table.md, summary.json and cases.csv")
+    ev.add_argument("--cases", help="comma-separated case ids")
+    ev.add_argument("--limit", type=int)
+    ev.add_argument("--kits23", action="store_true", help="also compute KiTS21/23 regions and Surface Dice")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ev.add_argument("--dry-run", action="store_true", help="train a tiny model on tiny phantoms and evaluate it")
+    ev.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

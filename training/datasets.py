@@ -1,0 +1,242 @@
+"""Datasets: the KiTS19 and KiTS21/23 folder layouts, a preprocessed memory-mapped cache, and the
+2D/2.5D slice sampler used for training.
+
+KiTS19: ``case_XXXXX/imaging.nii.gz`` + ``segmentation.nii.gz``, arrays ``(slices, H, W)``, IPL.
+KiTS21/23: same folders; labels add 3 = cyst (KiTS23 also accepts ``case_XXXXX/segmentation.nii.gz``
+next to ``imaging.nii.gz``; a flat ``case_XXXXX_segmentation.nii.gz`` is accepted for labels only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import Dataset
+
+from segcore.io import load_labels, load_volume, save_image
+from segcore.preprocessing import PreprocessConfig, preprocess_case
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image: Path | None
+    label: Path | None
+
+
+def find_cases(root: str | Path, need_image: bool = True) -> list[Case]:
+    """All cases under ``root`` in KiTS19/21/23 layout, sorted by id."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    cases: list[Case] = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("case_")):
+        img = d / "imaging.nii.gz"
+        seg = d / "segmentation.nii.gz"
+        if need_image and not img.exists():
+            continue
+        cases.append(Case(d.name, img if img.exists() else None, seg if seg.exists() else None))
+    if not need_image:
+        for f in sorted(root.glob("case_*_segmentation.nii.gz")):
+            cases.append(Case(f.name.removesuffix("_segmentation.nii.gz"), None, f))
+    return cases
+
+
+def kits_affine(spacing_zyx: tuple[float, float, float], shape_zyx: tuple[int, int, int]) -> npt.NDArray[np.float64]:
+    """The KiTS19 IPL affine ``[[0,0,-pw],[0,-pw,0],[-st,0,0]]`` for an image centred on the origin."""
+    st, py, px = spacing_zyx
+    nz, ny, nx = shape_zyx
+    aff = np.array([[0, 0, -px, 0], [0, -py, 0, 0], [-st, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    # Canonical voxel (0,0,0) sits at -extent/2 on each axis; IPL voxel (0,0,0) is its opposite corner.
+    aff[:3, 3] = [(nx - 1) * px / 2, (ny - 1) * py / 2, (nz - 1) * st / 2]
+    return aff
+
+
+def write_kits_case(
+    folder: Path,
+    hu_zyx: npt.NDArray[np.int16] | None,
+    seg_zyx: npt.NDArray[np.uint8] | None,
+    spacing_zyx: tuple[float, float, float],
+) -> None:
+    """Write canonical ``(Z, Y, X)`` RAS arrays as a KiTS19-layout case (IPL, ``(slices, H, W)``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ref = hu_zyx if hu_zyx is not None else seg_zyx
+    assert ref is not None
+    aff = kits_affine(spacing_zyx, ref.shape)  # type: ignore[arg-type]
+    if hu_zyx is not None:
+        save_image(np.ascontiguousarray(hu_zyx[::-1, ::-1, ::-1]), aff, folder / "imaging.nii.gz")
+    if seg_zyx is not None:
+        save_image(np.ascontiguousarray(seg_zyx[::-1, ::-1, ::-1]), aff, folder / "segmentation.nii.gz")
+
+
+class CaseCache:
+    """Preprocessed cases as ``.npy`` files opened with ``mmap_mode='r'``.
+
+    The cache key covers the preprocessing config and the source files' sizes and mtimes, so a
+    changed config or file is preprocessed again instead of silently reused.
+    """
+
+    def __init__(self, root: str | Path, cfg: PreprocessConfig, num_classes: int) -> None:
+        self.cfg = cfg
+        self.num_classes = num_classes
+        key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        self.root = Path(root) / f"pp-{key}"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _stamp(self, case: Case) -> str:
+        parts = []
+        for p in (case.image, case.label):
+            if p is not None:
+                st = p.stat()
+                parts.append(f"{p.name}:{st.st_size}:{int(st.st_mtime)}")
+        return "|".join(parts)
+
+    def get(self, case: Case) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.uint8]]:
+        """``(Z, h, w)`` float16 image and uint8 labels on the model grid, memory-mapped."""
+        img_p = self.root / f"{case.case_id}_img.npy"
+        lab_p = self.root / f"{case.case_id}_seg.npy"
+        stamp_p = self.root / f"{case.case_id}.stamp"
+        stamp = self._stamp(case)
+        if not (img_p.exists() and lab_p.exists() and stamp_p.exists() and stamp_p.read_text() == stamp):
+            if case.image is None or case.label is None:
+                raise FileNotFoundError(f"case {case.case_id} needs both imaging and segmentation")
+            vol = load_volume(case.image)
+            lab, _ = load_labels(case.label)
+            if lab.shape != vol.shape:
+                raise ValueError(f"{case.case_id}: label shape {lab.shape} != image shape {vol.shape}")
+            pc = preprocess_case(vol.data, vol.affine, lab, self.cfg, self.num_classes)
+            assert pc.label is not None
+            np.save(img_p, pc.image)
+            np.save(lab_p, pc.label)
+            stamp_p.write_text(stamp)
+        return np.load(img_p, mmap_mode="r"), np.load(lab_p, mmap_mode="r")
+
+
+@dataclass
+class Augment:
+    """Random flips, small rotations and scales, and intensity changes, applied per slice stack."""
+
+    flip: bool = True
+    max_rotate_deg: float = 12.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    intensity: float = 0.1
+
+    def __call__(
+        self, img: torch.Tensor, lab: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``img`` ``(C, H, W)`` float, ``lab`` ``(H, W)`` long."""
+        import torch.nn.functional as F
+
+        if self.max_rotate_deg > 0 or self.scale != (1.0, 1.0):
+            ang = np.deg2rad(rng.uniform(-self.max_rotate_deg, self.max_rotate_deg))
+            s = rng.uniform(*self.scale)
+            theta = torch.tensor(
+                [[np.cos(ang) / s, -np.sin(ang) / s, 0.0], [np.sin(ang) / s, np.cos(ang) / s, 0.0]],
+                dtype=torch.float32,
+            )[None]
+            grid = F.affine_grid(theta, [1, 1, *img.shape[-2:]], align_corners=False)
+            img = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+            lab = F.grid_sample(lab[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0].long()
+        # Left-right flips only: anterior-posterior anatomy (spine behind) is not symmetric.
+        if self.flip and rng.random() < 0.5:
+            img, lab = img.flip(-1), lab.flip(-1)
+        if self.intensity > 0:
+            img = img * (1.0 + rng.uniform(-self.intensity, self.intensity)) + rng.uniform(-self.intensity, self.intensity)
+            if rng.random() < 0.3:
+                img = img + torch.randn_like(img) * rng.uniform(0, self.intensity)
+        return img, lab
+
+
+class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Random 2D/2.5D patches from cached cases, oversampling slices with kidney or tumor.
+
+    Each item is ``(C, P, P)`` float32 and ``(P, P)`` int64, ``C = 2k+1``, ``P = patch``. Patches are
+    centred on foreground with probability ``fg_fraction`` (half of those on tumor when present).
+    """
+
+    def __init__(
+        self,
+        cases: list[tuple[npt.NDArray[np.float16], npt.NDArray[np.uint8]]],
+        context: int,
+        patch: int,
+        length: int,
+        fg_fraction: float = 0.67,
+        augment: Augment | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.cases = cases
+        self.context = context
+        self.patch = patch
+        self.length = length
+        self.fg_fraction = fg_fraction
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.fg_slices = [np.nonzero(np.asarray(lab).reshape(lab.shape[0], -1).any(1))[0] for _, lab in cases]
+        self.tumor_slices = [np.nonzero((np.asarray(lab) == 2).reshape(lab.shape[0], -1).any(1))[0] for _, lab in cases]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        ci = int(rng.integers(len(self.cases)))
+        img, lab = self.cases[ci]
+        z, h, w = img.shape
+        centre: tuple[int, int] | None = None
+        if rng.random() < self.fg_fraction and len(self.fg_slices[ci]):
+            use_tumor = len(self.tumor_slices[ci]) and rng.random() < 0.5
+            pool = self.tumor_slices[ci] if use_tumor else self.fg_slices[ci]
+            k = int(rng.choice(pool))
+            target = (np.asarray(lab[k]) == 2) if use_tumor else (np.asarray(lab[k]) > 0)
+            ys, xs = np.nonzero(target)
+            j = int(rng.integers(len(ys)))
+            centre = (int(ys[j]), int(xs[j]))
+        else:
+            k = int(rng.integers(z))
+        idx = np.clip(np.arange(k - self.context, k + self.context + 1), 0, z - 1)
+        stack = np.asarray(img[idx], dtype=np.float32)  # (C, h, w)
+        sl = np.asarray(lab[k], dtype=np.int64)
+        p = self.patch
+        # Pad to at least the patch size (edge value for the image, background for labels).
+        ph, pw = max(0, p - h), max(0, p - w)
+        if ph or pw:
+            stack = np.pad(stack, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode="edge")
+            sl = np.pad(sl, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
+            if centre is not None:
+                centre = (centre[0] + ph // 2, centre[1] + pw // 2)
+        hh, ww = sl.shape
+        if centre is None:
+            y0 = int(rng.integers(0, hh - p + 1))
+            x0 = int(rng.integers(0, ww - p + 1))
+        else:
+            jitter = p // 3
+            y0 = int(np.clip(centre[0] - p // 2 + rng.integers(-jitter, jitter + 1), 0, hh - p))
+            x0 = int(np.clip(centre[1] - p // 2 + rng.integers(-jitter, jitter + 1), 0, ww - p))
+        x = torch.from_numpy(np.ascontiguousarray(stack[:, y0 : y0 + p, x0 : x0 + p]))
+        y = torch.from_numpy(np.ascontiguousarray(sl[y0 : y0 + p, x0 : x0 + p]))
+        if self.augment is not None:
+            x, y = self.augment(x, y, rng)
+        return x, y
+
+
+def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """Split by patient (case), never by slice; deterministic for a seed."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = max(1, round(len(cases) * val_fraction)) if len(cases) > 1 else 0
+    val = sorted((cases[i] for i in order[:n_val]), key=lambda c: c.case_id)
+    train = sorted((cases[i] for i in order[n_val:]), key=lambda c: c.case_id)
+    return train, val

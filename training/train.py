@@ -1,0 +1,433 @@
+"""The training loop: CE + Dice over >= 3 logits, Adam, AMP and channels_last on CUDA, a CPU
+fallback, DDP under ``torchrun`` (NCCL on CUDA, gloo on CPU), whole-volume validation with the KiTS
+metrics every epoch through the same inference engine the service uses, best/last checkpoints,
+resume, a JSONL metrics log and a PNG of the learning curves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import segcore
+from segcore.checkpoint import KITS19_LABELS, KITS23_LABELS, CheckpointMeta, save_checkpoint, unwrap
+from segcore.inference import Engine, cpu_supports_bf16
+from segcore.io import load_labels, load_volume
+from segcore.metrics import kits19, kits23, pixel_accuracy, summarize
+from segcore.preprocessing import PreprocessConfig
+from segcore.unet import UNet, UNetConfig
+from training.datasets import Augment, Case, CaseCache, SliceDataset, find_cases, split_cases
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    cache: str | None = None
+    epochs: int = 20
+    iters_per_epoch: int = 100
+    batch_size: int = 8
+    patch: int = 160
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    val_fraction: float = 0.2
+    val_cases: list[str] | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    workers: int = 0
+    max_minutes: float | None = None
+    resume: str | None = None
+    kits23: bool = False
+    base_width: int = 16
+    depth: int = 4
+    in_slices: int = 3
+    norm: str = "batch"
+    target_spacing_mm: float | None = 1.6
+    intensity: str = "auto"
+    fg_fraction: float = 0.67
+    val_batch_size: int = 16
+    max_train_cases: int | None = None
+    data_description: str = ""
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy + soft Dice (batch Dice over the foreground classes).
+
+    Args:
+        logits: ``(B, K, H, W)``, K >= 2.
+        target: ``(B, H, W)`` int64 labels.
+
+    Returns:
+        (total loss, Dice term).
+    """
+    if logits.shape[1] < 2:
+        raise ValueError("need >= 2 logits: cross-entropy over one channel is identically zero")
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target)
+    prob = logits.softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
+    dims = (0, 2, 3)
+    inter = (prob * onehot).sum(dims)
+    denom = prob.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + smooth) / (denom + smooth)
+    dice_loss = 1 - dice[1:].mean()
+    return ce + dice_loss, dice_loss
+
+
+def git_version() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip()
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return "unknown"
+
+
+def intensity_stats(cases: list[Case], cache_dir: Path, seed: int) -> tuple[tuple[float, float], float, float]:
+    """nnU-Net's CT scheme: clip to the 0.5/99.5 percentiles of foreground HU, z-score with its mean/std."""
+    key = hashlib.sha256("|".join(c.case_id for c in cases).encode()).hexdigest()[:12]
+    f = cache_dir / f"intensity-{len(cases)}-{key}.json"
+    if f.exists():
+        d = json.loads(f.read_text())
+        return (d["lo"], d["hi"]), d["mean"], d["std"]
+    rng = np.random.default_rng(seed)
+    samples = []
+    for c in cases:
+        assert c.image is not None and c.label is not None
+        vol = load_volume(c.image)
+        lab, _ = load_labels(c.label)
+        fg = vol.data[lab > 0]
+        if fg.size:
+            samples.append(rng.choice(fg, size=min(fg.size, 20000), replace=False))
+    allv = np.concatenate(samples) if samples else np.array([-100.0, 300.0])
+    lo, hi = (float(v) for v in np.percentile(allv, [0.5, 99.5]))
+    clipped = np.clip(allv, lo, hi)
+    out = {"lo": lo, "hi": hi, "mean": float(clipped.mean()), "std": float(max(clipped.std(), 1.0))}
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(out))
+    return (lo, hi), out["mean"], out["std"]
+
+
+def evaluate_cases(
+    engine: Engine, cases: list[Case], kits23_metrics: bool = False, progress: bool = False
+) -> list[dict[str, Any]]:
+    """Whole-volume predictions on the input grid, scored with the KiTS metrics."""
+    rows: list[dict[str, Any]] = []
+    for c in tqdm(cases, desc="evaluate", disable=not progress, leave=False):
+        assert c.image is not None and c.label is not None
+        vol = load_volume(c.image)
+        ref, _ = load_labels(c.label)
+        t0 = time.perf_counter()
+        pred = engine.predict(vol)
+        secs = time.perf_counter() - t0
+        row: dict[str, Any] = {"case": c.case_id, **kits19(pred.mask, ref), **pixel_accuracy(pred.mask, ref)}
+        if kits23_metrics:
+            row.update({f"kits23_{k}": v for k, v in kits23(pred.mask, ref, vol.zooms).items()})
+        row["seconds"] = secs
+        rows.append(row)
+    return rows
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].plot(ep, [h["train_loss"] for h in history], label="train CE+Dice")
+    ax[0].set_xlabel("epoch")
+    ax[0].set_ylabel("loss")
+    ax[0].legend()
+    for key, lbl in (("val_kidney_dice", "kidney Dice"), ("val_tumor_dice", "tumor Dice"), ("val_composite", "composite")):
+        ax[1].plot(ep, [h.get(key, float("nan")) for h in history], marker="o", label=lbl)
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylabel("validation (whole volumes)")
+    ax[1].set_ylim(0, 1)
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+class Distributed:
+    """Rank/world size from ``torchrun``'s environment; a no-op when not launched by it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _infinite(loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train and return the best validation metrics. Writes into ``cfg.out``:
+    ``best.safetensors``, ``last.safetensors``, ``last.state.pt``, ``metrics.jsonl``, ``curves.png``.
+    """
+    t_start = time.perf_counter()
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    ddp = Distributed(device)
+    if device.type == "cuda" and ddp.enabled:
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    seed_everything(cfg.seed + ddp.rank)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cfg.cache) if cfg.cache else out / "cache"
+
+    all_cases = find_cases(cfg.data)
+    if len(all_cases) < 2:
+        raise ValueError(f"need at least 2 cases with imaging and segmentation in {cfg.data}, found {len(all_cases)}")
+    if cfg.val_cases:
+        wanted = set(cfg.val_cases)
+        val_cases = [c for c in all_cases if c.case_id in wanted]
+        train_cases = [c for c in all_cases if c.case_id not in wanted]
+    else:
+        train_cases, val_cases = split_cases(all_cases, cfg.val_fraction, cfg.seed)
+    if cfg.max_train_cases:
+        train_cases = train_cases[: cfg.max_train_cases]
+    overlap = {c.case_id for c in train_cases} & {c.case_id for c in val_cases}
+    assert not overlap, f"train/val overlap: {overlap}"
+
+    num_classes = 4 if cfg.kits23 else 3
+    labels = KITS23_LABELS if cfg.kits23 else KITS19_LABELS
+    # Only rank 0 computes stats and fills the cache; the others wait and then read it.
+    if ddp.main:
+        clip, mean, std = intensity_stats(train_cases, cache_dir, cfg.seed) if cfg.intensity == "auto" else ((-200.0, 300.0), 50.0, 80.0)
+    ddp.barrier()
+    if not ddp.main:
+        clip, mean, std = intensity_stats(train_cases, cache_dir, cfg.seed) if cfg.intensity == "auto" else ((-200.0, 300.0), 50.0, 80.0)
+    spacing = (cfg.target_spacing_mm, cfg.target_spacing_mm) if cfg.target_spacing_mm else None
+    pp = PreprocessConfig(target_spacing_mm=spacing, clip_hu=clip, mean=mean, std=std)
+    mcfg = UNetConfig(in_slices=cfg.in_slices, num_classes=num_classes, base_width=cfg.base_width, depth=cfg.depth, norm=cfg.norm)
+    cache = CaseCache(cache_dir, pp, num_classes)
+    if ddp.main:
+        for c in tqdm(train_cases, desc="preprocess", disable=not cfg.progress):
+            cache.get(c)
+    ddp.barrier()
+    arrays = [cache.get(c) for c in train_cases]
+
+    model: nn.Module = UNet(mcfg).to(device)
+    use_cl = device.type == "cuda" or cfg.extra.get("channels_last_cpu", True)
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_iters = cfg.epochs * cfg.iters_per_epoch
+
+    def lr_at(it: int) -> float:
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / total_iters)))
+
+    start_epoch, history, best = 0, [], -1.0
+    if cfg.resume:
+        state = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"]) + 1
+        history = json.loads(state["history"])
+        best = float(state["best"])
+        torch.set_rng_state(state["torch_rng"])
+        if ddp.main:
+            log.info("resumed from %s at epoch %d", cfg.resume, start_epoch)
+    if ddp.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    amp = cfg.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    ds = SliceDataset(
+        arrays,
+        context=mcfg.context,
+        patch=cfg.patch,
+        length=cfg.iters_per_epoch * cfg.batch_size,
+        fg_fraction=cfg.fg_fraction,
+        augment=Augment(),
+        seed=cfg.seed * 1000 + ddp.rank,
+    )
+    loader = DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=cfg.workers > 0,
+    )
+    provenance = {
+        "kitseg_version": segcore.__version__,
+        "git": git_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "world_size": ddp.world,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": cfg.data_description or str(cfg.data),
+        "train_cases": [c.case_id for c in train_cases],
+        "val_cases": [c.case_id for c in val_cases],
+        "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
+    }
+    log_path = out / "metrics.jsonl"
+    if start_epoch == 0 and ddp.main and log_path.exists():
+        log_path.unlink()
+    best_metrics: dict[str, Any] = {}
+    stop = False
+    for epoch in range(start_epoch, cfg.epochs):
+        ds.set_epoch(epoch)
+        model.train()
+        t_ep = time.perf_counter()
+        losses, dices = [], []
+        it = _infinite(loader)
+        bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and ddp.main), leave=False)
+        for i in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch * cfg.iters_per_epoch + i)
+            x, y = next(it)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if use_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(x)
+            loss, dl = dice_ce_loss(logits, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            dices.append(float(dl.detach()))
+            if i % 5 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        train_secs = time.perf_counter() - t_ep
+        slices_per_s = cfg.iters_per_epoch * cfg.batch_size * ddp.world / train_secs
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "train_dice_loss": float(np.mean(dices)),
+            "lr": lr_at((epoch + 1) * cfg.iters_per_epoch),
+            "train_seconds": train_secs,
+            "train_slices_per_s": slices_per_s,
+        }
+        if ddp.main:
+            plain = unwrap(model)
+            engine = Engine(plain, CheckpointMeta(mcfg, pp, labels), device, batch_size=cfg.val_batch_size, precision="fp32" if device.type == "cpu" else "auto", channels_last=use_cl)
+            t_val = time.perf_counter()
+            rows = evaluate_cases(engine, val_cases, kits23_metrics=False)
+            summ = summarize([{k: v for k, v in r.items() if k != "case"} for r in rows])
+            row.update({f"val_{k}": v for k, v in summ.items() if k != "seconds"})
+            row["val_seconds"] = time.perf_counter() - t_val
+            row["elapsed_s"] = time.perf_counter() - t_start
+            plain.train()
+            history.append(row)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            metrics = {
+                "epoch": epoch + 1,
+                "val_kidney_dice": row["val_kidney_dice"],
+                "val_tumor_dice": row["val_tumor_dice"],
+                "val_composite": row["val_composite"],
+                "val_cases": len(val_cases),
+            }
+            meta = CheckpointMeta(mcfg, pp, dict(labels), metrics=metrics, provenance=provenance, name=cfg.extra.get("name", "kitseg-unet"))
+            save_checkpoint(out / "last.safetensors", plain, meta)
+            if row["val_composite"] > best:
+                best = row["val_composite"]
+                best_metrics = metrics
+                save_checkpoint(out / "best.safetensors", plain, meta)
+            torch.save(
+                {
+                    "model": plain.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch,
+                    "history": json.dumps(history),
+                    "best": best,
+                    "torch_rng": torch.get_rng_state(),
+                },
+                out / "last.state.pt",
+            )
+            plot_curves(history, out / "curves.png")
+            msg = (
+                f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val kidney {row['val_kidney_dice']:.4f}  "
+                f"tumor {row['val_tumor_dice']:.4f}  composite {row['val_composite']:.4f}  "
+                f"({slices_per_s:.1f} slices/s, {row['elapsed_s']:.0f}s elapsed)"
+            )
+            log.info(msg)
+            if cfg.progress:
+                tqdm.write(msg)
+            if cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 > cfg.max_minutes:
+                stop = True
+        if ddp.broadcast_flag(stop):
+            break
+    ddp.barrier()
+    ddp.close()
+    if not best_metrics and history:
+        best_metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")}
+    return {"best": best_metrics, "history": history, "elapsed_s": time.perf_counter() - t_start}
