@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from segcore.errors import CheckpointError
+from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
 
@@ -44,6 +45,7 @@ class CheckpointMeta:
         metrics: validation metrics at save time (KiTS Dice, epoch...).
         provenance: code version, data description, date, command.
         name: a short model name shown by the service.
+        postprocessing: the whole-volume clean-up the engine applies after the argmax.
     """
 
     model: UNetConfig
@@ -52,6 +54,7 @@ class CheckpointMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     name: str = "kitseg-unet"
+    postprocessing: PostprocessConfig = field(default_factory=PostprocessConfig)
     format_version: int = FORMAT_VERSION
     weights_sha256: str = ""
 
@@ -70,6 +73,7 @@ class CheckpointMeta:
                 "name": self.name,
                 "model": self.model.to_dict(),
                 "preprocessing": self.preprocessing.to_dict(),
+                "postprocessing": self.postprocessing.to_dict(),
                 "labels": {str(k): v for k, v in self.labels.items()},
                 "metrics": self.metrics,
                 "provenance": self.provenance,
@@ -99,6 +103,7 @@ class CheckpointMeta:
                 metrics=d.get("metrics", {}),
                 provenance=d.get("provenance", {}),
                 name=d.get("name", "kitseg-unet"),
+                postprocessing=PostprocessConfig.from_dict(d.get("postprocessing", {})),
                 format_version=version,
                 weights_sha256=d.get("weights_sha256", ""),
             )
@@ -162,9 +167,7 @@ def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
     return CheckpointMeta.from_json(md["kitseg"])
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> tuple[UNet, CheckpointMeta]:
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[UNet, CheckpointMeta]:
     """Rebuild the model from the file alone, verify the weights' sha256, and move it to ``device``.
 
     Raises:

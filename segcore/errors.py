@@ -19,6 +19,12 @@ class InvalidVolume(KitsegError, ValueError):
     code = "invalid_volume"
 
 
+class CorruptData(InvalidVolume):
+    """The container is damaged: truncated gzip, bad CRC, corrupt deflate data."""
+
+    code = "corrupt_data"
+
+
 class NotNifti(KitsegError, ValueError):
     """The bytes are not a NIfTI-1/NIfTI-2 image (or gzip of one)."""
 

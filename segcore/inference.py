@@ -19,6 +19,7 @@ import torch
 
 from segcore.checkpoint import CheckpointMeta, load_checkpoint
 from segcore.io import Volume
+from segcore.postprocess import keep_largest_components
 from segcore.preprocessing import (
     canonical_info,
     canonical_view,
@@ -45,7 +46,7 @@ def pick_device(requested: str = "auto") -> torch.device:
 def cpu_supports_bf16() -> bool:
     try:
         return bool(torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")) and hasattr(torch, "bfloat16")
-    except Exception:  # noqa: BLE001 - older torch
+    except Exception:
         return False
 
 
@@ -185,11 +186,10 @@ class Engine:
                 if progress is not None:
                     progress(k1, z)
         ts = time.perf_counter()
+        keep_largest_components(mask_zyx, self.meta.postprocessing)
         mask = np.asfortranarray(from_canonical(mask_zyx, canon))
         t_inv = time.perf_counter() - ts
-        confidence = {
-            c: float(conf_sum[c] / conf_cnt[c]) if conf_cnt[c] > 0 else 0.0 for c in range(ncls)
-        }
+        confidence = {c: float(conf_sum[c] / conf_cnt[c]) if conf_cnt[c] > 0 else 0.0 for c in range(ncls)}
         return Prediction(
             mask=mask,
             confidence=confidence,

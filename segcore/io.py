@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from isal import igzip, isal_zlib
 
-from segcore.errors import InvalidVolume, NotNifti, VolumeTooLarge
+from segcore.errors import CorruptData, InvalidVolume, NotNifti, VolumeTooLarge
 
 GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
@@ -83,7 +83,7 @@ def read_decompressed(path: str | os.PathLike[str], max_bytes: int | None = None
                 if max_bytes is not None and len(out) > max_bytes:
                     raise VolumeTooLarge(f"decompressed data exceeds the limit of {max_bytes} bytes")
     except (OSError, EOFError, zlib.error, isal_zlib.error) as e:
-        raise NotNifti(f"corrupt or truncated gzip stream: {e}") from e
+        raise CorruptData(f"corrupt or truncated gzip stream: {e}") from e
     return bytes(out)
 
 
@@ -93,7 +93,7 @@ def _header_from_bytes(raw: bytes) -> nib.Nifti1Header:
     for klass in (nib.Nifti1Header, nib.Nifti2Header):
         try:
             hdr = klass.from_fileobj(io.BytesIO(raw), check=False)
-        except Exception:  # noqa: BLE001 - wrong header class is expected while sniffing
+        except Exception:
             continue
         if hdr.get("magic").item() in (b"n+1", b"n+2", b"ni1", b"ni2"):
             if hdr.get("magic").item() in (b"ni1", b"ni2"):
@@ -114,7 +114,7 @@ def _image_from_bytes(raw: bytes, max_voxels: int | None) -> nib.Nifti1Image:
         raise VolumeTooLarge(f"header declares {n} voxels, over the limit of {max_voxels}")
     try:
         itemsize = np.dtype(hdr.get_data_dtype()).itemsize
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise InvalidVolume(f"unsupported NIfTI datatype code {int(hdr['datatype'])}") from e
     offset = int(hdr.get_data_offset())
     if offset < hdr.sizeof_hdr or offset + n * itemsize > len(raw):
@@ -125,7 +125,7 @@ def _image_from_bytes(raw: bytes, max_voxels: int | None) -> nib.Nifti1Image:
     klass = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
     try:
         return klass.from_bytes(raw)
-    except Exception as e:  # noqa: BLE001 - nibabel raises many types on malformed headers
+    except Exception as e:
         raise InvalidVolume(f"nibabel could not parse the header: {e}") from e
 
 
@@ -134,9 +134,7 @@ def _squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, int, int]:
     while len(dims) > 3 and dims[-1] == 1:
         dims.pop()
     if len(dims) != 3:
-        raise InvalidVolume(
-            f"expected a 3D volume (trailing singleton axes allowed), got shape {tuple(shape)}"
-        )
+        raise InvalidVolume(f"expected a 3D volume (trailing singleton axes allowed), got shape {tuple(shape)}")
     return (dims[0], dims[1], dims[2])
 
 
@@ -183,7 +181,7 @@ def load_volume(
     _check_geometry(affine, zooms)
     try:
         data = img.get_fdata(dtype=np.float32)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise InvalidVolume(f"could not read voxel data: {e}") from e
     data = data.reshape(shape3, order="A")
     if not np.isfinite(data).all():
@@ -238,9 +236,7 @@ def atomic_write(path: str | os.PathLike[str], payload: bytes) -> None:
         raise
 
 
-def save_mask(
-    mask: npt.NDArray[np.uint8], like: Volume, path: str | os.PathLike[str], compresslevel: int = 1
-) -> None:
+def save_mask(mask: npt.NDArray[np.uint8], like: Volume, path: str | os.PathLike[str], compresslevel: int = 1) -> None:
     """Write ``mask`` as ``.nii.gz`` with ``like``'s affine and header (atomically)."""
     atomic_write(path, encode_mask(mask, like, compresslevel))
 

@@ -81,9 +81,7 @@ def surface_dice(
 
     # Crop to the union's bounding box (+1 voxel) so the distance transforms stay small.
     union = pred | ref
-    sl = tuple(
-        slice(max(0, int(idx.min()) - 1), int(idx.max()) + 2) for idx in np.nonzero(union)
-    )
+    sl = tuple(slice(max(0, int(idx.min()) - 1), int(idx.max()) + 2) for idx in np.nonzero(union))
     p = torch.from_numpy(np.ascontiguousarray(pred[sl]))[None, None].float()
     r = torch.from_numpy(np.ascontiguousarray(ref[sl]))[None, None].float()
     p = torch.cat([1 - p, p], dim=1)

@@ -8,6 +8,7 @@ tumor volume inside each side; tumor gets its largest axial diameter.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import cc3d
@@ -44,12 +45,10 @@ def max_axial_diameter_mm(mask: npt.NDArray[np.bool_], volume: Volume) -> float:
         ys, xs = np.nonzero(view[k])
         pts = np.stack([ys * sy, xs * sx], axis=1).astype(np.float64)
         # Use the pixel corners so a single pixel measures its own width, not 0.
-        corners = np.concatenate([pts + [dy, dx] for dy in (-sy / 2, sy / 2) for dx in (-sx / 2, sx / 2)])
+        corners = np.concatenate([pts + np.array([dy, dx]) for dy in (-sy / 2, sy / 2) for dx in (-sx / 2, sx / 2)])
         if len(corners) > 4:
-            try:
+            with contextlib.suppress(QhullError):
                 corners = corners[ConvexHull(corners).vertices]
-            except QhullError:
-                pass
         d = np.sqrt(((corners[:, None, :] - corners[None, :, :]) ** 2).sum(-1)).max()
         best = max(best, float(d))
     return best
@@ -100,7 +99,12 @@ def class_statistics(
     centroid_ijk = np.array([float(i.mean()) + o for i, o in zip(idx, lo, strict=True)])
     out["centroid_mm"] = [float(v) for v in _world(volume.affine, centroid_ijk[None])[0]]
     vals = volume.data[bb][crop]
-    out["hu"] = {"mean": float(vals.mean()), "std": float(vals.std()), "min": float(vals.min()), "max": float(vals.max())}
+    out["hu"] = {
+        "mean": float(vals.mean()),
+        "std": float(vals.std()),
+        "min": float(vals.min()),
+        "max": float(vals.max()),
+    }
     shape = mask.shape
     out["touches_border"] = any(l == 0 for l in lo) or any(h == s - 1 for h, s in zip(hi, shape, strict=True))
     return out

@@ -139,9 +139,7 @@ class UNet(nn.Module):
             ``(B, num_classes, H, W)`` logits.
         """
         if x.ndim != 4 or x.shape[1] != self.config.in_slices:
-            raise ValueError(
-                f"expected input (B, {self.config.in_slices}, H, W), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected input (B, {self.config.in_slices}, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         m = self.config.multiple
         ph, pw = (-h) % m, (-w) % m

@@ -58,7 +58,9 @@ def make_volume(
     """
     ras_aff = np.diag([*spacing_ras, 1.0])
     ras_aff[:3, 3] = -(np.array(shape_ras) - 1) * np.array(spacing_ras) / 2
-    tr = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes))
+    tr = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(codes)
+    )
     shape = tuple(int(v) for v in nib.orientations.apply_orientation(np.zeros(shape_ras), tr).shape)
     affine = ras_aff @ nib.orientations.inv_ornt_aff(tr, shape_ras)
     if oblique_deg:
@@ -118,7 +120,9 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
     cfg = UNetConfig(in_slices=3, num_classes=3, base_width=4, depth=3)
     torch.manual_seed(0)
     model = UNet(cfg)
-    meta = CheckpointMeta(cfg, PreprocessConfig(), dict(KITS19_LABELS), metrics={"val_composite": 0.0}, provenance={"data": "test"})
+    meta = CheckpointMeta(
+        cfg, PreprocessConfig(), dict(KITS19_LABELS), metrics={"val_composite": 0.0}, provenance={"data": "test"}
+    )
     path = tmp_path / "tiny.safetensors"
     save_checkpoint(path, model, meta)
     return path

@@ -52,14 +52,14 @@ def cmd_phantoms(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- synth-ct
-def _one_render(args: tuple[str, str, int, int | None]) -> str:
+def _one_render(args: tuple[str, str, int]) -> str:
     import nibabel as nib
 
     from segcore.io import load_labels, save_image
     from segcore.preprocessing import canonical_info, canonical_view, from_canonical
     from training.synth import render_for_labels
 
-    seg_path, out_dir, seed, max_slices = args
+    seg_path, out_dir, seed = args
     seg, affine = load_labels(seg_path)
     canon = canonical_info(affine, seg.shape)  # type: ignore[arg-type]
     seg_zyx = np.ascontiguousarray(canonical_view(seg, canon))
@@ -72,7 +72,9 @@ def _one_render(args: tuple[str, str, int, int | None]) -> str:
     save_image(np.ascontiguousarray(hu), affine, case_dir / "imaging.nii.gz")
     # Copy the labels unchanged (uint8), same affine, so the case is self-contained.
     img = nib.load(seg_path)
-    save_image(np.ascontiguousarray(np.asanyarray(img.dataobj).astype(np.uint8)), affine, case_dir / "segmentation.nii.gz")
+    save_image(
+        np.ascontiguousarray(np.asanyarray(img.dataobj).astype(np.uint8)), affine, case_dir / "segmentation.nii.gz"
+    )
     return case_dir.name
 
 
@@ -88,7 +90,9 @@ def cmd_synth_ct(a: argparse.Namespace) -> int:
         src = Path(tempfile.mkdtemp(prefix="kitseg-labels-"))
         _, seg, sp = make_phantom(np.random.default_rng(0), inplane=64)
         write_kits_case(src / "case_00000", None, seg, sp)
-    cases = [c for c in find_cases(src, need_image=False) if c.label is not None and c.label.parent.name.startswith("case_")]
+    cases = [
+        c for c in find_cases(src, need_image=False) if c.label is not None and c.label.parent.name.startswith("case_")
+    ]
     if a.cases:
         lo, hi = (int(v) for v in a.cases.split(":"))
         cases = [c for c in cases if lo <= int(c.case_id.split("_")[1]) < hi]
@@ -99,7 +103,7 @@ def cmd_synth_ct(a: argparse.Namespace) -> int:
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(c.label), str(out), a.seed, None) for c in cases]
+    jobs = [(str(c.label), str(out), a.seed) for c in cases]
     t0 = time.perf_counter()
     if a.workers > 1:
         with ProcessPoolExecutor(a.workers) as ex:
@@ -121,21 +125,55 @@ def cmd_train(a: argparse.Namespace) -> int:
         for i in range(3):
             _one_phantom((i, str(tmp / "data"), 64, a.kits23, 0))
         cfg = TrainConfig(
-            data=str(tmp / "data"), out=a.out or str(tmp / "run"), epochs=2, iters_per_epoch=2, batch_size=2,
-            patch=32, base_width=4, depth=3, in_slices=a.in_slices, kits23=a.kits23, val_fraction=0.34,
-            target_spacing_mm=a.spacing if a.spacing > 0 else None, device=a.device, progress=False, extra=extra,
+            data=str(tmp / "data"),
+            out=a.out or str(tmp / "run"),
+            epochs=2,
+            iters_per_epoch=2,
+            batch_size=2,
+            patch=32,
+            base_width=4,
+            depth=3,
+            in_slices=a.in_slices,
+            kits23=a.kits23,
+            val_fraction=0.34,
+            target_spacing_mm=a.spacing if a.spacing > 0 else None,
+            device=a.device,
+            progress=False,
+            extra=extra,
         )
     else:
         if not a.data or not a.out:
             print("train needs --data and --out (or --dry-run)", file=sys.stderr)
             return 2
         cfg = TrainConfig(
-            data=a.data, out=a.out, cache=a.cache, epochs=a.epochs, iters_per_epoch=a.iters, batch_size=a.batch_size,
-            patch=a.patch, lr=a.lr, lr_schedule=a.lr_schedule, val_fraction=a.val_fraction,
-            val_cases=a.val_cases.split(",") if a.val_cases else None, seed=a.seed, device=a.device, amp=a.amp,
-            workers=a.workers, max_minutes=a.max_minutes, resume=a.resume, kits23=a.kits23, base_width=a.base_width,
-            depth=a.depth, in_slices=a.in_slices, target_spacing_mm=a.spacing if a.spacing > 0 else None,
-            max_train_cases=a.max_train_cases, data_description=a.describe, progress=not a.no_progress, extra=extra,
+            data=a.data,
+            out=a.out,
+            cache=a.cache,
+            epochs=a.epochs,
+            iters_per_epoch=a.iters,
+            batch_size=a.batch_size,
+            patch=a.patch,
+            lr=a.lr,
+            lr_schedule=a.lr_schedule,
+            val_fraction=a.val_fraction,
+            val_cases=a.val_cases.split(",") if a.val_cases else None,
+            seed=a.seed,
+            device=a.device,
+            amp=a.amp,
+            workers=a.workers,
+            max_minutes=a.max_minutes,
+            resume=a.resume,
+            kits23=a.kits23,
+            base_width=a.base_width,
+            depth=a.depth,
+            in_slices=a.in_slices,
+            target_spacing_mm=a.spacing if a.spacing > 0 else None,
+            max_train_cases=a.max_train_cases,
+            data_description=a.describe,
+            progress=not a.no_progress,
+            extra=extra,
+            fg_fraction=a.fg_fraction,
+            val_precision=a.val_precision,
         )
     res = train(cfg)
     best = res["best"]
@@ -169,7 +207,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     if a.dry_run:
         tmp = Path(tempfile.mkdtemp(prefix="kitseg-dry-"))
-        cmd_train(argparse.Namespace(**{**vars(a), "dry_run": True, "out": str(tmp / "run"), "name": "dry-run", "in_slices": 1, "kits23": False, "spacing": 0, "device": "cpu"}))
+        cmd_train(
+            argparse.Namespace(
+                **{
+                    **vars(a),
+                    "dry_run": True,
+                    "out": str(tmp / "run"),
+                    "name": "dry-run",
+                    "in_slices": 1,
+                    "kits23": False,
+                    "spacing": 0,
+                    "device": "cpu",
+                }
+            )
+        )
         a.checkpoint = str(tmp / "run" / "best.safetensors")
         a.data = str(next(Path(tempfile.gettempdir()).glob("kitseg-dry-*/data")))
     if not a.checkpoint or not a.data:
@@ -197,7 +248,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "kits_table.md").write_text(table + "\n")
-        (out / "summary.json").write_text(json.dumps({"summary": summary, "cases": rows, "checkpoint": a.checkpoint, "precision": engine.precision}, indent=2))
+        (out / "summary.json").write_text(
+            json.dumps(
+                {"summary": summary, "cases": rows, "checkpoint": a.checkpoint, "precision": engine.precision}, indent=2
+            )
+        )
         with open(out / "cases.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
             w.writeheader()
@@ -207,14 +262,21 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kitseg-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="kitseg-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    ph = sub.add_parser("phantoms", help="write procedural KiTS19-layout phantom cases", description=(
-        "Write N procedural abdomen phantoms (fat, muscle, spine, aorta, liver, spleen, two kidneys with cortex and "
-        "medulla, 0-2 tumors of varied size/texture, some exophytic) as case_XXXXX/imaging.nii.gz + "
-        "segmentation.nii.gz, shape (slices, H, W), orientation IPL."))
+    ph = sub.add_parser(
+        "phantoms",
+        help="write procedural KiTS19-layout phantom cases",
+        description=(
+            "Write N procedural abdomen phantoms (fat, muscle, spine, aorta, liver, spleen, two kidneys with cortex and "
+            "medulla, 0-2 tumors of varied size/texture, some exophytic) as case_XXXXX/imaging.nii.gz + "
+            "segmentation.nii.gz, shape (slices, H, W), orientation IPL."
+        ),
+    )
     ph.add_argument("--out", required=True, help="output folder")
     ph.add_argument("--n", type=int, default=40, help="number of cases (default 40)")
     ph.add_argument("--start", type=int, default=0, help="first case number")
@@ -225,9 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--dry-run", action="store_true", help="3 tiny 64x64 cases")
     ph.set_defaults(func=cmd_phantoms)
 
-    sc = sub.add_parser("synth-ct", help="render a plausible CT for each real KiTS label map", description=(
-        "For each case_XXXXX/segmentation.nii.gz under --labels, render imaging.nii.gz on the same grid (same affine) "
-        "with a synthetic abdomen placed around the real kidneys, and copy the labels next to it."))
+    sc = sub.add_parser(
+        "synth-ct",
+        help="render a plausible CT for each real KiTS label map",
+        description=(
+            "For each case_XXXXX/segmentation.nii.gz under --labels, render imaging.nii.gz on the same grid (same affine) "
+            "with a synthetic abdomen placed around the real kidneys, and copy the labels next to it."
+        ),
+    )
     sc.add_argument("--labels", default="../shared/data/kits19-labels", help="folder of case_XXXXX/segmentation.nii.gz")
     sc.add_argument("--out", required=True, help="output folder (KiTS19 layout)")
     sc.add_argument("--cases", help="range lo:hi of case numbers, e.g. 0:150")
@@ -236,10 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--dry-run", action="store_true", help="one case (a phantom's labels if --labels is missing)")
     sc.set_defaults(func=cmd_synth_ct)
 
-    tr = sub.add_parser("train", help="train a U-Net (CPU, CUDA, or DDP under torchrun)", description=(
-        "Train the 2D/2.5D U-Net with CE + Dice and Adam, validating on whole held-out volumes with the KiTS "
-        "metrics each epoch. Writes best.safetensors, last.safetensors, last.state.pt, metrics.jsonl and curves.png. "
-        "Multi-GPU/multi-process: torchrun --nproc-per-node N -m training train ..."))
+    tr = sub.add_parser(
+        "train",
+        help="train a U-Net (CPU, CUDA, or DDP under torchrun)",
+        description=(
+            "Train the 2D/2.5D U-Net with CE + Dice and Adam, validating on whole held-out volumes with the KiTS "
+            "metrics each epoch. Writes best.safetensors, last.safetensors, last.state.pt, metrics.jsonl and curves.png. "
+            "Multi-GPU/multi-process: torchrun --nproc-per-node N -m training train ..."
+        ),
+    )
     tr.add_argument("--data", help="KiTS19/21/23-layout folder")
     tr.add_argument("--out", help="run folder")
     tr.add_argument("--cache", help="preprocessed cache folder (default OUT/cache)")
@@ -252,9 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-fraction", type=float, default=0.2, help="patients held out for validation")
     tr.add_argument("--val-cases", help="comma-separated case ids to validate on instead")
     tr.add_argument("--max-train-cases", type=int)
+    tr.add_argument(
+        "--val-precision",
+        default="fp32",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="engine precision for validation",
+    )
+    tr.add_argument("--fg-fraction", type=float, default=0.67, help="share of patches centred on kidney/tumor")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    tr.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="auto: bf16 on CUDA, off on CPU")
+    tr.add_argument(
+        "--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="auto: bf16 on CUDA, off on CPU"
+    )
     tr.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     tr.add_argument("--max-minutes", type=float, help="stop after the epoch that crosses this wall time")
     tr.add_argument("--resume", help="a last.state.pt to continue from")
@@ -269,10 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dry-run", action="store_true", help="2 epochs x 2 iterations of a tiny model on 3 tiny phantoms")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("evaluate", help="score a checkpoint on a dataset with the KiTS metrics", description=(
-        "Run the inference engine over every case and print the KiTS table: kidney Dice (labels > 0), tumor Dice "
-        "(label 2), composite, and pixel accuracy next to the all-background baseline; KiTS21/23 regions with "
-        "Surface Dice for 4-class models or with --kits23."))
+    ev = sub.add_parser(
+        "evaluate",
+        help="score a checkpoint on a dataset with the KiTS metrics",
+        description=(
+            "Run the inference engine over every case and print the KiTS table: kidney Dice (labels > 0), tumor Dice "
+            "(label 2), composite, and pixel accuracy next to the all-background baseline; KiTS21/23 regions with "
+            "Surface Dice for 4-class models or with --kits23."
+        ),
+    )
     ev.add_argument("--checkpoint")
     ev.add_argument("--data")
     ev.add_argument("--out", help="folder for kits_table.md, summary.json and cases.csv")
@@ -289,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return int(args.func(args))
 
 

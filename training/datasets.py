@@ -144,12 +144,16 @@ class Augment:
             )[None]
             grid = F.affine_grid(theta, [1, 1, *img.shape[-2:]], align_corners=False)
             img = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-            lab = F.grid_sample(lab[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0].long()
+            lab = F.grid_sample(
+                lab[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+            )[0, 0].long()
         # Left-right flips only: anterior-posterior anatomy (spine behind) is not symmetric.
         if self.flip and rng.random() < 0.5:
             img, lab = img.flip(-1), lab.flip(-1)
         if self.intensity > 0:
-            img = img * (1.0 + rng.uniform(-self.intensity, self.intensity)) + rng.uniform(-self.intensity, self.intensity)
+            img = img * (1.0 + rng.uniform(-self.intensity, self.intensity)) + rng.uniform(
+                -self.intensity, self.intensity
+            )
             if rng.random() < 0.3:
                 img = img + torch.randn_like(img) * rng.uniform(0, self.intensity)
         return img, lab

@@ -135,55 +135,63 @@ def sample_abdomen(rng: np.random.Generator, centre_xy: tuple[float, float] = (0
 
 
 def render_abdomen(grid: Grid, ab: Abdomen, rng: np.random.Generator, kidney_z: float = 0.0) -> F32:
-    """HU of everything but the labelled structures, on the canonical grid."""
-    zz, yy, xx = grid.z[:, None, None], grid.y[None, :, None], grid.x[None, None, :]
+    """HU of everything but the labelled structures, on the canonical grid.
+
+    Structures that do not change along z are painted as 2D masks into every slice in place
+    (no full-volume temporaries); only the body outline, psoas, discs and the liver and spleen vary
+    with z.
+    """
+    yy, xx = grid.y[:, None], grid.x[None, :]
     cx, cy = ab.centre_xy
     shape = grid.shape
     hu = np.full(shape, AIR, dtype=np.float32)
-    # Body outline varies a little along z.
-    zscale = 1.0 + 0.04 * np.sin(zz / 60.0 + rng.uniform(0, 6))
-    r_body = np.sqrt(((xx - cx) / (ab.semi_x * zscale)) ** 2 + ((yy - cy) / (ab.semi_y * zscale)) ** 2)
+    phase0 = rng.uniform(0, 6)
     inner_x, inner_y = ab.semi_x - ab.fat_mm, ab.semi_y - ab.fat_mm
-    r_inner = np.sqrt(((xx - cx) / (inner_x * zscale)) ** 2 + ((yy - cy) / (inner_y * zscale)) ** 2)
     wall = 10.0
-    r_cavity = np.sqrt(((xx - cx) / ((inner_x - wall) * zscale)) ** 2 + ((yy - cy) / ((inner_y - wall) * zscale)) ** 2)
-    body = r_body <= 1.0
-    hu[np.broadcast_to(body, shape)] = FAT
-    hu[np.broadcast_to(r_inner <= 1.0, shape)] = MUSCLE
-    cavity = np.broadcast_to(r_cavity <= 1.0, shape)
     # Visceral fat with bowel loops: smooth noise thresholded into soft-tissue blobs.
-    blobs = smooth_noise(shape, rng, cell=max(3.0, 18.0 / grid.spacing[2]))
-    visceral = np.where(blobs > 0.35, rng.uniform(15, 45), rng.uniform(-110, -70)).astype(np.float32)
-    hu = np.where(cavity, visceral, hu)
-    # Psoas muscles either side of the spine, wider inferiorly.
+    # (The order of random draws is part of the phantoms' definition: keep it.)
+    blobs = smooth_noise(shape, rng, cell=max(3.0, 18.0 / grid.spacing[2])) > 0.35
+    bowel_v = np.float32(rng.uniform(15, 45))
+    fat_v = np.float32(rng.uniform(-110, -70))
+    for k, z in enumerate(grid.z):
+        sc = 1.0 + 0.04 * np.sin(z / 60.0 + phase0)  # the body outline varies a little along z
+        sl = hu[k]
+        sl[((xx - cx) / (ab.semi_x * sc)) ** 2 + ((yy - cy) / (ab.semi_y * sc)) ** 2 <= 1.0] = FAT
+        sl[((xx - cx) / (inner_x * sc)) ** 2 + ((yy - cy) / (inner_y * sc)) ** 2 <= 1.0] = MUSCLE
+        cav = ((xx - cx) / ((inner_x - wall) * sc)) ** 2 + ((yy - cy) / ((inner_y - wall) * sc)) ** 2 <= 1.0
+        sl[cav] = np.where(blobs[k][cav], bowel_v, fat_v)
+        # Psoas muscles either side of the spine, wider inferiorly.
+        psoas_r = 12.0 + 8.0 * float(np.clip((kidney_z - z) / 120.0, 0, 1))
+        for side in (-1, 1):
+            sl[((xx - (cx + side * 32)) / psoas_r) ** 2 + ((yy - (ab.spine_y + 4)) / (psoas_r * 1.2)) ** 2 <= 1.0] = (
+                MUSCLE + 5
+            )
+
+    # z-invariant structures: paraspinal muscles, spine, canal, aorta, IVC.
+    def paint(mask2d: npt.NDArray[np.bool_], value: float) -> None:
+        hu[:, mask2d] = np.float32(value)
+
     for side in (-1, 1):
-        psoas_r = 12.0 + 8.0 * np.clip((kidney_z - zz) / 120.0, 0, 1)
-        r = np.sqrt(((xx - (cx + side * 32)) / psoas_r) ** 2 + ((yy - (ab.spine_y + 4)) / (psoas_r * 1.2)) ** 2)
-        hu = np.where(np.broadcast_to(r <= 1.0, shape), np.float32(MUSCLE + 5), hu)
-    # Paraspinal muscles behind the spine.
-    for side in (-1, 1):
-        r = np.sqrt(((xx - (cx + side * 28)) / 22.0) ** 2 + ((yy - (ab.spine_y - 38)) / 20.0) ** 2)
-        hu = np.where(np.broadcast_to(r <= 1.0, shape), np.float32(MUSCLE), hu)
-    # Vertebral body with cortical shell, spinal canal and spinous process; discs between levels.
+        paint(((xx - (cx + side * 28)) / 22.0) ** 2 + ((yy - (ab.spine_y - 38)) / 20.0) ** 2 <= 1.0, MUSCLE)
     r_vb = np.sqrt((xx - cx) ** 2 + (yy - ab.spine_y) ** 2)
-    disc = (np.mod(zz + rng.uniform(0, 35), 35.0) < 6.0)
-    vb_hu = np.where(disc, np.float32(80.0), np.float32(rng.uniform(180, 280)))
-    hu = np.where(np.broadcast_to(r_vb <= 20.0, shape), vb_hu, hu)
-    hu = np.where(np.broadcast_to((r_vb > 17.5) & (r_vb <= 20.0), shape) & ~np.broadcast_to(disc, shape), np.float32(650.0), hu)
-    canal = np.sqrt((xx - cx) ** 2 + (yy - (ab.spine_y - 28)) ** 2) <= 8.0
-    ring = np.sqrt((xx - cx) ** 2 + (yy - (ab.spine_y - 28)) ** 2) <= 14.0
-    hu = np.where(np.broadcast_to(ring & ~canal, shape), np.float32(500.0), hu)
-    hu = np.where(np.broadcast_to(canal, shape), np.float32(20.0), hu)
-    # Aorta (left-anterior of the spine) and IVC (right); contrast depends on the phase.
+    disc_off = rng.uniform(0, 35)
+    discs = np.mod(grid.z + disc_off, 35.0) < 6.0
+    paint(r_vb <= 20.0, rng.uniform(180, 280))
+    shell = (r_vb > 17.5) & (r_vb <= 20.0)
+    for k in np.nonzero(~discs)[0]:
+        hu[k][shell] = 650.0
+    for k in np.nonzero(discs)[0]:
+        hu[k][r_vb <= 20.0] = 80.0
+    r_canal = np.sqrt((xx - cx) ** 2 + (yy - (ab.spine_y - 28)) ** 2)
+    paint((r_canal <= 14.0) & (r_canal > 8.0), 500.0)
+    paint(r_canal <= 8.0, 20.0)
     aorta_hu = {"arterial": 320.0, "venous": 170.0, "nephrographic": 140.0}[ab.phase]
     ivc_hu = {"arterial": 70.0, "venous": 150.0, "nephrographic": 130.0}[ab.phase]
-    r_ao = np.sqrt((xx - (cx - 18)) ** 2 + (yy - (ab.spine_y + 30)) ** 2)
-    hu = np.where(np.broadcast_to(r_ao <= rng.uniform(9, 13), shape), np.float32(aorta_hu), hu)
-    r_ivc = np.sqrt(((xx - (cx + 22)) / 14.0) ** 2 + ((yy - (ab.spine_y + 30)) / 10.0) ** 2)
-    hu = np.where(np.broadcast_to(r_ivc <= 1.0, shape), np.float32(ivc_hu), hu)
+    paint(np.sqrt((xx - (cx - 18)) ** 2 + (yy - (ab.spine_y + 30)) ** 2) <= rng.uniform(9, 13), aorta_hu)
+    paint(((xx - (cx + 22)) / 14.0) ** 2 + ((yy - (ab.spine_y + 30)) / 10.0) ** 2 <= 1.0, ivc_hu)
     # Liver (patient right, +x) and spleen (left), superior to the kidneys' centre.
     liver_hu = {"arterial": 75.0, "venous": 110.0, "nephrographic": 105.0}[ab.phase]
-    sl, rad = ellipsoid(
+    sl3, rad = ellipsoid(
         grid,
         (kidney_z + rng.uniform(50, 90), cy + rng.uniform(-5, 25), cx + ab.semi_x * rng.uniform(0.35, 0.5)),
         (rng.uniform(70, 100), ab.semi_y * rng.uniform(0.6, 0.8), ab.semi_x * rng.uniform(0.45, 0.6)),
@@ -191,9 +199,9 @@ def render_abdomen(grid: Grid, ab: Abdomen, rng: np.random.Generator, kidney_z: 
         wobble=0.08,
         rng=rng,
     )
-    sub = hu[sl]
+    sub = hu[sl3]
     sub[(rad <= 1.0) & (sub > -500)] = liver_hu
-    sl, rad = ellipsoid(
+    sl3, rad = ellipsoid(
         grid,
         (kidney_z + rng.uniform(40, 70), ab.spine_y + rng.uniform(10, 35), cx - ab.semi_x * rng.uniform(0.45, 0.6)),
         (rng.uniform(35, 55), rng.uniform(20, 30), rng.uniform(18, 28)),
@@ -201,7 +209,7 @@ def render_abdomen(grid: Grid, ab: Abdomen, rng: np.random.Generator, kidney_z: 
         wobble=0.08,
         rng=rng,
     )
-    sub = hu[sl]
+    sub = hu[sl3]
     sub[(rad <= 1.0) & (sub > -500)] = liver_hu + rng.uniform(0, 20)
     return hu
 
@@ -260,10 +268,12 @@ def paint_labels(
 
 def add_noise(hu: F32, rng: np.random.Generator, spacing: tuple[float, float, float]) -> F32:
     """Partial-volume blur, then CT-like noise; air stays near -1000."""
-    sigma = [0.6 / max(s, 0.3) * 1.0 for s in spacing]
-    out = ndimage.gaussian_filter(hu, sigma=[min(0.8, x) for x in sigma])
-    out += rng.uniform(6, 20) * rng.standard_normal(hu.shape).astype(np.float32)
-    return np.clip(out, -1024, 3071).astype(np.float32)
+    sigma = [min(0.8, 0.6 / max(s, 0.3)) for s in spacing]
+    out = ndimage.gaussian_filter(hu, sigma=sigma, output=np.float32)
+    amp = np.float32(rng.uniform(6, 20))
+    out += amp * rng.standard_normal(hu.shape).astype(np.float32)
+    np.clip(out, -1024, 3071, out=out)
+    return out
 
 
 def kidney_geometry(
@@ -324,7 +334,7 @@ def make_phantom(
     pw = float(rng.uniform(360, 460) / inplane)  # field of view 36-46 cm
     st = float(rng.choice([2.5, 3.0, 4.0, 5.0]))
     extent = rng.uniform(150, 220)
-    nz = int(round(extent / st))
+    nz = round(extent / st)
     grid = Grid.centred((nz, inplane, inplane), (st, pw, pw))
     ab = sample_abdomen(rng, centre_xy=(float(rng.uniform(-15, 15)), float(rng.uniform(-10, 20))))
     kidney_z = float(rng.uniform(-25, 25))

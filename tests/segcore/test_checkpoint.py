@@ -12,7 +12,13 @@ from segcore.unet import UNet, UNetConfig
 
 
 def _meta(cfg: UNetConfig) -> CheckpointMeta:
-    return CheckpointMeta(cfg, PreprocessConfig(target_spacing_mm=(1.5, 1.5)), dict(KITS19_LABELS), metrics={"val_composite": 0.5}, provenance={"git": "abc", "data": "phantoms"})
+    return CheckpointMeta(
+        cfg,
+        PreprocessConfig(target_spacing_mm=(1.5, 1.5)),
+        dict(KITS19_LABELS),
+        metrics={"val_composite": 0.5},
+        provenance={"git": "abc", "data": "phantoms"},
+    )
 
 
 def test_roundtrip_rebuilds_the_same_model(tmp_path: Path) -> None:

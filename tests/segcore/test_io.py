@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segcore.errors import InvalidVolume, NotNifti, VolumeTooLarge
+from segcore.errors import CorruptData, InvalidVolume, NotNifti, VolumeTooLarge
 from segcore.io import load_labels, load_volume, read_decompressed, save_mask
 from tests.conftest import ORIENTATIONS, make_volume, write_nifti
 
@@ -55,7 +55,7 @@ def test_nifti2_and_scaling(tmp_path: Path) -> None:
 def test_uint16_labels_read_as_uint8(tmp_path: Path) -> None:
     _, aff, truth = make_volume(ORIENTATIONS["IPL"])
     p = write_nifti(tmp_path / "seg.nii.gz", truth, aff, dtype=np.uint16)
-    lab, laff = load_labels(p)
+    lab, _ = load_labels(p)
     assert lab.dtype == np.uint8
     np.testing.assert_array_equal(lab, truth)
 
@@ -71,11 +71,19 @@ def test_trailing_singleton_axes_are_squeezed(tmp_path: Path) -> None:
     [
         (lambda p, hu, aff: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 400), NotNifti),
         (lambda p, hu, aff: p.write_bytes(gzip.compress(b"not nifti" * 100)), NotNifti),
-        (lambda p, hu, aff: p.write_bytes(gzip.compress(write_nifti(p.with_suffix(".x.nii"), hu, aff).read_bytes())[:-200]), NotNifti),
+        (
+            lambda p, hu, aff: p.write_bytes(
+                gzip.compress(write_nifti(p.with_suffix(".x.nii"), hu, aff).read_bytes())[:-200]
+            ),
+            CorruptData,
+        ),
         (lambda p, hu, aff: write_nifti(p, np.zeros((32, 32), np.int16), np.eye(4)), InvalidVolume),
         (lambda p, hu, aff: write_nifti(p, np.zeros((32, 32, 4, 2), np.int16), np.eye(4)), InvalidVolume),
         (lambda p, hu, aff: write_nifti(p, np.zeros((4, 4, 4), np.int16), np.eye(4)), InvalidVolume),
-        (lambda p, hu, aff: write_nifti(p, np.full((32, 32, 3), np.nan, np.float32), np.eye(4), dtype=np.float32), InvalidVolume),
+        (
+            lambda p, hu, aff: write_nifti(p, np.full((32, 32, 3), np.nan, np.float32), np.eye(4), dtype=np.float32),
+            InvalidVolume,
+        ),
         (lambda p, hu, aff: write_nifti(p, hu, np.diag([1.0, 1.0, 0.0, 1.0])), InvalidVolume),
     ],
     ids=["png", "gzip-not-nifti", "truncated-gzip", "2d", "4d", "too-small", "nan", "singular-affine"],

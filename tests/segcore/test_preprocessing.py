@@ -58,7 +58,9 @@ def test_engine_mask_is_exact_on_input_grid_native_spacing(name: str) -> None:
     np.testing.assert_array_equal(pred.mask, truth)
 
 
-@pytest.mark.parametrize("name, oblique", [("IPL", 0.0), ("RAS", 0.0), ("LPS", 0.0), ("PSR", 0.0), ("LPS", 25.0), ("IPL", 33.0)])
+@pytest.mark.parametrize(
+    "name, oblique", [("IPL", 0.0), ("RAS", 0.0), ("LPS", 0.0), ("PSR", 0.0), ("LPS", 25.0), ("IPL", 33.0)]
+)
 def test_engine_mask_aligns_in_world_space_with_resampling(name: str, oblique: float) -> None:
     # The model grid differs from the input grid (1.6 mm in-plane), so labels travel through
     # resampling both ways; the truth is defined in world coordinates.
@@ -93,7 +95,9 @@ def test_preprocess_case_resamples_labels_and_normalises() -> None:
         assert abs((pc.label == c).mean() - (truth == c).mean()) < 0.2 * (truth == c).mean()
 
 
-@pytest.mark.parametrize("kwargs", [{"orientation": "LPS"}, {"target_spacing_mm": (0.0, 1.0)}, {"clip_hu": (10.0, -10.0)}, {"std": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"orientation": "LPS"}, {"target_spacing_mm": (0.0, 1.0)}, {"clip_hu": (10.0, -10.0)}, {"std": 0.0}]
+)
 def test_bad_preprocess_config(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         PreprocessConfig(**kwargs)

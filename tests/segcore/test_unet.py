@@ -5,7 +5,14 @@ from segcore.unet import UNet, UNetConfig, flops_per_pixel
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (7, 13), (37, 53), (64, 64), (100, 159)])
-@pytest.mark.parametrize("cfg", [UNetConfig(base_width=4, depth=3), UNetConfig(in_slices=3, base_width=4, depth=4, norm="instance"), UNetConfig(in_slices=5, num_classes=4, base_width=8, depth=5, norm="group")])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        UNetConfig(base_width=4, depth=3),
+        UNetConfig(in_slices=3, base_width=4, depth=4, norm="instance"),
+        UNetConfig(in_slices=5, num_classes=4, base_width=8, depth=5, norm="group"),
+    ],
+)
 def test_any_size_in_same_size_out(cfg: UNetConfig, hw: tuple[int, int]) -> None:
     model = UNet(cfg).eval()
     with torch.no_grad():

@@ -23,9 +23,10 @@ def test_every_kits19_label_file_has_kits_geometry() -> None:
         assert c.label is not None
         img = nib.load(str(c.label))
         lab, aff = load_labels(c.label)
-        z, h, w = lab.shape
+        _, h, w = lab.shape
         codes = nib.orientations.aff2axcodes(aff)
         st, pw = img.header.get_zooms()[0], img.header.get_zooms()[1]
+        counts = np.bincount(lab.ravel(), minlength=256)  # much faster than np.unique on ~1e8 voxels
         ok = (
             lab.dtype == np.uint8
             and codes == ("I", "P", "L")
@@ -33,8 +34,8 @@ def test_every_kits19_label_file_has_kits_geometry() -> None:
             and w in (512, 796)
             and 0.4 < pw < 1.1
             and 0.4 < st <= 5.0
-            and set(np.unique(lab)) <= {0, 1, 2}
-            and (lab == 1).any()
+            and counts[3:].sum() == 0
+            and counts[1] > 0
         )
         if not ok:
             problems.append((c.case_id, lab.shape, codes, lab.dtype, float(st), float(pw)))

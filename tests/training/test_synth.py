@@ -9,7 +9,7 @@ from training.synth import make_phantom, render_for_labels
 
 
 def test_phantom_anatomy_and_labels() -> None:
-    hu, seg, sp = make_phantom(np.random.default_rng(3), inplane=96)
+    hu, seg, _ = make_phantom(np.random.default_rng(3), inplane=96)
     assert hu.dtype == np.int16 and seg.dtype == np.uint8 and hu.shape == seg.shape
     assert set(np.unique(seg)) <= {0, 1, 2}
     assert (seg == 1).any()
@@ -55,7 +55,9 @@ def test_synth_ct_cli_on_label_only_folder(tmp_path: Path) -> None:
 
     _, seg, sp = make_phantom(np.random.default_rng(2), inplane=48)
     write_kits_case(tmp_path / "labels" / "case_00042", None, seg, sp)
-    assert main(["synth-ct", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert (
+        main(["synth-ct", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    )
     img = nib.load(str(tmp_path / "out" / "case_00042" / "imaging.nii.gz"))
     lab = nib.load(str(tmp_path / "out" / "case_00042" / "segmentation.nii.gz"))
     np.testing.assert_allclose(img.affine, lab.affine)

@@ -74,9 +74,30 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     for i in range(3):
         _one_phantom((i, str(data), 48, False, 0))
-    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "2", "--iters", "2",
-            "--batch-size", "2", "--patch", "32", "--base-width", "4", "--depth", "3", "--val-fraction", "0.34",
-            "--no-progress", "--device", "cpu"]
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "2",
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--patch",
+        "32",
+        "--base-width",
+        "4",
+        "--depth",
+        "3",
+        "--val-fraction",
+        "0.34",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     run = tmp_path / "run"
     for f in ("best.safetensors", "last.safetensors", "last.state.pt", "metrics.jsonl", "curves.png"):
@@ -84,7 +105,7 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"val_kidney_dice", "val_tumor_dice", "val_composite", "train_loss"} <= set(rows[0])
-    model, meta = load_checkpoint(run / "best.safetensors")
+    _, meta = load_checkpoint(run / "best.safetensors")
     assert meta.provenance["val_cases"] and not set(meta.provenance["val_cases"]) & set(meta.provenance["train_cases"])
     # Resume continues at epoch 3 with the saved history.
     assert main([*args[:6], "3", *args[7:], "--resume", str(run / "last.state.pt")]) == 0
@@ -96,7 +117,14 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
 def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     extra = ["--out", str(tmp_path / "o")] if cmd in ("phantoms", "synth-ct") else []
-    r = subprocess.run([sys.executable, "-m", "training", cmd, "--dry-run", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "training", cmd, "--dry-run", *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     if cmd == "evaluate":
         assert "KiTS19: kidney Dice" in r.stdout and "all-background" in r.stdout
@@ -104,7 +132,9 @@ def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate"])
 def test_cli_help(cmd: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "training", cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "training", cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and "--dry-run" in r.stdout
 
 
@@ -114,10 +144,42 @@ def test_ddp_gloo_two_processes(tmp_path: Path) -> None:
     for i in range(3):
         _one_phantom((i, str(data), 48, False, 0))
     r = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-port", "29531", "-m", "training", "train", "--data", str(data),
-         "--out", str(tmp_path / "run"), "--epochs", "1", "--iters", "2", "--batch-size", "2", "--patch", "32",
-         "--base-width", "4", "--depth", "3", "--val-fraction", "0.34", "--no-progress", "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            torchrun,
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29531",
+            "-m",
+            "training",
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--iters",
+            "2",
+            "--batch-size",
+            "2",
+            "--patch",
+            "32",
+            "--base-width",
+            "4",
+            "--depth",
+            "3",
+            "--val-fraction",
+            "0.34",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     _, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")

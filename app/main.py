@@ -1,0 +1,105 @@
+"""The app factory. ``uvicorn app.main:app`` serves it; run one process per GPU.
+
+The lifespan loads the checkpoint (the bundled demo model when none is configured), warms the
+model up, starts the one worker that owns the device and a retention sweeper, and only then
+reports ready. A checkpoint that fails to load stops startup with its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import Depends, FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+import segcore
+from app.deps import require_api_key
+from app.errors import register_error_handlers
+from app.middleware import RequestContextMiddleware, configure_logging
+from app.routes import health, segment
+from app.settings import Settings, get_settings
+from app.store import ResultStore
+from app.worker import InferenceWorker
+from segcore.errors import CheckpointError
+from segcore.inference import Engine
+
+log = logging.getLogger("kitseg.app")
+
+
+def _load(settings: Settings) -> Engine:
+    engine = Engine.from_checkpoint(
+        str(settings.checkpoint_path),
+        device=settings.device,
+        batch_size=settings.batch_size,
+        precision=settings.precision,
+    )
+    if settings.warmup:
+        engine.warmup()
+    return engine
+
+
+async def _sweeper(store: ResultStore, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        with suppress(Exception):
+            await run_in_threadpool(store.sweep)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        s = settings or get_settings()
+        app.state.settings = s
+        configure_logging(s.log_level)
+        app.state.ready = False
+        store = ResultStore(s.result_dir, s.result_ttl_s)
+        app.state.store = store
+        try:
+            engine = await run_in_threadpool(_load, s)
+        except (CheckpointError, RuntimeError, OSError, ValueError) as e:
+            log.error("startup failed: %s", e)
+            raise RuntimeError(f"kitseg cannot start: {e}") from e
+        worker = InferenceWorker(engine, s, store)
+        worker.start()
+        app.state.worker = worker
+        sweeper = asyncio.create_task(_sweeper(store, max(5.0, min(60.0, s.result_ttl_s / 4))))
+        app.state.ready = True
+        log.info(
+            "ready: model %s on %s (%s)%s",
+            engine.meta.name,
+            engine.device,
+            engine.precision,
+            " [demo model: synthetic phantoms, not for clinical use]" if s.is_demo else "",
+        )
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            sweeper.cancel()
+            await run_in_threadpool(worker.stop)
+            log.info("stopped")
+
+    s0 = settings or get_settings()
+    app = FastAPI(
+        title="kitseg",
+        version=segcore.__version__,
+        summary="Kidney and kidney-tumor CT segmentation (KiTS labels: kidney, tumor, cyst)",
+        description=(
+            "Upload a CT volume (`.nii` / `.nii.gz`) to **POST /segment**; the response has per-class statistics "
+            "and a `mask_url` for a uint8 NIfTI mask on the input's own grid. With no checkpoint configured the "
+            "service runs a demo model trained on synthetic phantoms: not for clinical use."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = s0
+    register_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=s0.max_upload_bytes)
+    app.include_router(health.router)
+    app.include_router(segment.router, dependencies=[Depends(require_api_key)])
+    return app
+
+
+app = create_app()

@@ -1,0 +1,128 @@
+"""ASGI middleware: request ids, one structured log line per request, and a body-size cap.
+
+The cap is enforced on the byte stream itself, so it holds for chunked uploads without a
+Content-Length too; Starlette puts no size limit on multipart file parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("kitseg.access")
+_RID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Multipart framing (boundary, part headers) on top of the file itself.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; only whitelisted fields, never voxel data or file names."""
+
+    FIELDS = ("request_id", "method", "path", "status", "duration_ms", "bytes_in", "result_id", "code")
+
+    def format(self, record: logging.LogRecord) -> str:
+        d: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for f in self.FIELDS:
+            if hasattr(record, f):
+                d[f] = getattr(record, f)
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d)
+
+
+def configure_logging(level: str) -> None:
+    root = logging.getLogger("kitseg")
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(JsonFormatter())
+        root.addHandler(h)
+        root.propagate = False
+    root.setLevel(level.upper())
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body = max_body_bytes + MULTIPART_OVERHEAD
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        rid = headers.get("x-request-id", "")
+        if not _RID_RE.fullmatch(rid):
+            rid = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        t0 = time.perf_counter()
+        status = {"code": 0}
+        received = {"n": 0}
+        too_large = False
+        cl = headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > self.max_body:
+            too_large = True
+
+        async def limited_receive() -> Message:
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received["n"] += len(msg.get("body", b""))
+                if received["n"] > self.max_body:
+                    raise HTTPException(413, f"request body exceeds {self.max_body} bytes")
+            return msg
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                hdrs = list(message.get("headers", []))
+                if not any(k.lower() == b"x-request-id" for k, _ in hdrs):
+                    hdrs.append((b"x-request-id", rid.encode()))
+                message = {**message, "headers": hdrs}
+            await send(message)
+
+        try:
+            if too_large:
+                body = json.dumps(
+                    {
+                        "code": "payload_too_large",
+                        "message": f"request body is {cl} bytes, over the limit of {self.max_body}",
+                        "request_id": rid,
+                    }
+                ).encode()
+                await send_wrapper(
+                    {
+                        "type": "http.response.start",
+                        "status": 413,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+            await self.app(scope, limited_receive, send_wrapper)
+        finally:
+            log.info(
+                "request",
+                extra={
+                    "request_id": rid,
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status["code"],
+                    "duration_ms": round(1000 * (time.perf_counter() - t0), 1),
+                    "bytes_in": received["n"],
+                },
+            )

@@ -1,0 +1,155 @@
+"""POST /segment and the result resources under /segmentations/{id}."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
+
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+
+from app.deps import SettingsDep, StoreDep, WorkerDep
+from app.errors import BadUpload, DeadlineExceeded, InsufficientStorage, NotFound, PayloadTooLarge
+from app.schemas import ErrorBody, SegmentationResult
+from app.worker import Job
+
+router = APIRouter(tags=["segmentation"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody, "description": d}
+    for s, d in {
+        401: "missing or invalid API key",
+        413: "upload or decompressed volume over the limit",
+        415: "not a NIfTI-1/NIfTI-2 file",
+        422: "a volume that cannot be segmented, or a malformed request",
+        503: "model not ready, or the queue is full (see Retry-After)",
+        504: "the segmentation exceeded its deadline",
+        507: "no space left to store the result, or out of memory",
+    }.items()
+}
+
+
+def _spool(src: BinaryIO, dst: Path, limit: int) -> int:
+    """Copy the upload to our own spool file, enforcing the compressed-size limit."""
+    n = 0
+    try:
+        with open(dst, "wb") as out:
+            while chunk := src.read(1 << 20):
+                n += len(chunk)
+                if n > limit:
+                    raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes")
+                out.write(chunk)
+    except OSError as e:
+        dst.unlink(missing_ok=True)
+        raise InsufficientStorage(f"could not spool the upload: {e.strerror or e}") from e
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    return n
+
+
+def _summary_header(result: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "id": result["id"],
+            "demo": result["model"]["demo"],
+            "classes": [
+                {k: c.get(k) for k in ("label", "name", "present", "voxels", "volume_ml")} for c in result["classes"]
+            ],
+        },
+        separators=(",", ":"),
+    )
+
+
+@router.post(
+    "/segment",
+    response_model=SegmentationResult,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"application/gzip": {}},
+            "description": "the statistics (JSON), or the mask itself with ?download=true or Accept: application/gzip",
+        },
+    },
+    summary="Segment kidneys and tumors in a CT volume",
+)
+async def segment(
+    request: Request,
+    worker: WorkerDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="CT volume as .nii or .nii.gz (gzip is detected from the bytes)")],
+    download: Annotated[
+        bool, Query(description="return the mask file itself, with the statistics in the X-Kitseg-Statistics header")
+    ] = False,
+) -> Any:
+    t0 = time.perf_counter()
+    dst = store.spool_path()
+    size = await run_in_threadpool(_spool, file.file, dst, settings.max_upload_bytes)
+    if size == 0:
+        dst.unlink(missing_ok=True)
+        raise BadUpload("the uploaded file is empty")
+    rid = store.new_id()
+    job = Job(rid=rid, upload=dst, received_ms=1000 * (time.perf_counter() - t0), request_id=request.state.request_id)
+    try:
+        worker.submit(job)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    try:
+        result: dict[str, Any] = await asyncio.wait_for(asyncio.wrap_future(job.future), settings.request_timeout_s)
+    except TimeoutError:
+        job.cancelled.set()
+        raise DeadlineExceeded(f"segmentation did not finish within {settings.request_timeout_s:.0f} s") from None
+    except asyncio.CancelledError:
+        job.cancelled.set()  # client went away: the worker drops the job or its result
+        raise
+    wants_file = download or "application/gzip" in request.headers.get("accept", "")
+    if wants_file:
+        path = store.mask_path(rid)
+        if path is None:
+            raise NotFound("result expired before it could be returned")
+        return FileResponse(
+            path,
+            media_type="application/gzip",
+            filename=f"{rid}_mask.nii.gz",
+            headers={"X-Kitseg-Statistics": _summary_header(result), "X-Kitseg-Result": f"/segmentations/{rid}"},
+        )
+    return JSONResponse(result, headers={"Location": f"/segmentations/{rid}"})
+
+
+@router.get("/segmentations/{rid}", response_model=SegmentationResult, responses={404: {"model": ErrorBody}})
+def get_segmentation(rid: str, store: StoreDep) -> Any:
+    result = store.get(rid)
+    if result is None:
+        raise NotFound(f"no segmentation {rid!r} (never existed, deleted, or expired)")
+    return JSONResponse(result)
+
+
+@router.get(
+    "/segmentations/{rid}/mask",
+    responses={
+        200: {"content": {"application/gzip": {}}, "description": "uint8 mask with the input's affine and header"},
+        404: {"model": ErrorBody},
+    },
+    response_class=FileResponse,
+)
+def get_mask(rid: str, store: StoreDep) -> Any:
+    path = store.mask_path(rid)
+    if path is None:
+        raise NotFound(f"no mask for segmentation {rid!r}")
+    return FileResponse(path, media_type="application/gzip", filename=f"{rid}_mask.nii.gz")
+
+
+@router.delete("/segmentations/{rid}", status_code=204, responses={404: {"model": ErrorBody}})
+def delete_segmentation(rid: str, store: StoreDep) -> Response:
+    if not store.delete(rid):
+        raise NotFound(f"no segmentation {rid!r}")
+    return Response(status_code=204)
+
+
+__all__ = ["router"]

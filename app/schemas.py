@@ -1,0 +1,71 @@
+"""Response models (they document the API in /docs; extra fields are allowed to pass through)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable error code")
+    message: str = Field(description="what went wrong, for humans")
+    request_id: str = Field(description="echo of X-Request-ID; quote it when reporting a problem")
+
+
+class ModelRef(Loose):
+    name: str
+    version: str
+    sha256: str
+    demo: bool = Field(description="true when the bundled phantom-trained demo model is served")
+
+
+class InputInfo(Loose):
+    shape: list[int]
+    spacing_mm: list[float]
+    orientation: list[str] = Field(description="nibabel axis codes, e.g. ['I','P','L'] for KiTS19")
+    affine: list[list[float]]
+
+
+class HUStats(BaseModel):
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+class ClassStats(Loose):
+    label: int
+    name: str
+    present: bool
+    voxels: int
+    volume_ml: float
+    components: int
+    largest_component_ml: float
+    bbox_voxels: dict[str, list[int]] | None = None
+    bbox_size_mm: list[float] | None = None
+    centroid_mm: list[float] | None = Field(None, description="world (RAS+) coordinates in mm")
+    hu: HUStats | None = None
+    mean_confidence: float | None = Field(None, description="mean softmax probability of the voxels given this label")
+    touches_border: bool
+    sides: dict[str, Any] | None = Field(None, description="kidney only: left/right volumes with the tumor inside each")
+    max_axial_diameter_mm: float | None = Field(
+        None, description="tumor only: largest in-plane diameter of the largest tumor"
+    )
+
+
+class SegmentationResult(Loose):
+    id: str
+    model: ModelRef
+    input: InputInfo
+    timings_ms: dict[str, float]
+    classes: list[ClassStats]
+    mask_url: str
+    warnings: list[str] = []
+    notice: str | None = None
+    created_at: str
+    expires_at: str

@@ -1,0 +1,84 @@
+"""Typed configuration from ``KITSEG_*`` environment variables (pydantic-settings).
+
+``get_settings()`` is cached; tests swap it through ``app.dependency_overrides`` or pass a
+``Settings`` to ``create_app``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_model" / "kitseg-demo-phantom.safetensors"
+
+
+class Settings(BaseSettings):
+    """Every setting, its default and its meaning (the README's configuration table mirrors this)."""
+
+    model_config = SettingsConfigDict(env_prefix="KITSEG_", env_file=None, extra="ignore")
+
+    checkpoint: Path | None = Field(
+        None, description="checkpoint (.safetensors) to serve; unset = the bundled demo model"
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto picks CUDA when available")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA and AVX-512 CPUs"
+    )
+    batch_size: int = Field(8, ge=1, le=256, description="slices per forward pass; bounds activation memory")
+    result_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "kitseg-results", description="where results and spooled uploads live"
+    )
+    result_ttl_s: int = Field(
+        3600, ge=10, le=30 * 24 * 3600, description="results are deleted this long after creation"
+    )
+    queue_size: int = Field(4, ge=1, le=1000, description="requests waiting for the worker; more get 503")
+    max_upload_bytes: int = Field(1 << 30, ge=1024, description="limit on the uploaded (compressed) file")
+    max_decompressed_bytes: int = Field(2 << 30, ge=1024, description="limit after gunzip, checked while streaming")
+    max_voxels: int = Field(1024 * 1024 * 1024, ge=1, description="limit on the voxel count declared in the header")
+    request_timeout_s: float = Field(600.0, gt=0, description="deadline for one segmentation (504 after it)")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503")
+    mask_compresslevel: int = Field(1, ge=0, le=9, description="gzip level of returned masks")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated keys; empty = no auth"
+    )
+    log_level: str = Field("INFO", description="logging level")
+    warmup: bool = Field(True, description="run one forward pass before reporting ready")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _strong_keys(cls, v: list[str]) -> list[str]:
+        weak = [k for k in v if len(k) < 16]
+        if weak:
+            raise ValueError("each API key must be at least 16 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if self.max_decompressed_bytes < self.max_upload_bytes // 1024:
+            raise ValueError("max_decompressed_bytes is implausibly small next to max_upload_bytes")
+        return self
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint if self.checkpoint is not None else DEMO_CHECKPOINT
+
+    @property
+    def is_demo(self) -> bool:
+        return self.checkpoint is None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,198 @@
+"""The one worker that owns the device.
+
+Requests are spooled to disk by the route and handed over as paths through a bounded queue, so
+at most one volume is in memory at a time and a burst costs disk, not RAM. A full queue raises
+:class:`Overloaded` (503 + Retry-After). The worker thread runs the whole job (decompress, parse,
+segment, statistics, encode, write) off the event loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.errors import InsufficientStorage, OutOfMemory, Overloaded
+from app.settings import Settings
+from app.store import ResultStore
+from segcore.checkpoint import CheckpointMeta, file_sha256
+from segcore.inference import Engine
+from segcore.io import encode_mask, load_volume
+from segcore.stats import compute_statistics
+
+log = logging.getLogger("kitseg.worker")
+
+CT_RANGE_HU = (-1100.0, 4000.0)
+
+
+@dataclass
+class Job:
+    rid: str
+    upload: Path
+    received_ms: float
+    request_id: str
+    future: cf.Future[dict[str, Any]] = field(default_factory=cf.Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class JobCancelled(Exception):
+    """The request's deadline passed or its client disconnected; stop between batches."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class InferenceWorker:
+    def __init__(self, engine: Engine, settings: Settings, store: ResultStore) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.store = store
+        self.meta: CheckpointMeta = engine.meta
+        self.checkpoint_sha256 = file_sha256(settings.checkpoint_path)
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=settings.queue_size)
+        self.thread = threading.Thread(target=self._run, name="kitseg-worker", daemon=True)
+        self.busy = threading.Event()
+        self.accepting = True
+        self.processed = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def model_info(self) -> dict[str, Any]:
+        return {
+            "name": self.meta.name,
+            "version": str(self.meta.provenance.get("git", "unknown")),
+            "sha256": self.checkpoint_sha256,
+            "demo": self.settings.is_demo,
+        }
+
+    def submit(self, job: Job) -> None:
+        if not self.accepting:
+            raise Overloaded("server is shutting down", {"Retry-After": str(self.settings.retry_after_s)})
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(
+                f"all {self.settings.queue_size} queue slots are taken; retry later",
+                {"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let queued work finish, then end the thread."""
+        self.accepting = False
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if job.cancelled.is_set() or job.future.cancelled():
+                job.upload.unlink(missing_ok=True)
+                continue
+            self.busy.set()
+            try:
+                result = self._process(job)
+                if job.cancelled.is_set() or job.future.cancelled():
+                    # Deadline passed or the client left: nobody will ever learn this id.
+                    self.store.delete(job.rid)
+                else:
+                    job.future.set_result(result)
+            except JobCancelled:
+                self.store.delete(job.rid)
+            except BaseException as e:  # every failure goes back to its request
+                if not job.future.done():
+                    job.future.set_exception(e)
+            finally:
+                job.upload.unlink(missing_ok=True)
+                self.busy.clear()
+                self.processed += 1
+
+    def _predict_with_oom_retry(self, vol: Any, job: Job) -> Any:
+        def check(done: int, total: int) -> None:
+            if job.cancelled.is_set():
+                raise JobCancelled
+
+        bs = self.engine.batch_size
+        while True:
+            try:
+                return self.engine.predict(vol, progress=check, batch_size=bs)
+            except (RuntimeError, MemoryError) as e:
+                if not _is_oom(e) and not isinstance(e, MemoryError):
+                    raise
+                if self.engine.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if bs == 1:
+                    raise OutOfMemory(
+                        "out of memory even at batch size 1; the volume is too large for this device"
+                    ) from e
+                bs = max(1, bs // 2)
+                log.warning("out of memory; retrying with batch size %d", bs)
+
+    def _process(self, job: Job) -> dict[str, Any]:
+        s = self.settings
+        t0 = time.perf_counter()
+        vol = load_volume(job.upload, max_decompressed_bytes=s.max_decompressed_bytes, max_voxels=s.max_voxels)
+        t_load = time.perf_counter()
+        warnings = []
+        lo, hi = float(vol.data.min()), float(vol.data.max())
+        if lo < CT_RANGE_HU[0] or hi > CT_RANGE_HU[1] or hi - lo < 200:
+            warnings.append(
+                f"intensities span [{lo:.0f}, {hi:.0f}], which does not look like CT in HU; "
+                "results on non-CT or unscaled data are meaningless"
+            )
+        pred = self._predict_with_oom_retry(vol, job)
+        t_pred = time.perf_counter()
+        classes = compute_statistics(pred.mask, vol, self.meta.labels, pred.confidence)
+        t_stats = time.perf_counter()
+        mask_gz = encode_mask(pred.mask, vol, compresslevel=s.mask_compresslevel)
+        t_enc = time.perf_counter()
+        now = datetime.now(timezone.utc)
+        result: dict[str, Any] = {
+            "id": job.rid,
+            "model": self.model_info(),
+            "input": {
+                "shape": list(vol.shape),
+                "spacing_mm": [float(z) for z in vol.zooms],
+                "orientation": list(vol.axcodes),
+                "affine": np.round(vol.affine, 6).tolist(),
+                "dtype": str(vol.header.get_data_dtype()),
+            },
+            "timings_ms": {},
+            "classes": classes,
+            "mask_url": f"/segmentations/{job.rid}/mask",
+            "warnings": warnings,
+            "created_at": now.isoformat(timespec="seconds"),
+            "expires_at": (now + timedelta(seconds=s.result_ttl_s)).isoformat(timespec="seconds"),
+        }
+        if s.is_demo:
+            result["notice"] = "demo model trained on synthetic phantoms; not for clinical use"
+        timings = {
+            "receive": job.received_ms,
+            "decompress_parse": 1000 * (t_load - t0),
+            **{k: v for k, v in pred.timings_ms.items() if k != "engine_total"},
+            "statistics": 1000 * (t_stats - t_pred),
+            "encode": 1000 * (t_enc - t_stats),
+        }
+
+        def finalize(r: dict[str, Any]) -> None:
+            timings["write"] = 1000 * (time.perf_counter() - t_enc)  # the mask; result.json is tiny
+            timings["total"] = sum(timings.values())
+            r["timings_ms"] = {k: round(v, 2) for k, v in timings.items()}
+
+        try:
+            self.store.write(job.rid, result, mask_gz, finalize)
+        except OSError as e:
+            raise InsufficientStorage(f"could not write the result: {e.strerror or e}") from e
+        return result

@@ -1,0 +1,123 @@
+"""End to end and memory: one POST /segment per volume size (512x512xN int16 .nii.gz), each in a
+fresh process so that its peak RSS is its own. Reports the server-side stage timings
+(receive, decompress+parse, preprocess, model, postprocess, statistics, encode, write) and the
+peak-RSS growth per input voxel, which must stay a small constant (no classes x voxels floats).
+
+    python benchmarks/bench_e2e.py --slices 50 200 600
+
+Writes benchmarks/results/e2e.json and the e2e section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, os, resource, sys, tempfile, time
+from pathlib import Path
+import numpy as np, nibabel as nib
+n = int(sys.argv[1]); precision = sys.argv[2]
+tmp = Path(tempfile.mkdtemp(prefix="kitseg-bench-"))
+# A phantom-like 512x512xN int16 CT in the KiTS IPL layout, written before the server starts.
+from training.synth import make_phantom
+from training.datasets import write_kits_case
+rng = np.random.default_rng(0)
+hu, seg, sp = make_phantom(rng, inplane=512)
+reps = int(np.ceil(n / hu.shape[0]))
+hu = np.concatenate([hu] * reps)[:n]; seg = np.concatenate([seg] * reps)[:n]
+write_kits_case(tmp / "case", hu, seg, (3.0, 0.78, 0.78))
+del hu, seg
+payload = (tmp / "case" / "imaging.nii.gz").read_bytes()
+import gc; gc.collect()
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+from fastapi.testclient import TestClient
+from app.main import create_app
+from app.settings import Settings
+app = create_app(Settings(result_dir=tmp / "results", device="cpu", precision=precision, log_level="WARNING"))
+with TestClient(app) as c:
+    c.get("/ready")
+    base = rss_mb()
+    # Reset the high-water mark so the peak is this request's (Linux >= 4.0).
+    open("/proc/self/clear_refs", "w").write("5")
+    t = time.perf_counter()
+    r = c.post("/segment", files={"file": ("ct.nii.gz", payload)})
+    wall = time.perf_counter() - t
+    assert r.status_code == 200, r.text
+    peak = max(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+    res = r.json()
+print(json.dumps({"slices": n, "voxels": 512 * 512 * n, "upload_mb": len(payload) / 2**20, "wall_s": wall,
+                  "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "precision": precision}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slices", type=int, nargs="+", default=[50, 200, 600])
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "e2e.json")
+    a = ap.parse_args()
+    rows = []
+    for n in a.slices:
+        r = subprocess.run([sys.executable, "-c", CHILD, str(n), a.precision], cwd=ROOT, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(r.stderr[-3000:], file=sys.stderr)
+            return 1
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        row["rss_growth_bytes_per_voxel"] = (row["peak_rss_mb"] - row["baseline_rss_mb"]) * 2**20 / row["voxels"]
+        t = row["timings_ms"]
+        row["non_model_fraction"] = 1 - t["model"] / t["total"]
+        rows.append(row)
+        print(json.dumps(row))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(rows, indent=2))
+    stages = [
+        "receive",
+        "decompress_parse",
+        "preprocess",
+        "model",
+        "postprocess",
+        "statistics",
+        "encode",
+        "write",
+        "total",
+    ]
+    md = [
+        f"## End to end (POST /segment, CPU, precision {a.precision})",
+        "",
+        "| slices | upload MB | "
+        + " | ".join(f"{s} ms" for s in stages)
+        + " | non-model share | peak RSS growth (bytes/voxel) |",
+        "|---" * (len(stages) + 4) + "|",
+    ]
+    for r in rows:
+        t = r["timings_ms"]
+        md.append(
+            f"| {r['slices']} | {r['upload_mb']:.1f} | "
+            + " | ".join(f"{t.get(s, 0):.0f}" for s in stages)
+            + f" | {r['non_model_fraction']:.0%} | {r['rss_growth_bytes_per_voxel']:.1f} |"
+        )
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
+    start = text.find("## End to end")
+    block = "\n".join(md) + "\n"
+    if start >= 0:
+        end = text.find("\n## ", start + 3)
+        text = text[:start] + block + (text[end + 1 :] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + block
+    doc.write_text(text)
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

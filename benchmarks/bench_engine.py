@@ -1,0 +1,168 @@
+"""Engine benchmark: the default model over a 512x512xN phantom-like volume, against
+(a) the seed's naive way (float64 volume, one slice per forward, no inference_mode, fp32, NCHW),
+(b) this machine's measured peak (a large fp32 matmul and a channels_last 3x3 conv),
+with the same-process ratios that are meaningful on a shared, noisy machine.
+
+    python benchmarks/bench_engine.py --slices 24 [--checkpoint PATH]
+
+Writes benchmarks/results/engine.json and updates the engine section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from segcore.checkpoint import load_checkpoint
+from segcore.inference import Engine
+from segcore.io import Volume
+from segcore.unet import flops_per_pixel
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "app" / "demo_model" / "kitseg-demo-phantom.safetensors"
+
+
+def machine() -> dict[str, object]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+    }
+
+
+def peak_gflops() -> dict[str, float]:
+    a = torch.randn(2048, 2048)
+    b = torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    n = 5
+    for _ in range(n):
+        a @ b
+    mm = 2 * 2048**3 * n / (time.perf_counter() - t) / 1e9
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 64, 128, 128).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        conv(x)
+        t = time.perf_counter()
+        for _ in range(n):
+            conv(x)
+        dt = time.perf_counter() - t
+    conv_gf = 2 * 9 * 64 * 64 * 128 * 128 * 8 * n / dt / 1e9
+    return {"matmul_fp32_gflops": mm, "conv3x3_channels_last_fp32_gflops": conv_gf}
+
+
+def naive_seconds(
+    model: torch.nn.Module, vol64: np.ndarray, in_slices: int, mean: float, std: float, lo: float, hi: float
+) -> float:
+    """The seed's way: float64 volume, one slice per forward, autograd on, NCHW, fp32."""
+    model = model.float().to(memory_format=torch.contiguous_format)
+    k = in_slices // 2
+    t = time.perf_counter()
+    z = vol64.shape[0]
+    out = []
+    for i in range(z):
+        idx = np.clip(np.arange(i - k, i + k + 1), 0, z - 1)
+        x = torch.from_numpy((np.clip(vol64[idx], lo, hi) - mean) / std).float()[None]
+        out.append(model(x).argmax(1).numpy())
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slices", type=int, default=24)
+    ap.add_argument("--checkpoint", type=Path, default=DEMO)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "engine.json")
+    a = ap.parse_args()
+    model, meta = load_checkpoint(a.checkpoint)
+    rng = np.random.default_rng(0)
+    # 512x512 at 0.78 mm (a typical KiTS grid) in the KiTS IPL layout, phantom-like intensities.
+    data = (rng.normal(40, 60, size=(a.slices, 512, 512))).astype(np.float32)
+    aff = np.array([[0, 0, -0.78, 0], [0, -0.78, 0, 0], [-3.0, 0, 0, 0], [0, 0, 0, 1]])
+    vol = Volume(data, aff, nib.Nifti1Header(), (3.0, 0.78, 0.78))
+    pp = meta.preprocessing
+    results: dict[str, object] = {"machine": machine(), "slices": a.slices, "checkpoint": a.checkpoint.name}
+    results["peak"] = peak_gflops()
+    grid_px = 512 * 0.78 / pp.target_spacing_mm[0] if pp.target_spacing_mm else 512
+    gflop_per_slice = flops_per_pixel(meta.model) * grid_px**2 / 1e9
+    results["model_grid"] = round(grid_px)
+    results["gflop_per_slice"] = gflop_per_slice
+    runs = {}
+    for name, kw in {"fp32": {"precision": "fp32"}, "bf16": {"precision": "bf16"}}.items():
+        eng = Engine(model, meta, torch.device("cpu"), batch_size=8, channels_last=True, **kw)  # type: ignore[arg-type]
+        eng.warmup((int(grid_px), int(grid_px)))
+        t = time.perf_counter()
+        pred = eng.predict(vol)
+        dt = time.perf_counter() - t
+        runs[name] = {
+            "seconds": dt,
+            "slices_per_s": a.slices / dt,
+            "model_gflops": gflop_per_slice * a.slices / (pred.timings_ms["model"] / 1000),
+            "timings_ms": pred.timings_ms,
+        }
+    naive = naive_seconds(model, data.astype(np.float64), meta.model.in_slices, pp.mean, pp.std, *pp.clip_hu)
+    runs["naive_seed_way"] = {"seconds": naive, "slices_per_s": a.slices / naive}
+    results["runs"] = runs
+    best = min(("fp32", "bf16"), key=lambda k: runs[k]["seconds"])
+    results["speedup_vs_naive"] = {k: naive / runs[k]["seconds"] for k in ("fp32", "bf16")}
+    results["fraction_of_conv_peak_fp32"] = (
+        runs["fp32"]["model_gflops"] / results["peak"]["conv3x3_channels_last_fp32_gflops"]
+    )  # type: ignore[index]
+    results["best"] = best
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=2))
+    md = [
+        f"## Engine ({a.slices} slices of 512x512 at 0.78 mm -> {round(grid_px)}x{round(grid_px)} model grid, {gflop_per_slice:.2f} GFLOP/slice)",
+        "",
+        f"Machine: {results['machine']}",
+        "",
+        "| run | seconds | slices/s | model GFLOP/s | vs naive |",
+        "|---|---|---|---|---|",
+    ]
+    for k in ("naive_seed_way", "fp32", "bf16"):
+        r = runs[k]
+        gf = f"{r['model_gflops']:.0f}" if "model_gflops" in r else "-"
+        md.append(f"| {k} | {r['seconds']:.2f} | {r['slices_per_s']:.1f} | {gf} | {naive / r['seconds']:.2f}x |")
+    pk = results["peak"]
+    md += [
+        "",
+        f"Peak here: matmul {pk['matmul_fp32_gflops']:.0f} GFLOP/s, channels_last 3x3 conv {pk['conv3x3_channels_last_fp32_gflops']:.0f} GFLOP/s (fp32).",
+    ]  # type: ignore[index]
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
+    start = text.find("## Engine")
+    if start >= 0:
+        end = text.find("\n## ", start + 3)
+        text = text[:start] + "\n".join(md) + "\n" + (text[end + 1 :] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(md) + "\n"
+    doc.write_text(text)
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Proves the deployment on a machine without a registry: Debian's docker.io, a debootstrap base
+# image, the project image built with CPU torch, the compose stack on 127.0.0.1, one real
+# POST /segment with a phantom from the host, then teardown.
+#
+#   sudo scripts/docker-smoke.sh            (root: it installs packages and starts dockerd)
+#
+# Environment: KITSEG_SMOKE_KEEP=1 keeps dockerd and images afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+WORK=${KITSEG_SMOKE_WORK:-/var/tmp/kitseg-smoke}
+PORT=${KITSEG_SMOKE_PORT:-18000}
+mkdir -p "$WORK"
+log() { echo "[smoke $(date +%H:%M:%S)] $*"; }
+
+if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null || ! command -v debootstrap >/dev/null; then
+  log "installing docker.io docker-compose debootstrap"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null
+fi
+
+STARTED_DOCKERD=0
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd (vfs, no iptables)"
+  nohup dockerd --storage-driver=vfs --iptables=false --bridge=none >"$WORK/dockerd.log" 2>&1 &
+  echo $! >"$WORK/dockerd.pid"
+  STARTED_DOCKERD=1
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null
+fi
+
+cleanup() {
+  log "teardown"
+  (cd "$ROOT" && KITSEG_SMOKE_PORT=$PORT docker-compose -f docker-compose.yml -f scripts/docker-compose.smoke.yml down -v >/dev/null 2>&1) || true
+  if [ "${KITSEG_SMOKE_KEEP:-0}" != "1" ] && [ "$STARTED_DOCKERD" = "1" ]; then
+    kill "$(cat "$WORK/dockerd.pid")" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+
+if ! docker image inspect kitseg-base:bookworm >/dev/null 2>&1; then
+  log "debootstrap a Debian bookworm base with python3 (no registry here)"
+  rm -rf "$WORK/rootfs"
+  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log"
+  # The slim python image's layout: python and pip on PATH.
+  ln -sf /usr/bin/python3 "$WORK/rootfs/usr/local/bin/python"
+  [ -e "$WORK/rootfs/usr/bin/pip" ] || ln -sf /usr/bin/pip3 "$WORK/rootfs/usr/local/bin/pip"
+  rm -f "$WORK"/rootfs/usr/lib/python3*/EXTERNALLY-MANAGED
+  tar -C "$WORK/rootfs" -c . | docker import - kitseg-base:bookworm
+fi
+
+log "building the project image (CPU torch; host CA bundle mounted for pip)"
+CTX="$WORK/context"
+rm -rf "$CTX"
+mkdir -p "$CTX"
+git -C "$ROOT" ls-files -z | xargs -0 -I{} cp --parents {} "$CTX"/
+cp /etc/ssl/certs/ca-certificates.crt "$CTX/.host-ca.crt"
+# This machine keeps a CPU build of torch on disk; without one pip would pull a CUDA build of several GB.
+cp /opt/wheels/torch-2.13.0+cpu-*.whl "$CTX/" 2>/dev/null || true
+DOCKER_BUILDKIT=0 docker build --network host \
+  --build-arg BASE_IMAGE=kitseg-base:bookworm \
+  --build-arg TORCH_VARIANT=local --build-arg TORCH_SPEC=torch==2.13.0 \
+  -t kitseg:latest "$CTX" >"$WORK/build.log"
+
+log "starting the compose stack on 127.0.0.1:$PORT"
+mkdir -p "$ROOT/checkpoints"
+KITSEG_SMOKE_PORT=$PORT docker-compose -f docker-compose.yml -f scripts/docker-compose.smoke.yml up -d api
+for _ in $(seq 120); do
+  curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
+  sleep 2
+done
+curl -fsS "http://127.0.0.1:$PORT/ready"
+
+log "POST /segment with a phantom from the host"
+PY=${PYTHON:-python3}
+"$PY" -m training phantoms --out "$WORK/phantom" --n 1 --size 128 --workers 1 >/dev/null
+"$PY" - "$PORT" "$WORK/phantom/case_00000" <<'EOF'
+import gzip, sys
+import httpx, nibabel as nib, numpy as np
+port, case = sys.argv[1], sys.argv[2]
+with open(f"{case}/imaging.nii.gz", "rb") as f:
+    r = httpx.post(f"http://127.0.0.1:{port}/segment", files={"file": f}, timeout=600)
+r.raise_for_status()
+res = r.json()
+assert res["model"]["demo"] is True and [c["name"] for c in res["classes"]] == ["kidney", "tumor"], res
+m = httpx.get(f"http://127.0.0.1:{port}{res['mask_url']}", timeout=60)
+mask = nib.Nifti1Image.from_bytes(gzip.decompress(m.content))
+ref = nib.load(f"{case}/imaging.nii.gz")
+assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine, atol=1e-4)
+seg = np.asanyarray(nib.load(f"{case}/segmentation.nii.gz").dataobj)
+pred = np.asanyarray(mask.dataobj)
+dice = 2 * ((pred > 0) & (seg > 0)).sum() / ((pred > 0).sum() + (seg > 0).sum())
+print(f"smoke OK: kidney {res['classes'][0]['volume_ml']:.1f} mL, kidney Dice vs truth {dice:.3f}")
+assert dice > 0.8
+EOF
+log "passed"

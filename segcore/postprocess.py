@@ -1,0 +1,65 @@
+"""Post-processing of a whole-volume mask, recorded in the checkpoint and applied by the engine.
+
+A 2D network sees one slice at a time and can fire on bowel or spleen far from any kidney. In
+KiTS, tumors and cysts are part of the kidney region (labels > 0), so, as nnU-Net does, we keep
+only the largest connected components of that region: at most ``max_components`` (two kidneys),
+and only those at least ``min_fraction`` of the largest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cc3d
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Attributes:
+    keep_largest: apply the component filter at all.
+    max_components: how many foreground components may survive (2 kidneys).
+    min_fraction: smallest surviving component, as a fraction of the largest.
+    """
+
+    keep_largest: bool = True
+    max_components: int = 2
+    min_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.max_components < 1:
+            raise ValueError(f"max_components must be >= 1, got {self.max_components}")
+        if not 0.0 <= self.min_fraction <= 1.0:
+            raise ValueError(f"min_fraction must be in [0, 1], got {self.min_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PostprocessConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown PostprocessConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig) -> npt.NDArray[np.uint8]:
+    """Zero every foreground component that is not among the kept ones (in place; returns ``mask``)."""
+    if not cfg.keep_largest:
+        return mask
+    fg = mask > 0
+    if not fg.any():
+        return mask
+    cc, n = cc3d.connected_components(fg, connectivity=26, return_N=True)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(cc.ravel())
+    sizes[0] = 0
+    order = np.argsort(sizes)[::-1]
+    largest = sizes[order[0]]
+    keep = [c for c in order[: cfg.max_components] if sizes[c] >= cfg.min_fraction * largest and sizes[c] > 0]
+    drop = ~np.isin(cc, keep) & fg
+    mask[drop] = 0
+    return mask

@@ -1,0 +1,181 @@
+"""Real requests against the app: the happy path, result resources, each error status, and the
+JSON error shape."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from tests.app.conftest import make_settings
+from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+
+def _nifti_bytes(tmp_path: Path, codes=("I", "P", "L"), gz: bool = True) -> bytes:
+    hu, aff, _ = make_volume(codes)
+    p = write_nifti(tmp_path / ("v.nii.gz" if gz else "v.nii"), hu, aff)
+    return p.read_bytes()
+
+
+def assert_error(r, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"code", "message", "request_id"}, body
+    assert body["request_id"] == r.headers["x-request-id"]
+    if code:
+        assert body["code"] == code, body
+    return body
+
+
+def test_health_ready_model(tiny_client: TestClient) -> None:
+    assert tiny_client.get("/health").json() == {"status": "ok"}
+    assert tiny_client.get("/ready").json()["status"] == "ready"
+    card = tiny_client.get("/model").json()
+    assert card["labels"] == {"0": "background", "1": "kidney", "2": "tumor"}
+    assert card["demo"] is False and len(card["sha256"]) == 64
+    assert card["preprocessing"]["orientation"] == "RAS"
+
+
+def test_segment_fetch_again_download_and_delete(tiny_client: TestClient, tmp_path: Path) -> None:
+    data = _nifti_bytes(tmp_path)
+    r = tiny_client.post("/segment", files={"file": ("whatever-name.nii.gz", data, "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["input"]["shape"] == [20, 60, 72] and res["input"]["orientation"] == ["I", "P", "L"]
+    assert [c["name"] for c in res["classes"]] == ["kidney", "tumor"]
+    for c in res["classes"]:
+        assert {"voxels", "volume_ml", "present", "components", "mean_confidence", "touches_border"} <= set(c)
+    for stage in ("receive", "decompress_parse", "preprocess", "model", "postprocess", "statistics", "encode", "write"):
+        assert stage in res["timings_ms"]
+    assert tiny_client.get(f"/segmentations/{res['id']}").json()["classes"] == res["classes"]
+    m = tiny_client.get(res["mask_url"])
+    assert m.status_code == 200 and m.headers["content-type"] == "application/gzip"
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(m.content))
+    assert img.shape == (20, 60, 72) and img.get_data_dtype() == np.uint8
+    ref = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+    np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
+    # The mask itself as the response, statistics in a header.
+    d = tiny_client.post("/segment?download=true", files={"file": ("x", data)})
+    assert d.headers["content-type"] == "application/gzip"
+    stats = json.loads(d.headers["x-kitseg-statistics"])
+    assert [c["name"] for c in stats["classes"]] == ["kidney", "tumor"]
+    d2 = tiny_client.post("/segment", files={"file": ("x", data)}, headers={"Accept": "application/gzip"})
+    assert d2.content[:2] == b"\x1f\x8b"
+    assert tiny_client.delete(f"/segmentations/{res['id']}").status_code == 204
+    assert_error(tiny_client.get(f"/segmentations/{res['id']}"), 404, "not_found")
+    assert_error(tiny_client.get(res["mask_url"]), 404, "not_found")
+    assert_error(tiny_client.delete(f"/segmentations/{res['id']}"), 404)
+
+
+def test_uncompressed_nii_with_gz_name_is_accepted(tiny_client: TestClient, tmp_path: Path) -> None:
+    r = tiny_client.post("/segment", files={"file": ("scan.nii.gz", _nifti_bytes(tmp_path, gz=False))})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "payload, status, code",
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(1000), 415, "unsupported_media_type"),
+        (b"DICM" + bytes(2000), 415, "unsupported_media_type"),
+        (gzip.compress(b"PK\x03\x04" + bytes(5000)), 415, "unsupported_media_type"),
+        (np.random.default_rng(0).bytes(4000), 415, "unsupported_media_type"),
+    ],
+    ids=["png", "dicom", "gz-zip", "random"],
+)
+def test_not_nifti_is_415(tiny_client: TestClient, payload: bytes, status: int, code: str) -> None:
+    assert_error(tiny_client.post("/segment", files={"file": ("a.nii.gz", payload)}), status, code)
+
+
+def _nii(tmp_path: Path, data: np.ndarray, affine=np.eye(4), dtype=np.int16) -> bytes:
+    return write_nifti(tmp_path / "x.nii", data, affine, dtype=dtype).read_bytes()
+
+
+def test_unsegmentable_volumes_are_422(tiny_client: TestClient, tmp_path: Path) -> None:
+    cases = {
+        "2d": _nii(tmp_path, np.zeros((64, 64))),
+        "4d": _nii(tmp_path, np.zeros((32, 32, 4, 3))),
+        "tiny": _nii(tmp_path, np.zeros((8, 8, 8))),
+        "nan": _nii(tmp_path, np.full((32, 32, 4), np.nan), dtype=np.float32),
+        "singular": _nii(tmp_path, np.zeros((32, 32, 4)), affine=np.diag([1.0, 0.0, 1.0, 1.0])),
+    }
+    for name, payload in cases.items():
+        body = assert_error(tiny_client.post("/segment", files={"file": ("a.nii", payload)}), 422)
+        assert body["message"], name
+    hu, aff, _ = make_volume(ORIENTATIONS["RAS"])
+    raw = gzip.compress(_nii(tmp_path, hu, aff))
+    assert_error(tiny_client.post("/segment", files={"file": ("a.nii.gz", raw[: len(raw) // 2])}), 422, "corrupt_data")
+    bad_crc = raw[:-8] + bytes([raw[-8] ^ 0xFF]) + raw[-7:]
+    assert_error(tiny_client.post("/segment", files={"file": ("a.nii.gz", bad_crc)}), 422, "corrupt_data")
+
+
+def test_missing_and_empty_file_field(tiny_client: TestClient) -> None:
+    assert_error(tiny_client.post("/segment", files={"other": ("a", b"123")}), 422, "validation_error")
+    assert_error(tiny_client.post("/segment", files={"file": ("a.nii", b"")}), 422, "bad_upload")
+    assert_error(tiny_client.post("/segment"), 422)
+
+
+def test_too_large_is_413_with_and_without_content_length(tiny_client: TestClient) -> None:
+    big = bytes(5 << 20)
+    assert_error(tiny_client.post("/segment", files={"file": ("a.nii", big)}), 413, "payload_too_large")
+
+    def chunks():
+        for _ in range(6):
+            yield bytes(1 << 20)
+
+    r = tiny_client.post("/segment", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert_error(r, 413)
+
+
+def test_decompressed_limit_is_413(tiny_client: TestClient) -> None:
+    bomb = gzip.compress(bytes(40 << 20), compresslevel=9)
+    assert len(bomb) < (1 << 20)
+    assert_error(tiny_client.post("/segment", files={"file": ("a.nii.gz", bomb)}), 413, "payload_too_large")
+
+
+def test_unknown_ids_and_traversal_are_404(tiny_client: TestClient) -> None:
+    for rid in ("0" * 32, "..%2F..%2Fetc%2Fpasswd", "abc", "../../results"):
+        r = tiny_client.get(f"/segmentations/{rid}")
+        assert r.status_code == 404
+
+
+def test_not_ready_and_bad_checkpoint_stop_startup(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    app = create_app(make_settings(tmp_path, checkpoint=bad))
+    with pytest.raises(RuntimeError, match="cannot start"), TestClient(app):
+        pass
+
+
+def test_api_keys(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    key = "k" * 24
+    app = create_app(make_settings(tmp_path, checkpoint=tiny_checkpoint, api_keys=[key]))
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        assert_error(c.get("/model"), 401, "unauthorized")
+        assert_error(c.get("/ready"), 401)
+        assert c.get("/model", headers={"X-API-Key": key}).status_code == 200
+        assert c.get("/ready", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert_error(c.post("/segment", files={"file": ("a", b"x")}), 401)
+
+
+def test_no_temp_files_left_after_errors(tiny_client: TestClient, tmp_path: Path) -> None:
+    tiny_client.post("/segment", files={"file": ("a.nii", b"\x89PNG" + bytes(500))})
+    tiny_client.post("/segment", files={"file": ("a.nii", bytes(5 << 20))})
+    spool = tmp_path / "results" / "spool"
+    assert list(spool.iterdir()) == []
+    assert not list((tmp_path / "results" / "results").glob(".*"))
+
+
+def test_openapi_has_file_upload(tiny_client: TestClient) -> None:
+    spec = tiny_client.get("/openapi.json").json()
+    body = spec["paths"]["/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    ref = body["schema"]["$ref"].split("/")[-1]
+    prop = spec["components"]["schemas"][ref]["properties"]["file"]
+    assert prop.get("format") == "binary" or prop.get("contentMediaType") == "application/octet-stream"
+    assert tiny_client.get("/docs").status_code == 200

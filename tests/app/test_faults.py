@@ -1,0 +1,204 @@
+"""Faults that can't be produced for real here are simulated at the boundary where they would
+surface: a bug in the statistics, a slow model (deadline), a full disk, and GPU out-of-memory.
+After each, the process keeps serving and nothing is left behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app import worker as worker_mod
+from app.main import create_app
+from tests.app.conftest import make_settings
+from tests.app.test_api import assert_error
+from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> bytes:
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    return write_nifti(tmp_path / "v.nii.gz", hu, aff).read_bytes()
+
+
+def _client(tmp_path: Path, ckpt: Path, **kw: object) -> TestClient:
+    return TestClient(create_app(make_settings(tmp_path, checkpoint=ckpt, **kw)), raise_server_exceptions=False)
+
+
+def _clean(tmp_path: Path) -> None:
+    assert list((tmp_path / "results" / "spool").iterdir()) == []
+    assert not [p for p in (tmp_path / "results" / "results").iterdir() if p.name.startswith(".")]
+
+
+def test_bug_is_500_without_traceback_and_service_survives(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _client(tmp_path, tiny_checkpoint) as c:
+        monkeypatch.setattr(worker_mod, "compute_statistics", lambda *a, **k: 1 / 0)
+        body = assert_error(c.post("/segment", files={"file": ("v", payload)}), 500, "internal_error")
+        assert "Traceback" not in body["message"] and "ZeroDivision" not in body["message"]
+        monkeypatch.undo()
+        assert c.post("/segment", files={"file": ("v", payload)}).status_code == 200
+        _clean(tmp_path)
+
+
+def test_deadline_is_504_and_the_worker_moves_on(tmp_path: Path, tiny_checkpoint: Path, payload: bytes) -> None:
+    with _client(tmp_path, tiny_checkpoint, request_timeout_s=0.5) as c:
+        w = c.app.state.worker  # type: ignore[attr-defined]
+        real = w.engine.predict
+
+        def slow(*a, **k):
+            time.sleep(1.5)
+            return real(*a, **k)
+
+        w.engine.predict = slow
+        assert_error(c.post("/segment", files={"file": ("v", payload)}), 504, "deadline_exceeded")
+        w.engine.predict = real
+        time.sleep(1.5)  # the abandoned job finishes; its result is dropped
+        r = c.post("/segment", files={"file": ("v", payload)})
+        assert r.status_code == 200
+        kept = [p.name for p in (tmp_path / "results" / "results").iterdir()]
+        assert kept == [r.json()["id"]], "the timed-out job's result must not be kept"
+        _clean(tmp_path)
+
+
+def test_disk_full_is_507_and_leaves_no_partial_result(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import segcore.io as sio
+
+    with _client(tmp_path, tiny_checkpoint) as c:
+        real = sio.atomic_write
+
+        def full(path, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr("app.store.atomic_write", full)
+        assert_error(c.post("/segment", files={"file": ("v", payload)}), 507, "insufficient_storage")
+        monkeypatch.setattr("app.store.atomic_write", real)
+        assert list((tmp_path / "results" / "results").iterdir()) == []
+        assert c.post("/segment", files={"file": ("v", payload)}).status_code == 200
+        _clean(tmp_path)
+
+
+def test_out_of_memory_retries_smaller_batches_then_507(tmp_path: Path, tiny_checkpoint: Path, payload: bytes) -> None:
+    with _client(tmp_path, tiny_checkpoint, batch_size=8) as c:
+        w = c.app.state.worker  # type: ignore[attr-defined]
+        real = w.engine.predict
+        seen: list[int] = []
+
+        def oom_above_2(vol, batch_size=None, **k):
+            seen.append(batch_size)
+            if batch_size > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(vol, batch_size=batch_size, **k)
+
+        w.engine.predict = oom_above_2
+        assert c.post("/segment", files={"file": ("v", payload)}).status_code == 200
+        assert seen == [8, 4, 2]
+
+        def always_oom(vol, batch_size=None, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        w.engine.predict = always_oom
+        assert_error(c.post("/segment", files={"file": ("v", payload)}), 507, "out_of_memory")
+        w.engine.predict = real
+        assert c.post("/segment", files={"file": ("v", payload)}).status_code == 200
+        _clean(tmp_path)
+
+
+def test_not_ready_before_startup_is_503(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    app = create_app(make_settings(tmp_path, checkpoint=tiny_checkpoint))
+    c = TestClient(app, raise_server_exceptions=False)  # lifespan not entered: nothing loaded
+    r = c.get("/ready")
+    assert_error(r, 503, "not_ready")
+    assert r.headers["retry-after"]
+
+
+def test_cuda_requested_without_cuda_stops_startup(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with (
+        pytest.raises(RuntimeError, match="cuda"),
+        TestClient(create_app(make_settings(tmp_path, checkpoint=tiny_checkpoint, device="cuda"))),
+    ):
+        pass
+
+
+def test_logs_have_request_ids_but_no_filenames_or_voxels(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    import io
+
+    from app.middleware import JsonFormatter
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("kitseg")
+    logger.addHandler(handler)
+    try:
+        with _client(tmp_path, tiny_checkpoint, log_level="INFO") as c:
+            r = c.post(
+                "/segment",
+                files={"file": ("PATIENT_DOE_JOHN_1970.nii.gz", payload)},
+                headers={"X-Request-ID": "trace-123"},
+            )
+            assert r.headers["x-request-id"] == "trace-123"
+            c.post("/segment", files={"file": ("PATIENT_DOE_JOHN_1970.nii.gz", b"junk" * 200)})
+    finally:
+        logger.removeHandler(handler)
+    text = buf.getvalue()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert any(rec.get("request_id") == "trace-123" and rec.get("status") == 200 for rec in records)
+    assert any(rec.get("status") == 415 for rec in records)
+    assert "PATIENT_DOE" not in text
+
+
+def test_results_expire_after_ttl(tmp_path: Path, tiny_checkpoint: Path, payload: bytes) -> None:
+    with _client(tmp_path, tiny_checkpoint, result_ttl_s=10) as c:
+        rid = c.post("/segment", files={"file": ("v", payload)}).json()["id"]
+        store = c.app.state.store  # type: ignore[attr-defined]
+        d = tmp_path / "results" / "results" / rid
+        old = time.time() - 60
+        import os
+
+        os.utime(d, (old, old))
+        assert store.sweep() == 1
+        assert_error(c.get(f"/segmentations/{rid}"), 404)
+
+
+def test_results_survive_a_restart(tmp_path: Path, tiny_checkpoint: Path, payload: bytes) -> None:
+    with _client(tmp_path, tiny_checkpoint) as c:
+        rid = c.post("/segment", files={"file": ("v", payload)}).json()["id"]
+    with _client(tmp_path, tiny_checkpoint) as c:
+        assert c.get(f"/segmentations/{rid}").status_code == 200
+        assert c.get(f"/segmentations/{rid}/mask").status_code == 200
+
+
+def test_predict_cli_writes_masks_and_statistics(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from app.predict_cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, codes in (("a.nii.gz", ORIENTATIONS["IPL"]), ("b.nii", ORIENTATIONS["LPS"])):
+        hu, aff, _ = make_volume(codes)
+        write_nifti(src / name, hu, aff)
+    (src / "notes.txt").write_text("ignored")
+    assert (
+        main([str(src), "--out", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]) == 0
+    )
+    out = tmp_path / "out"
+    assert (out / "a_mask.nii.gz").exists() and (out / "b_mask.nii.gz").exists()
+    stats = json.loads((out / "statistics.json").read_text())
+    assert len(stats["results"]) == 2
+    rows = (out / "statistics.csv").read_text().splitlines()
+    assert rows[0].startswith("input,label,name") and len(rows) == 1 + 2 * 2
+    assert np.isfinite([r["classes"][0]["volume_ml"] for r in stats["results"]]).all()

@@ -1,0 +1,167 @@
+"""Against a real uvicorn server on 127.0.0.1: world-space alignment of returned masks, overload
+behaviour (503 + Retry-After while the rest succeed), health during inference, and curl."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gzip
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from app.main import create_app
+from segcore.metrics import dice
+from tests.app.conftest import LiveServer, make_settings
+
+
+def _reorient(img: nib.Nifti1Image, codes: tuple[str, str, str]) -> nib.Nifti1Image:
+    """The same voxels stored with other axes (exact: permutations and flips only)."""
+    cur = nib.orientations.io_orientation(img.affine)
+    tr = nib.orientations.ornt_transform(cur, nib.orientations.axcodes2ornt(codes))
+    data = nib.orientations.apply_orientation(np.asanyarray(img.dataobj), tr)
+    aff = img.affine @ nib.orientations.inv_ornt_aff(tr, img.shape)
+    return nib.Nifti1Image(np.ascontiguousarray(data), aff)
+
+
+def _rotated(img: nib.Nifti1Image, deg: float) -> nib.Nifti1Image:
+    a = np.deg2rad(deg)
+    rot = np.eye(4)
+    rot[:3, :3] = [[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]
+    return nib.Nifti1Image(np.asanyarray(img.dataobj), rot @ img.affine)
+
+
+def _truth_in_mask_grid(truth: nib.Nifti1Image, mask_affine: np.ndarray, mask_shape: tuple[int, ...]) -> np.ndarray:
+    """Sample the ground truth at the world position of every mask voxel (nearest neighbour)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in mask_shape], indexing="ij"), -1).reshape(-1, 3)
+    world = ijk @ mask_affine[:3, :3].T + mask_affine[:3, 3]
+    t_ijk = np.rint((world - truth.affine[:3, 3]) @ np.linalg.inv(truth.affine[:3, :3]).T).astype(int)
+    tdata = np.asanyarray(truth.dataobj)
+    ok = np.all((t_ijk >= 0) & (t_ijk < np.array(tdata.shape)), axis=1)
+    out = np.zeros(len(ijk), np.uint8)
+    out[ok] = tdata[tuple(t_ijk[ok].T)]
+    return out.reshape(mask_shape)
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("demo")
+    with LiveServer(create_app(make_settings(tmp, precision="fp32"))) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("variant", ["IPL", "RAS", "LPS", "oblique"])
+def test_mask_aligns_with_ground_truth_in_world_space(
+    demo_server: LiveServer, phantom_case: Path, tmp_path: Path, variant: str
+) -> None:
+    img = nib.load(str(phantom_case / "imaging.nii.gz"))
+    seg = nib.load(str(phantom_case / "segmentation.nii.gz"))
+    assert nib.orientations.aff2axcodes(img.affine) == ("I", "P", "L")
+    if variant in ("RAS", "LPS"):
+        img, seg = _reorient(img, tuple(variant)), _reorient(seg, tuple(variant))  # type: ignore[arg-type]
+    elif variant == "oblique":
+        img, seg = _rotated(img, 20.0), _rotated(seg, 20.0)
+    up = tmp_path / "in.nii.gz"
+    nib.save(img, str(up))
+    with httpx.Client(base_url=demo_server.url, timeout=300) as c:
+        r = c.post("/segment", files={"file": ("scan", up.read_bytes())})
+        assert r.status_code == 200, r.text
+        res = r.json()
+        assert res["model"]["demo"] is True and "not for clinical use" in res["notice"]
+        m = c.get(res["mask_url"])
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(m.content))
+    np.testing.assert_allclose(mask.affine, img.affine, atol=1e-4)
+    pred = np.asanyarray(mask.dataobj)
+    # Compare in world space against the truth as originally stored in the KiTS IPL file.
+    orig_truth = nib.load(str(phantom_case / "segmentation.nii.gz"))
+    if variant == "oblique":
+        orig_truth = _rotated(orig_truth, 20.0)
+    truth = _truth_in_mask_grid(orig_truth, mask.affine, pred.shape)
+    kd = dice(pred > 0, truth > 0)
+    assert kd > 0.85, f"{variant}: kidney Dice {kd:.3f}"
+    # The statistics describe the same mask.
+    kidney = res["classes"][0]
+    assert kidney["voxels"] == int((pred == 1).sum())
+    assert {"left", "right"} <= set(kidney["sides"])
+
+
+def test_overload_gives_503_with_retry_after_and_the_rest_succeed(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    payload = write_nifti(tmp_path / "v.nii.gz", hu, aff).read_bytes()
+    app = create_app(make_settings(tmp_path, checkpoint=tiny_checkpoint, queue_size=2))
+    with LiveServer(app) as srv:
+        worker = app.state.worker
+        real = worker.engine.predict
+
+        def slow_predict(*a, **kw):
+            time.sleep(1.0)
+            return real(*a, **kw)
+
+        worker.engine.predict = slow_predict
+        n = 10
+
+        def post(_: int) -> httpx.Response:
+            with httpx.Client(base_url=srv.url, timeout=120) as c:
+                return c.post("/segment", files={"file": ("v", payload)})
+
+        with cf.ThreadPoolExecutor(n) as ex:
+            futures = [ex.submit(post, i) for i in range(n)]
+            # Liveness stays responsive while the worker is busy.
+            time.sleep(0.5)
+            t = time.perf_counter()
+            assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
+            assert time.perf_counter() - t < 1.0
+            responses = [f.result() for f in futures]
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(503) >= 1 and codes.count(200) >= 2, codes
+        for r in responses:
+            if r.status_code == 503:
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["code"] == "overloaded"
+            else:
+                rid = r.json()["id"]
+                assert httpx.get(f"{srv.url}/segmentations/{rid}").status_code == 200
+        # Nothing left spooled, and the next request still works.
+        worker.engine.predict = real
+        assert post(0).status_code == 200
+        assert list((tmp_path / "results" / "spool").iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_upload_and_download(demo_server: LiveServer, phantom_case: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mask.nii.gz"
+    r = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-f",
+            "-F",
+            f"file=@{phantom_case / 'imaging.nii.gz'}",
+            "-H",
+            "Accept: application/gzip",
+            "-o",
+            str(out),
+            "-D",
+            "-",
+            f"{demo_server.url}/segment",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in r.stdout.splitlines() if ":" in line)}
+    stats = json.loads(headers["x-kitseg-statistics"])
+    assert stats["demo"] is True
+    mask = nib.load(str(out))
+    assert mask.shape == nib.load(str(phantom_case / "imaging.nii.gz")).shape
+    assert np.asanyarray(mask.dataobj).max() >= 1

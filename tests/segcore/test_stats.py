@@ -1,0 +1,75 @@
+import nibabel as nib
+import numpy as np
+import pytest
+
+from segcore.io import Volume
+from segcore.postprocess import PostprocessConfig, keep_largest_components
+from segcore.stats import compute_statistics, kidney_sides, max_axial_diameter_mm
+
+LABELS = {0: "background", 1: "kidney", 2: "tumor"}
+
+
+def _vol(shape=(40, 30, 20), zooms=(1.0, 2.0, 2.5), hu=100.0) -> Volume:
+    aff = np.diag([*zooms, 1.0])  # RAS: axis 0 is x (patient right = +x)
+    return Volume(np.full(shape, hu, np.float32), aff, nib.Nifti1Header(), zooms)
+
+
+def test_volumes_components_bbox_centroid_hu() -> None:
+    vol = _vol()
+    vol.data[2:6, 3:5, 4:6] = 200.0
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[2:6, 3:5, 4:6] = 1  # 4*2*2 = 16 voxels of 5 mm^3
+    mask[30:32, 10:11, 10:11] = 1  # 2 voxels, second component
+    (kid, tum) = compute_statistics(mask, vol, LABELS, {1: 0.9, 2: 0.0})
+    assert kid["voxels"] == 18 and kid["volume_ml"] == pytest.approx(18 * 5.0 / 1000)
+    assert kid["components"] == 2 and kid["largest_component_ml"] == pytest.approx(16 * 5.0 / 1000)
+    assert kid["bbox_voxels"] == {"min": [2, 3, 4], "max": [31, 10, 10]}
+    assert kid["bbox_size_mm"] == [30.0, 16.0, 17.5]
+    centroid_ijk = np.argwhere(mask == 1).mean(0)
+    assert kid["centroid_mm"] == pytest.approx(list(centroid_ijk * [1.0, 2.0, 2.5]))
+    assert kid["hu"]["max"] == 200.0 and kid["hu"]["min"] == 100.0
+    assert kid["mean_confidence"] == 0.9 and kid["touches_border"] is False
+    assert tum["present"] is False and tum["voxels"] == 0 and tum["max_axial_diameter_mm"] == 0.0
+
+
+def test_touches_border() -> None:
+    vol = _vol()
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[0:3, 5:8, 5:8] = 2
+    (_, tum) = compute_statistics(mask, vol, LABELS)
+    assert tum["touches_border"] is True
+
+
+def test_left_right_split_with_tumor_per_side() -> None:
+    vol = _vol(shape=(60, 20, 20), zooms=(1.0, 1.0, 1.0))
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[5:15, 5:15, 5:15] = 1  # low x: patient left in RAS+
+    mask[45:55, 5:15, 5:15] = 1  # high x: patient right
+    mask[50:55, 5:10, 5:10] = 2  # tumor in the right kidney: 125 voxels
+    sides = kidney_sides(mask, vol)
+    assert sides["left"]["tumor_ml"] == 0.0 and sides["left"]["total_ml"] == pytest.approx(1.0)
+    assert sides["right"]["tumor_ml"] == pytest.approx(0.125)
+    assert sides["right"]["kidney_ml"] == pytest.approx(1.0 - 0.125)
+
+
+def test_max_axial_diameter_of_a_disc() -> None:
+    vol = _vol(shape=(64, 64, 5), zooms=(0.5, 0.5, 3.0))
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 32) ** 2 + (xx - 32) ** 2) <= 20**2  # radius 20 voxels = 10 mm
+    mask = np.zeros(vol.shape, bool)
+    mask[:, :, 2] = disc
+    assert max_axial_diameter_mm(mask, vol) == pytest.approx(20.5, abs=0.6)
+
+
+def test_keep_largest_components_drops_far_blobs() -> None:
+    mask = np.zeros((40, 40, 40), np.uint8)
+    mask[5:15, 5:15, 5:15] = 1
+    mask[25:35, 25:35, 25:35] = 1
+    mask[27:30, 27:30, 27:30] = 2  # tumor inside a kept kidney
+    mask[0:2, 38:40, 0:2] = 2  # a stray false positive
+    out = keep_largest_components(mask.copy(), PostprocessConfig())
+    assert out[0:2, 38:40, 0:2].max() == 0
+    assert (out == 2).sum() == 27 and (out == 1).sum() == 2000 - 27
+    assert keep_largest_components(mask.copy(), PostprocessConfig(keep_largest=False))[0, 39, 0] == 2
+    with pytest.raises(ValueError):
+        PostprocessConfig(max_components=0)
