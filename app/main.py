@@ -11,9 +11,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 
+import fastapi_offline
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 import segcore
 from app.deps import require_api_key
@@ -46,6 +51,32 @@ async def _sweeper(store: ResultStore, every_s: float) -> None:
         await asyncio.sleep(every_s)
         with suppress(Exception):
             await run_in_threadpool(store.sweep)
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI and ReDoc from local files (hospital networks often have no internet; the
+    default pages load their JavaScript from a CDN and stay blank without one)."""
+    static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/static-docs", StaticFiles(directory=static), name="static-docs")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url="/static-docs/swagger-ui-bundle.js",
+            swagger_css_url="/static-docs/swagger-ui.css",
+            swagger_favicon_url="/static-docs/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url="/static-docs/redoc.standalone.js",
+            redoc_favicon_url="/static-docs/favicon.png",
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -93,7 +124,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "service runs a demo model trained on synthetic phantoms: not for clinical use."
         ),
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    _mount_docs(app)
     app.state.settings = s0
     register_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=s0.max_upload_bytes)

@@ -114,8 +114,9 @@ class CheckpointMeta:
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
         elif isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         else:

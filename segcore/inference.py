@@ -102,7 +102,8 @@ class Engine:
         self.channels_last = channels_last
         self.model = model.to(device).eval()
         if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # The stubs of Module.to omit memory_format; torch supports it at runtime.
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", **kwargs: object) -> Engine:

@@ -15,7 +15,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +25,8 @@ from isal import igzip, isal_zlib
 from segcore.errors import CorruptData, InvalidVolume, NotNifti, VolumeTooLarge
 
 GZIP_MAGIC = b"\x1f\x8b"
+_ISAL_ERROR = cast(type[BaseException], isal_zlib.error)  # its stub declares an instance
+_GZIP_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, _ISAL_ERROR)
 _CHUNK = 1 << 20
 # Smallest in-plane size the U-Net is meant for; anything smaller is a thumbnail, not a CT.
 MIN_INPLANE = 16
@@ -82,7 +84,7 @@ def read_decompressed(path: str | os.PathLike[str], max_bytes: int | None = None
                 out += chunk
                 if max_bytes is not None and len(out) > max_bytes:
                     raise VolumeTooLarge(f"decompressed data exceeds the limit of {max_bytes} bytes")
-    except (OSError, EOFError, zlib.error, isal_zlib.error) as e:
+    except _GZIP_ERRORS as e:
         raise CorruptData(f"corrupt or truncated gzip stream: {e}") from e
     return bytes(out)
 

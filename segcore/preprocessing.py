@@ -149,7 +149,7 @@ def normalize(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
 def context_indices(centre: npt.NDArray[np.int64], context: int, n_slices: int) -> npt.NDArray[np.int64]:
     """``(B, 2k+1)`` slice indices around each centre, clamped at the volume's ends."""
     offsets = np.arange(-context, context + 1)
-    return np.clip(centre[:, None] + offsets[None, :], 0, n_slices - 1)
+    return np.asarray(np.clip(centre[:, None] + offsets[None, :], 0, n_slices - 1), dtype=np.int64)
 
 
 @dataclass

@@ -65,7 +65,7 @@ class UNetConfig:
     @property
     def multiple(self) -> int:
         """H and W are padded internally to a multiple of this."""
-        return 2 ** (self.depth - 1)
+        return int(2 ** (self.depth - 1))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,4 +181,4 @@ def flops_per_pixel(config: UNetConfig) -> float:
         total += scale * (w_hi * w_lo)  # transposed 2x2 conv, stride 2
         total += scale * 9 * (2 * w_lo * w_lo + w_lo * w_lo)
     total += widths[0] * config.num_classes
-    return 2.0 * total
+    return float(2.0 * total)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 F32 = npt.NDArray[np.float32]
@@ -23,12 +25,13 @@ AIR, FAT, MUSCLE, WATER = -1000.0, -95.0, 50.0, 5.0
 
 
 def smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, cell: float) -> F32:
-    """Zero-mean, unit-ish std noise with features about ``cell`` voxels wide."""
+    """Zero-mean, unit-ish std noise with features about ``cell`` voxels wide (trilinear upsampling
+    of a coarse Gaussian grid; torch does it an order of magnitude faster than scipy's zoom)."""
     low = tuple(max(2, int(np.ceil(s / cell)) + 1) for s in shape)
-    base = rng.standard_normal(low).astype(np.float32)
-    out = ndimage.zoom(base, [s / b for s, b in zip(shape, low, strict=True)], order=1, grid_mode=True, mode="nearest")
-    out = out[tuple(slice(0, s) for s in shape)]
-    return np.asarray(out, dtype=np.float32)
+    base = torch.from_numpy(rng.standard_normal(low).astype(np.float32))
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(shape)]
+    out = F.interpolate(base[None, None], size=shape, mode=mode, align_corners=True)[0, 0]
+    return np.ascontiguousarray(out.numpy())
 
 
 @dataclass
@@ -270,8 +273,9 @@ def add_noise(hu: F32, rng: np.random.Generator, spacing: tuple[float, float, fl
     """Partial-volume blur, then CT-like noise; air stays near -1000."""
     sigma = [min(0.8, 0.6 / max(s, 0.3)) for s in spacing]
     out = ndimage.gaussian_filter(hu, sigma=sigma, output=np.float32)
-    amp = np.float32(rng.uniform(6, 20))
-    out += amp * rng.standard_normal(hu.shape).astype(np.float32)
+    noise = rng.standard_normal(hu.shape, dtype=np.float32)
+    noise *= np.float32(rng.uniform(6, 20))
+    out += noise
     np.clip(out, -1024, 3071, out=out)
     return out
 

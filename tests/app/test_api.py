@@ -178,4 +178,9 @@ def test_openapi_has_file_upload(tiny_client: TestClient) -> None:
     ref = body["schema"]["$ref"].split("/")[-1]
     prop = spec["components"]["schemas"][ref]["properties"]["file"]
     assert prop.get("format") == "binary" or prop.get("contentMediaType") == "application/octet-stream"
-    assert tiny_client.get("/docs").status_code == 200
+    docs = tiny_client.get("/docs")
+    assert docs.status_code == 200 and "/static-docs/swagger-ui-bundle.js" in docs.text
+    assert "cdn." not in docs.text, "the docs page must not depend on a CDN"
+    js = tiny_client.get("/static-docs/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    assert tiny_client.get("/redoc").status_code == 200

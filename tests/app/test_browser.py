@@ -76,7 +76,7 @@ def test_swagger_ui_upload_and_mask_download(phantom_case: Path, tmp_path: Path)
             wait.until(lambda d: "mask_url" in d.find_element(By.CSS_SELECTOR, body_sel).text)
             status = driver.find_element(
                 By.CSS_SELECTOR,
-                "#operations-segmentation-segment_segment_post .live-responses-table .response-col_status",
+                "#operations-segmentation-segment_segment_post .live-responses-table tbody .response-col_status",
             ).text
             assert status.strip().startswith("200"), status
             result = json.loads(driver.find_element(By.CSS_SELECTOR, body_sel).text)
