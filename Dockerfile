@@ -46,7 +46,7 @@ RUN rm -f .host-ca.crt ./*.whl && pip install --no-deps . \
     && mkdir -p /var/lib/kitseg/results /checkpoints \
     && chown -R kitseg /var/lib/kitseg
 
-USER kitseg
+USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os,sys,urllib.request; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"KITSEG_PORT\",\"8000\")}/ready', timeout=4).status == 200 else 1)"]

@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 ruff check segcore training app tests benchmarks
 ruff format --check segcore training app tests benchmarks
 mypy
+hadolint Dockerfile
+check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml scripts/docker-compose.smoke.yml
 python -m pytest -q -ra "$@"

@@ -8,6 +8,7 @@ import argparse
 import csv
 import json
 import logging
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -20,6 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 log = logging.getLogger("kitseg.train")
+# Workers are spawned, not forked: forking after torch has started its OpenMP threads deadlocks.
+_SPAWN = multiprocessing.get_context("spawn")
 
 
 # ---------------------------------------------------------------- phantoms
@@ -42,7 +45,7 @@ def cmd_phantoms(a: argparse.Namespace) -> int:
     jobs = [(a.start + i, str(out), size, a.cysts, a.seed) for i in range(n)]
     t0 = time.perf_counter()
     if a.workers > 1:
-        with ProcessPoolExecutor(a.workers) as ex:
+        with ProcessPoolExecutor(a.workers, mp_context=_SPAWN) as ex:
             list(tqdm(ex.map(_one_phantom, jobs), total=n, desc="phantoms"))
     else:
         for j in tqdm(jobs, desc="phantoms"):
@@ -106,7 +109,7 @@ def cmd_synth_ct(a: argparse.Namespace) -> int:
     jobs = [(str(c.label), str(out), a.seed) for c in cases]
     t0 = time.perf_counter()
     if a.workers > 1:
-        with ProcessPoolExecutor(a.workers) as ex:
+        with ProcessPoolExecutor(a.workers, mp_context=_SPAWN) as ex:
             list(tqdm(ex.map(_one_render, jobs), total=len(jobs), desc="synth-ct"))
     else:
         for j in tqdm(jobs, desc="synth-ct"):

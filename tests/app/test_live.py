@@ -118,7 +118,9 @@ def test_overload_gives_503_with_retry_after_and_the_rest_succeed(tmp_path: Path
             time.sleep(0.5)
             t = time.perf_counter()
             assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
+            assert httpx.get(f"{srv.url}/docs", timeout=5).status_code == 200
             assert time.perf_counter() - t < 1.0
+            assert worker.busy.is_set(), "the checks above must overlap a running segmentation"
             responses = [f.result() for f in futures]
         codes = [r.status_code for r in responses]
         assert set(codes) <= {200, 503}, codes
