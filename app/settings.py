@@ -26,9 +26,7 @@ class Settings(BaseSettings):
         None, description="checkpoint (.safetensors) to serve; unset = the bundled demo model"
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto picks CUDA when available")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on CUDA and AVX-512 CPUs"
-    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     batch_size: int = Field(8, ge=1, le=256, description="slices per forward pass; bounds activation memory")
     result_dir: Path = Field(
         Path(tempfile.gettempdir()) / "kitseg-results", description="where results and spooled uploads live"

@@ -13,9 +13,9 @@ $PY -m training synth-ct --labels "$LABELS" --out "$W/data/test" --cases 150:180
 echo "synthesis: $(( $(date +%s) - start )) s"
 $PY -m training train --data "$W/data/train" --out "$W/run" --val-fraction 0.02 \
     --epochs 8 --iters 120 --batch-size 16 --patch 128 --base-width 16 --in-slices 3 --spacing 1.6 \
-    --fg-fraction 0.6 --val-precision auto --name kitseg-kits19-synth \
+    --fg-fraction 0.6 --val-precision fp32 --name kitseg-kits19-synth \
     --describe "CT synthesized (kitseg-train synth-ct) for real KiTS19 label maps case_00000-00149; KiTS19 challenge, Heller et al., CC BY-NC-SA 4.0" \
     --no-progress
 echo "training done: $(( $(date +%s) - start )) s"
-$PY -m training evaluate --checkpoint "$W/run/best.safetensors" --data "$W/data/test" --out "$W/test" --precision auto
+$PY -m training evaluate --checkpoint "$W/run/best.safetensors" --data "$W/data/test" --out "$W/test" --precision fp32
 echo "total wall time: $(( $(date +%s) - start )) s"

@@ -43,13 +43,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")) and hasattr(torch, "bfloat16")
-    except Exception:
-        return False
-
-
 @dataclass
 class Prediction:
     """A segmentation on the input's voxel grid.
@@ -73,7 +66,7 @@ class Engine:
         meta: the checkpoint metadata (preprocessing, labels).
         device: where to run.
         batch_size: slices per forward; the memory bound.
-        precision: ``auto`` (bf16 on CUDA and on CPUs with AVX-512/AMX, else fp32), ``fp32``,
+        precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``,
             ``bf16`` or ``fp16`` (CUDA only).
         channels_last: use NHWC memory format (helps BatchNorm U-Nets on CPU and tensor cores).
     """
@@ -97,7 +90,10 @@ class Engine:
         self.device = device
         self.batch_size = batch_size
         if precision == "auto":
-            precision = "bf16" if device.type == "cuda" or cpu_supports_bf16() else "fp32"
+            # bf16 on CUDA only: with torch 2.13's CPU build, bf16 autocast sends this U-Net's
+            # convolutions to aten::_slow_conv2d_forward, about 7x slower than fp32 on our
+            # AVX-512 CPU (docs/benchmarks.md). bf16 stays selectable.
+            precision = "bf16" if device.type == "cuda" else "fp32"
         self.precision = precision
         self.channels_last = channels_last
         self.model = model.to(device).eval()
