@@ -102,22 +102,30 @@ class InferenceWorker:
                 job.upload.unlink(missing_ok=True)
                 continue
             self.busy.set()
+            result: dict[str, Any] | None = None
+            error: BaseException | None = None
+            cancelled = False
             try:
                 result = self._process(job)
-                if job.cancelled.is_set() or job.future.cancelled():
-                    # Deadline passed or the client left: nobody will ever learn this id.
-                    self.store.delete(job.rid)
-                else:
-                    job.future.set_result(result)
             except JobCancelled:
-                self.store.delete(job.rid)
+                cancelled = True
             except BaseException as e:  # every failure goes back to its request
-                if not job.future.done():
-                    job.future.set_exception(e)
+                error = e
             finally:
+                # Remove the spooled upload *before* answering, so no client ever sees a
+                # response while its temp file still exists.
                 job.upload.unlink(missing_ok=True)
                 self.busy.clear()
                 self.processed += 1
+            if cancelled or job.cancelled.is_set() or job.future.cancelled():
+                # Deadline passed or the client left: nobody will ever learn this id.
+                self.store.delete(job.rid)
+                if error is not None and not job.future.done():
+                    job.future.set_exception(error)
+            elif error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)  # type: ignore[arg-type]
 
     def _predict_with_oom_retry(self, vol: Any, job: Job) -> Any:
         def check(done: int, total: int) -> None:
