@@ -124,7 +124,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     extra: dict[str, Any] = {"name": a.name}
     if a.dry_run:
-        tmp = Path(tempfile.mkdtemp(prefix="kitseg-dry-"))
+        # Data goes beside --out when one is given, so a caller (evaluate's dry run) finds it.
+        tmp = Path(a.out).parent if a.out else Path(tempfile.mkdtemp(prefix="kitseg-dry-"))
         for i in range(3):
             _one_phantom((i, str(tmp / "data"), 64, a.kits23, 0))
         cfg = TrainConfig(
@@ -225,7 +226,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             )
         )
         a.checkpoint = str(tmp / "run" / "best.safetensors")
-        a.data = str(next(Path(tempfile.gettempdir()).glob("kitseg-dry-*/data")))
+        a.data = str(tmp / "data")
     if not a.checkpoint or not a.data:
         print("evaluate needs --checkpoint and --data (or --dry-run)", file=sys.stderr)
         return 2
