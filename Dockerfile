@@ -35,13 +35,14 @@ RUN if [ -f .host-ca.crt ]; then export PIP_CERT=/opt/kitseg/.host-ca.crt; fi \
 RUN if [ -f .host-ca.crt ]; then export PIP_CERT=/opt/kitseg/.host-ca.crt; fi \
     && mkdir -p segcore training app \
     && touch segcore/__init__.py training/__init__.py app/__init__.py \
-    && pip install ".${EXTRAS:+[$EXTRAS]}" \
+    && pip install "setuptools>=68" ".${EXTRAS:+[$EXTRAS]}" \
     && pip uninstall -y kitseg
 
 COPY segcore ./segcore
 COPY app ./app
 COPY training ./training
-RUN rm -f .host-ca.crt ./*.whl && pip install --no-deps . \
+# The build backend is already installed, so this layer needs no network.
+RUN rm -f .host-ca.crt ./*.whl && pip install --no-deps --no-build-isolation . \
     && useradd --system --uid 10001 --home-dir /var/lib/kitseg kitseg \
     && mkdir -p /var/lib/kitseg/results /checkpoints \
     && chown -R kitseg /var/lib/kitseg

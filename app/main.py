@@ -30,6 +30,7 @@ from app.store import ResultStore
 from app.worker import InferenceWorker
 from segcore.errors import CheckpointError
 from segcore.inference import Engine
+from segcore.runtime import bound_malloc
 
 log = logging.getLogger("kitseg.app")
 
@@ -85,7 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s = settings or get_settings()
         app.state.settings = s
         configure_logging(s.log_level)
+        bound_malloc()  # memory back to baseline after each request (segcore/runtime.py)
         app.state.ready = False
+        app.state.draining = False
         store = ResultStore(s.result_dir, s.result_ttl_s)
         app.state.store = store
         try:
@@ -130,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _mount_docs(app)
     app.state.settings = s0
     register_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=s0.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=s0.max_upload_bytes, body_timeout_s=s0.upload_timeout_s)
     app.include_router(health.router)
     app.include_router(segment.router, dependencies=[Depends(require_api_key)])
     return app

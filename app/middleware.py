@@ -6,6 +6,7 @@ Content-Length too; Starlette puts no size limit on multipart file parts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -53,9 +54,10 @@ def configure_logging(level: str) -> None:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float = 300.0) -> None:
         self.app = app
         self.max_body = max_body_bytes + MULTIPART_OVERHEAD
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,8 +76,20 @@ class RequestContextMiddleware:
         if cl is not None and cl.isdigit() and int(cl) > self.max_body:
             too_large = True
 
+        deadline = t0 + self.body_timeout_s
+        body_done = {"v": False}
+
         async def limited_receive() -> Message:
-            msg = await receive()
+            if body_done["v"]:
+                return await receive()  # after the body: disconnect polling, no deadline
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
+            except TimeoutError:
+                # A client that trickles its upload would otherwise hold a connection and a
+                # spool file for as long as it likes.
+                raise HTTPException(408, f"request body not received within {self.body_timeout_s:.0f} s") from None
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                body_done["v"] = True
             if msg["type"] == "http.request":
                 received["n"] += len(msg.get("body", b""))
                 if received["n"] > self.max_body:

@@ -40,7 +40,13 @@ class Settings(BaseSettings):
     max_voxels: int = Field(1024 * 1024 * 1024, ge=1, description="limit on the voxel count declared in the header")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline for one segmentation (504 after it)")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503")
-    mask_compresslevel: int = Field(1, ge=0, le=9, description="gzip level of returned masks")
+    drain_timeout_s: float = Field(
+        120.0, ge=0, description="on SIGTERM, how long accepted requests may take to finish before exit"
+    )
+    upload_timeout_s: float = Field(
+        300.0, gt=0, description="time allowed to receive one request body; slower clients get 408"
+    )
+    mask_compresslevel: int = Field(1, ge=0, le=3, description="gzip level of returned masks (ISA-L levels 0-3)")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated keys; empty = no auth"
     )

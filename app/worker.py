@@ -9,10 +9,12 @@ segment, statistics, encode, write) off the event loop.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,7 +33,12 @@ from segcore.stats import compute_statistics
 
 log = logging.getLogger("kitseg.worker")
 
-CT_RANGE_HU = (-1100.0, 4000.0)
+# Non-CT policy (README "Limits"): segment anyway, but warn in the response. A CT in HU always
+# has air in its field of view (about -1000 HU; scanners pad outside the reconstruction circle
+# with down to -3024), and soft tissue above 0 HU. Images without both are MR, PET, normalised
+# or unscaled data, on which the model's output is meaningless.
+CT_AIR_HU = (-3100.0, -500.0)
+CT_MIN_MAX_HU = 100.0
 
 
 @dataclass
@@ -42,6 +49,22 @@ class Job:
     request_id: str
     future: cf.Future[dict[str, Any]] = field(default_factory=cf.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Drop the local variables held by an exception's traceback (and its causes').
+
+    A failed request's traceback keeps every frame it passed through, and so the decompressed
+    volume in them, alive for as long as the exception object lives, and through the reference
+    cycle that ``raise ... from e`` makes, until the cyclic GC happens to run. Memory must be back
+    to baseline as soon as the error has been answered. Line numbers stay for the log.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        traceback.clear_frames(cur.__traceback__)
+        cur = cur.__cause__ or cur.__context__
 
 
 class JobCancelled(Exception):
@@ -111,6 +134,7 @@ class InferenceWorker:
                 cancelled = True
             except BaseException as e:  # every failure goes back to its request
                 error = e
+                _release_frames(e)
             finally:
                 # Remove the spooled upload *before* answering, so no client ever sees a
                 # response while its temp file still exists.
@@ -120,12 +144,12 @@ class InferenceWorker:
             if cancelled or job.cancelled.is_set() or job.future.cancelled():
                 # Deadline passed or the client left: nobody will ever learn this id.
                 self.store.delete(job.rid)
-                if error is not None and not job.future.done():
+            # The request may cancel its future at any moment; the worker must never die of it.
+            with contextlib.suppress(cf.InvalidStateError):
+                if error is not None:
                     job.future.set_exception(error)
-            elif error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(result)  # type: ignore[arg-type]
+                elif not cancelled:
+                    job.future.set_result(result)  # type: ignore[arg-type]
 
     def _predict_with_oom_retry(self, vol: Any, job: Job) -> Any:
         def check(done: int, total: int) -> None:
@@ -153,12 +177,12 @@ class InferenceWorker:
         t0 = time.perf_counter()
         vol = load_volume(job.upload, max_decompressed_bytes=s.max_decompressed_bytes, max_voxels=s.max_voxels)
         t_load = time.perf_counter()
-        warnings = []
-        lo, hi = float(vol.data.min()), float(vol.data.max())
-        if lo < CT_RANGE_HU[0] or hi > CT_RANGE_HU[1] or hi - lo < 200:
+        warnings = list(vol.warnings)
+        lo, hi = vol.intensity_range()
+        if not (CT_AIR_HU[0] <= lo <= CT_AIR_HU[1]) or hi < CT_MIN_MAX_HU:
             warnings.append(
-                f"intensities span [{lo:.0f}, {hi:.0f}], which does not look like CT in HU; "
-                "results on non-CT or unscaled data are meaningless"
+                f"intensities span [{lo:.0f}, {hi:.0f}], which does not look like CT in HU (no air near "
+                "-1000 HU, or no soft tissue above 0 HU); results on non-CT or unscaled data are meaningless"
             )
         pred = self._predict_with_oom_retry(vol, job)
         t_pred = time.perf_counter()

@@ -24,7 +24,6 @@ from segcore.preprocessing import (
     canonical_info,
     canonical_view,
     context_indices,
-    from_canonical,
     model_grid,
     normalize,
     resample_slices,
@@ -144,10 +143,13 @@ class Engine:
         ctx = self.meta.model.context
         ncls = self.meta.model.num_classes
         canon = canonical_info(volume.affine, volume.shape)
-        view = canonical_view(volume.data, canon)  # (Z, Y, X), no copy
+        view = canonical_view(volume.stored, canon)  # (Z, Y, X), no copy
         z, y, x = view.shape
         grid = model_grid((y, x), (canon.spacing_zyx[1], canon.spacing_zyx[2]), cfg)
-        mask_zyx = np.empty((z, y, x), dtype=np.uint8)
+        # The mask is allocated once on the input's own grid; each batch's labels go in through a
+        # canonical view of it, so there is no second mask and no copy back.
+        mask = np.empty(volume.shape, dtype=np.uint8, order="F")
+        mask_zyx = canonical_view(mask, canon)
         conf_sum = torch.zeros(ncls, dtype=torch.float64)
         conf_cnt = torch.zeros(ncls, dtype=torch.float64)
         t_pre = t_model = t_post = 0.0
@@ -156,7 +158,7 @@ class Engine:
             for k0, k1 in self._batches(z, bs):
                 ta = time.perf_counter()
                 idx = context_indices(np.arange(k0, k1), ctx, z)  # (B, C)
-                batch = np.ascontiguousarray(view[idx.reshape(-1)], dtype=np.float32)  # (B*C, Y, X)
+                batch = volume.to_hu(view[idx.reshape(-1)])  # (B*C, Y, X) float32, this batch only
                 t = torch.from_numpy(batch).view(k1 - k0, idx.shape[1], y, x)
                 if pin:
                     t = t.pin_memory()
@@ -183,8 +185,7 @@ class Engine:
                 if progress is not None:
                     progress(k1, z)
         ts = time.perf_counter()
-        keep_largest_components(mask_zyx, self.meta.postprocessing)
-        mask = np.asfortranarray(from_canonical(mask_zyx, canon))
+        keep_largest_components(mask, self.meta.postprocessing)
         t_inv = time.perf_counter() - ts
         confidence = {c: float(conf_sum[c] / conf_cnt[c]) if conf_cnt[c] > 0 else 0.0 for c in range(ncls)}
         return Prediction(

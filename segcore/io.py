@@ -13,9 +13,10 @@ import io
 import os
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import nibabel as nib
 import numpy as np
@@ -28,6 +29,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 _ISAL_ERROR = cast(type[BaseException], isal_zlib.error)  # its stub declares an instance
 _GZIP_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, _ISAL_ERROR)
 _CHUNK = 1 << 20
+_HEAD = 544  # a NIfTI-2 header (540) and the extension flag; NIfTI-1 needs 352
 # Smallest in-plane size the U-Net is meant for; anything smaller is a thumbnail, not a CT.
 MIN_INPLANE = 16
 MAX_ABS_SPACING_MM = 50.0
@@ -36,29 +38,76 @@ MIN_SPACING_MM = 0.01
 
 @dataclass
 class Volume:
-    """A scalar 3D image.
+    """A scalar 3D image, kept in the dtype it was stored in.
+
+    Intensities are ``stored * slope + inter`` (NIfTI ``scl_slope``/``scl_inter``). Keeping the
+    stored array (for an upload: a zero-copy view of the decompressed bytes) instead of a float32
+    copy is what keeps the service at a few bytes per voxel; the engine converts batch by batch
+    with :meth:`to_hu`. :attr:`data` gives the whole float32 image for code that wants it.
 
     Attributes:
-        data: ``(i, j, k)`` float32 intensities (HU for CT), scaling applied.
+        stored: ``(i, j, k)`` voxel values as stored (any real dtype, either byte order).
         affine: ``(4, 4)`` voxel-to-world (RAS+ mm) matrix.
-        header: the source header, kept so masks can be written with it.
+        header: the source header (extensions dropped), kept so masks can be written with it.
         zooms: voxel size in mm along ``i, j, k``.
+        slope, inter: the intensity scaling.
+        warnings: things a user should know that did not stop the read.
     """
 
-    data: npt.NDArray[np.float32]
+    stored: npt.NDArray[Any]
     affine: npt.NDArray[np.float64]
     header: Any
     zooms: tuple[float, float, float]
+    slope: float = 1.0
+    inter: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        s = self.data.shape
+        s = self.stored.shape
         return (int(s[0]), int(s[1]), int(s[2]))
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
         codes = nib.orientations.aff2axcodes(self.affine)
         return (str(codes[0]), str(codes[1]), str(codes[2]))
+
+    def to_hu(self, values: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """Stored values (any part of :attr:`stored`) as float32 intensities, a new array."""
+        out = np.array(values, dtype=np.float32, order="K")
+        if self.slope != 1.0:
+            out *= np.float32(self.slope)
+        if self.inter != 0.0:
+            out += np.float32(self.inter)
+        return out
+
+    @cached_property
+    def data(self) -> npt.NDArray[np.float32]:
+        """The whole image as float32 intensities (computed once; 4 bytes per voxel)."""
+        return self.to_hu(self.stored)
+
+    def intensity_range(self) -> tuple[float, float]:
+        """``(min, max)`` intensity without a float copy of the volume."""
+        lo, hi = float(self.stored.min()), float(self.stored.max())
+        a, b = lo * self.slope + self.inter, hi * self.slope + self.inter
+        return (min(a, b), max(a, b))
+
+
+def _open_stream(path: str | os.PathLike[str]) -> tuple[BinaryIO, bool]:
+    """The file's content stream, gunzipping when it starts with the gzip magic; closing it closes the file."""
+    gz = _is_gzip(path)
+    return (cast(BinaryIO, igzip.open(path, "rb")) if gz else open(path, "rb")), gz
+
+
+def _read_exact(stream: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``stream``; returns how many bytes were read (short only at EOF)."""
+    got = 0
+    while got < len(view):
+        n = stream.readinto(view[got : got + _CHUNK])  # type: ignore[attr-defined]
+        if not n:
+            break
+        got += n
+    return got
 
 
 def read_decompressed(path: str | os.PathLike[str], max_bytes: int | None = None) -> bytes:
@@ -67,20 +116,13 @@ def read_decompressed(path: str | os.PathLike[str], max_bytes: int | None = None
     The gzip stream is read in chunks and abandoned as soon as it exceeds ``max_bytes``, so a gzip
     bomb never allocates its full size. The CRC is verified at the end of the stream.
     """
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head != GZIP_MAGIC:
-        size = os.path.getsize(path)
-        if max_bytes is not None and size > max_bytes:
-            raise VolumeTooLarge(f"uncompressed file is {size} bytes, over the limit of {max_bytes}")
-        return Path(path).read_bytes()
+    if max_bytes is not None and os.path.getsize(path) > max_bytes and not _is_gzip(path):
+        raise VolumeTooLarge(f"uncompressed file is {os.path.getsize(path)} bytes, over the limit of {max_bytes}")
     out = bytearray()
+    stream, _ = _open_stream(path)
     try:
-        with igzip.open(path, "rb") as g:
-            while True:
-                chunk = g.read(_CHUNK)
-                if not chunk:
-                    break
+        with stream:
+            while chunk := stream.read(_CHUNK):
                 out += chunk
                 if max_bytes is not None and len(out) > max_bytes:
                     raise VolumeTooLarge(f"decompressed data exceeds the limit of {max_bytes} bytes")
@@ -89,46 +131,108 @@ def read_decompressed(path: str | os.PathLike[str], max_bytes: int | None = None
     return bytes(out)
 
 
-def _header_from_bytes(raw: bytes) -> nib.Nifti1Header:
-    if len(raw) < 348:
-        raise NotNifti(f"file is {len(raw)} bytes, shorter than a NIfTI header")
+def _is_gzip(path: str | os.PathLike[str]) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def _parse_header(block: bytes) -> nib.Nifti1Header:
+    """The NIfTI-1 or NIfTI-2 header struct at the start of ``block`` (extensions are not read)."""
+    if len(block) < 348:
+        raise NotNifti(f"file is {len(block)} bytes, shorter than a NIfTI header")
     for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        size = klass.template_dtype.itemsize
+        if len(block) < size:
+            continue
+        # The byte order comes from sizeof_hdr (348 or 540 either way round), not from nibabel's
+        # guess from dim[0], which a bad dim[0] would fool.
+        for endian in ("<", ">"):
+            if int(np.frombuffer(block[:4], dtype=f"{endian}i4")[0]) == size:
+                break
+        else:
+            continue
         try:
-            hdr = klass.from_fileobj(io.BytesIO(raw), check=False)
+            hdr = klass(binaryblock=block[:size], endianness=endian, check=False)
+            magic = hdr.get("magic").item()
         except Exception:
             continue
-        if hdr.get("magic").item() in (b"n+1", b"n+2", b"ni1", b"ni2"):
-            if hdr.get("magic").item() in (b"ni1", b"ni2"):
-                raise NotNifti("two-file NIfTI (.hdr/.img) is not supported; send a single .nii file")
+        if magic in (b"ni1", b"ni2"):
+            raise NotNifti("two-file NIfTI (.hdr/.img) is not supported; send a single .nii file")
+        if magic in (b"n+1", b"n+2"):
             return hdr
-    raise NotNifti("not a NIfTI-1 or NIfTI-2 file (no n+1/n+2 magic)")
+    raise NotNifti("not a NIfTI-1 or NIfTI-2 file (no sizeof_hdr 348/540 with n+1/n+2 magic)")
 
 
-def _image_from_bytes(raw: bytes, max_voxels: int | None) -> nib.Nifti1Image:
-    hdr = _header_from_bytes(raw)
-    dims = hdr.get_data_shape()
-    if len(dims) == 0:
-        raise InvalidVolume("header declares no dimensions")
-    if any(int(d) <= 0 for d in dims):
-        raise InvalidVolume(f"header declares an empty axis: shape {tuple(int(d) for d in dims)}")
-    n = int(np.prod([int(d) for d in dims], dtype=np.float64))
-    if max_voxels is not None and n > max_voxels:
-        raise VolumeTooLarge(f"header declares {n} voxels, over the limit of {max_voxels}")
+def _read_image(
+    path: str | os.PathLike[str], max_bytes: int | None, max_voxels: int | None
+) -> tuple[nib.Nifti1Header, npt.NDArray[Any]]:
+    """Header and voxel array of a single-file NIfTI, gzip or not.
+
+    The header is parsed and checked first; only then is one buffer of exactly the declared
+    size allocated and filled (no growing buffer, no second copy). An uncompressed file must be
+    at least that long before anything is allocated. The array is a view of it.
+    Whatever follows the voxel data is read and discarded, up to ``max_bytes`` in all, so the
+    gzip CRC is still verified and a bomb hidden after an honest header is still stopped.
+    """
+    if max_bytes is not None and not _is_gzip(path) and os.path.getsize(path) > max_bytes:
+        raise VolumeTooLarge(f"uncompressed file is {os.path.getsize(path)} bytes, over the limit of {max_bytes}")
+    stream, gz = _open_stream(path)
     try:
-        itemsize = np.dtype(hdr.get_data_dtype()).itemsize
-    except Exception as e:
-        raise InvalidVolume(f"unsupported NIfTI datatype code {int(hdr['datatype'])}") from e
-    offset = int(hdr.get_data_offset())
-    if offset < hdr.sizeof_hdr or offset + n * itemsize > len(raw):
-        raise InvalidVolume(
-            f"file holds {len(raw)} bytes but the header needs {offset + n * itemsize} "
-            f"(vox_offset {offset} + {n} voxels x {itemsize} bytes): truncated or bad vox_offset"
-        )
-    klass = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
-    try:
-        return klass.from_bytes(raw)
-    except Exception as e:
-        raise InvalidVolume(f"nibabel could not parse the header: {e}") from e
+        with stream:
+            head = stream.read(_HEAD)
+            hdr = _parse_header(head)
+            ndim = int(hdr["dim"][0])
+            if not 1 <= ndim <= 7:
+                raise InvalidVolume(f"dim[0] = {ndim} is not a valid number of dimensions (1 to 7)")
+            if int(hdr["datatype"]) == 1:
+                raise InvalidVolume("the 1-bit binary datatype (code 1) is not supported; send a real scalar type")
+            dims = [int(d) for d in hdr.get_data_shape()]
+            if len(dims) == 0:
+                raise InvalidVolume("header declares no dimensions")
+            if any(d <= 0 for d in dims):
+                raise InvalidVolume(f"header declares an empty axis: shape {tuple(dims)}")
+            n = int(np.prod(dims, dtype=np.float64))
+            if max_voxels is not None and n > max_voxels:
+                raise VolumeTooLarge(f"header declares {n} voxels, over the limit of {max_voxels}")
+            try:
+                dtype = np.dtype(hdr.get_data_dtype())
+            except Exception as e:
+                raise InvalidVolume(f"unsupported NIfTI datatype code {int(hdr['datatype'])}") from e
+            if dtype.fields is not None or dtype.kind not in "biuf":
+                raise InvalidVolume(f"unsupported voxel datatype {dtype}; expected a real scalar type")
+            offset = int(hdr.get_data_offset())
+            if offset < hdr.sizeof_hdr:
+                raise InvalidVolume(f"bad vox_offset {offset}: it points inside the {hdr.sizeof_hdr}-byte header")
+            need = offset + n * dtype.itemsize
+            if max_bytes is not None and need > max_bytes:
+                raise VolumeTooLarge(f"header declares {need} bytes of image, over the limit of {max_bytes}")
+            size = os.path.getsize(path)
+            if not gz and need > size:
+                raise InvalidVolume(
+                    f"file holds {size} bytes but the header needs {need} "
+                    f"(vox_offset {offset} + {n} voxels x {dtype.itemsize} bytes): truncated or bad vox_offset"
+                )
+            # np.empty, not bytearray: pages become resident only as data arrives, so a gzip whose
+            # header declares more than its stream holds costs no memory beyond what it sends.
+            buf = np.empty(need, dtype=np.uint8)
+            view = memoryview(buf.data)
+            k = min(len(head), need)
+            view[:k] = head[:k]
+            got = k + _read_exact(stream, view[k:])
+            if got < need:
+                raise InvalidVolume(
+                    f"file holds {got} bytes but the header needs {need} "
+                    f"(vox_offset {offset} + {n} voxels x {dtype.itemsize} bytes): truncated or bad vox_offset"
+                )
+            total = max(len(head), need)
+            while chunk := stream.read(_CHUNK):
+                total += len(chunk)
+                if max_bytes is not None and total > max_bytes:
+                    raise VolumeTooLarge(f"decompressed data exceeds the limit of {max_bytes} bytes")
+    except _GZIP_ERRORS as e:
+        raise CorruptData(f"corrupt or truncated gzip stream: {e}") from e
+    arr = np.ndarray(tuple(dims), dtype=dtype, buffer=buf, offset=offset, order="F")
+    return hdr, arr
 
 
 def _squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -140,18 +244,62 @@ def _squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return (dims[0], dims[1], dims[2])
 
 
-def _check_geometry(affine: npt.NDArray[np.float64], zooms: tuple[float, ...]) -> None:
+def _affine(hdr: nib.Nifti1Header) -> tuple[npt.NDArray[np.float64], list[str]]:
+    """The affine nibabel (and ITK-SNAP, Slicer) use: sform if set, else qform, else pixdim only."""
+    warnings: list[str] = []
+    pixdim = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise InvalidVolume(f"pixdim {pixdim.tolist()} must be finite and positive for the three spatial axes")
+    try:
+        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+        qform = np.asarray(hdr.get_qform(), dtype=np.float64) if int(hdr["qform_code"]) > 0 else None
+    except Exception as e:  # nibabel raises for quaternions that are not unit length, etc.
+        raise InvalidVolume(f"invalid orientation in the header: {e}") from e
+    if (
+        int(hdr["sform_code"]) > 0
+        and qform is not None
+        and not (
+            np.allclose(affine[:3, :3], qform[:3, :3], atol=1e-3 * float(pixdim.max()))
+            and np.allclose(affine[:3, 3], qform[:3, 3], atol=0.5)
+        )
+    ):
+        warnings.append(
+            "the header's sform and qform disagree; the sform was used (as nibabel, ITK-SNAP and 3D Slicer "
+            "do) and the mask carries both unchanged, so it overlays the input in any viewer"
+        )
+    return affine, warnings
+
+
+def _check_geometry(affine: npt.NDArray[np.float64]) -> tuple[float, float, float]:
     if not np.all(np.isfinite(affine)):
         raise InvalidVolume("affine contains NaN or Inf")
     det = float(np.linalg.det(affine[:3, :3]))
     if not np.isfinite(det) or abs(det) < 1e-9:
         raise InvalidVolume("affine is singular (zero or degenerate voxel axes)")
-    for z in zooms[:3]:
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    for z in zooms:
         if not (MIN_SPACING_MM <= float(z) <= MAX_ABS_SPACING_MM):
             raise InvalidVolume(
-                f"voxel spacing {tuple(round(float(v), 4) for v in zooms[:3])} mm is outside "
+                f"voxel spacing {tuple(round(float(v), 4) for v in zooms)} mm is outside "
                 f"[{MIN_SPACING_MM}, {MAX_ABS_SPACING_MM}] mm"
             )
+    return (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+
+
+def _check_values(stored: npt.NDArray[Any], slope: float, inter: float) -> None:
+    f32 = float(np.finfo(np.float32).max)
+    if stored.dtype.kind == "f":
+        # One slab at a time along the last (slowest, F-order) axis: no volume-sized temporary.
+        step = max(1, (1 << 24) // max(1, stored.shape[0] * stored.shape[1]))
+        for k0 in range(0, stored.shape[2], step):
+            if not np.isfinite(stored[:, :, k0 : k0 + step]).all():
+                raise InvalidVolume("volume contains NaN or Inf voxels")
+    lo, hi = float(stored.min()), float(stored.max())
+    ends = (lo * slope + inter, hi * slope + inter)
+    if not all(np.isfinite(v) and abs(v) <= f32 for v in ends):
+        raise InvalidVolume(
+            f"scl_slope {slope:g} / scl_inter {inter:g} scale the stored range [{lo:g}, {hi:g}] out of float32"
+        )
 
 
 def load_volume(
@@ -164,31 +312,29 @@ def load_volume(
     """Read a ``.nii`` or ``.nii.gz`` CT image (gzip detected from its magic bytes).
 
     Raises:
-        NotNifti: the bytes are not NIfTI, or the gzip stream is corrupt.
+        NotNifti: the bytes are not NIfTI.
+        CorruptData: the gzip stream is truncated, corrupt or fails its CRC.
         VolumeTooLarge: over ``max_decompressed_bytes`` or ``max_voxels`` (checked before the
             voxel data is allocated).
         InvalidVolume: anything that makes the image unsegmentable.
     """
-    raw = read_decompressed(path, max_decompressed_bytes)
-    img = _image_from_bytes(raw, max_voxels)
-    shape3 = _squeeze_to_3d(img.shape)
+    hdr, arr = _read_image(path, max_decompressed_bytes, max_voxels)
+    shape3 = _squeeze_to_3d(arr.shape)
     if sorted(shape3)[1] < min_inplane:
         raise InvalidVolume(f"volume {shape3} is too small to segment (needs two axes >= {min_inplane})")
-    hdr = img.header
-    dtype = hdr.get_data_dtype()
-    if dtype.fields is not None or dtype.kind not in "biuf":
-        raise InvalidVolume(f"unsupported voxel datatype {dtype}; expected a real scalar type")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    zooms = tuple(float(z) for z in hdr.get_zooms()[:3])
-    _check_geometry(affine, zooms)
+    stored = arr.reshape(shape3, order="F")  # a view: trailing singleton axes dropped
+    affine, warnings = _affine(hdr)
+    zooms = _check_geometry(affine)
     try:
-        data = img.get_fdata(dtype=np.float32)
-    except Exception as e:
-        raise InvalidVolume(f"could not read voxel data: {e}") from e
-    data = data.reshape(shape3, order="A")
-    if not np.isfinite(data).all():
-        raise InvalidVolume("volume contains NaN or Inf voxels (after scl_slope/scl_inter scaling)")
-    return Volume(data=data, affine=affine, header=hdr, zooms=(zooms[0], zooms[1], zooms[2]))
+        slope, inter = hdr.get_slope_inter()
+    except Exception as e:  # a valid slope with an infinite intercept
+        raise InvalidVolume(f"invalid intensity scaling: {e}") from e
+    if slope is None and float(hdr["scl_slope"]) != 0:
+        warnings.append(f"scl_slope is {float(hdr['scl_slope'])}: ignored, as nibabel and ITK do (no scaling)")
+    slope = 1.0 if slope is None else float(slope)
+    inter = 0.0 if inter is None else float(inter)
+    _check_values(stored, slope, inter)
+    return Volume(stored=stored, affine=affine, header=hdr, zooms=zooms, slope=slope, inter=inter, warnings=warnings)
 
 
 def load_labels(path: str | os.PathLike[str]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:
@@ -204,23 +350,53 @@ def load_labels(path: str | os.PathLike[str]) -> tuple[npt.NDArray[np.uint8], np
 
 
 def mask_image(mask: npt.NDArray[np.uint8], like: Volume) -> nib.Nifti1Image:
-    """Wrap a uint8 mask on ``like``'s voxel grid, with ``like``'s affine and header."""
+    """Wrap a uint8 mask on ``like``'s voxel grid, with ``like``'s affine and header.
+
+    The header keeps the geometry (qform and sform with their codes, pixdim, units) and drops
+    what could carry patient data: extensions (DICOM headers ride in them), description and
+    file names. The intent is set to NIfTI's label map.
+    """
     if mask.shape != like.shape:
         raise ValueError(f"mask shape {mask.shape} does not match the volume {like.shape}")
     klass = nib.Nifti2Image if isinstance(like.header, nib.Nifti2Header) else nib.Nifti1Image
     hdr = like.header.copy()
+    hdr.extensions.clear()
     img = klass(np.asfortranarray(mask, dtype=np.uint8), like.affine, header=hdr)
-    img.set_data_dtype(np.uint8)
-    img.header.set_slope_inter(1.0, 0.0)
-    img.header["cal_min"] = 0
-    img.header["cal_max"] = float(mask.max()) if mask.size else 0.0
-    img.header["descrip"] = b"kitseg mask"
+    h = img.header
+    h.set_data_dtype(np.uint8)
+    h.set_slope_inter(1.0, 0.0)
+    h.set_intent("label")
+    h["cal_min"] = 0
+    h["cal_max"] = float(mask.max()) if mask.size else 0.0
+    h["descrip"] = b"kitseg mask"
+    h["aux_file"] = b""
+    if "db_name" in h:
+        h["db_name"] = b""
+    h.set_data_offset(0)  # recomputed on write: the header has no extensions now
     return img
 
 
 def encode_mask(mask: npt.NDArray[np.uint8], like: Volume, compresslevel: int = 1) -> bytes:
-    """The mask as ``.nii.gz`` bytes; level 1 because masks compress well and speed matters."""
-    return bytes(igzip.compress(mask_image(mask, like).to_bytes(), compresslevel=compresslevel))
+    """The mask as ``.nii.gz`` bytes (level 1: masks compress well and speed matters).
+
+    The header is written by nibabel; the voxels go to the compressor straight from the mask's
+    memory in chunks, so encoding needs no uncompressed copy of the file.
+    """
+    img = mask_image(mask, like)
+    hdr = img.header
+    head = io.BytesIO()
+    hdr.write_to(head)
+    offset = int(hdr.get_data_offset())
+    raw_head = head.getvalue()
+    raw_head += bytes(max(0, offset - len(raw_head)))
+    data = np.asfortranarray(mask, dtype=np.uint8).reshape(-1, order="F")  # a view for an F-ordered mask
+    comp = isal_zlib.compressobj(compresslevel, isal_zlib.DEFLATED, 31)  # wbits 31: gzip container
+    parts = [comp.compress(raw_head)]
+    mv = data.data  # a memoryview, no copy
+    for i in range(0, len(mv), 4 * _CHUNK):
+        parts.append(comp.compress(mv[i : i + 4 * _CHUNK]))
+    parts.append(comp.flush())
+    return b"".join(parts)
 
 
 def atomic_write(path: str | os.PathLike[str], payload: bytes) -> None:

@@ -49,9 +49,13 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
     """Zero every foreground component that is not among the kept ones (in place; returns ``mask``)."""
     if not cfg.keep_largest:
         return mask
-    fg = mask > 0
-    if not fg.any():
+    bb = foreground_bbox(mask)
+    if bb is None:
         return mask
+    # Components are labelled inside the foreground's bounding box only: cc3d's uint32 labels
+    # for a whole 512x512x600 volume would cost 4 bytes per voxel.
+    crop = mask[bb]
+    fg = np.ascontiguousarray(crop > 0)
     cc, n = cc3d.connected_components(fg, connectivity=26, return_N=True)
     if n <= 1:
         return mask
@@ -61,5 +65,22 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
     largest = sizes[order[0]]
     keep = [c for c in order[: cfg.max_components] if sizes[c] >= cfg.min_fraction * largest and sizes[c] > 0]
     drop = ~np.isin(cc, keep) & fg
-    mask[drop] = 0
+    crop[drop] = 0  # crop is a view: this writes into mask
     return mask
+
+
+def foreground_bbox(mask: npt.NDArray[np.generic]) -> tuple[slice, slice, slice] | None:
+    """Bounding box of the non-zero voxels as slices, or None when there are none.
+
+    Reduces one axis at a time over the non-zero test, without a volume-sized temporary
+    beyond one boolean map.
+    """
+    nz = mask != 0
+    out = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(nz.any(axis=other))
+        if idx.size == 0:
+            return None
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return (out[0], out[1], out[2])

@@ -6,8 +6,9 @@ In-plane resampling goes to the checkpoint's ``target_spacing_mm`` (or stays nat
 intensities are clipped and z-scored with values recorded in the checkpoint.
 
 Training calls :func:`preprocess_case`; the inference engine calls the same
-:func:`canonical_view`, :func:`resample_slices` and :func:`normalize` batch by batch, and maps the
-label map back with :func:`from_canonical`.
+:func:`canonical_view`, :func:`resample_slices` and :func:`normalize` batch by batch, and writes
+labels through a :func:`canonical_view` of a mask on the input's grid; :func:`from_canonical` is
+the explicit inverse for arrays laid out canonically.
 """
 
 from __future__ import annotations

@@ -36,8 +36,11 @@ def _world(affine: npt.NDArray[np.float64], ijk: npt.NDArray[np.float64]) -> npt
 
 
 def max_axial_diameter_mm(mask: npt.NDArray[np.bool_], volume: Volume) -> float:
-    """Largest in-plane (axial, canonical Z slices) Feret diameter of ``mask`` in mm."""
-    canon = canonical_info(volume.affine, volume.shape)
+    """Largest in-plane (axial, canonical Z slices) Feret diameter of ``mask`` in mm.
+
+    ``mask`` may be any box cut out of ``volume``'s grid: only the axes' directions and spacing matter.
+    """
+    canon = canonical_info(volume.affine, (int(mask.shape[0]), int(mask.shape[1]), int(mask.shape[2])))
     view = canonical_view(mask, canon)  # (Z, Y, X)
     _, sy, sx = canon.spacing_zyx
     best = 0.0
@@ -98,7 +101,7 @@ def class_statistics(
     idx = np.nonzero(crop)
     centroid_ijk = np.array([float(i.mean()) + o for i, o in zip(idx, lo, strict=True)])
     out["centroid_mm"] = [float(v) for v in _world(volume.affine, centroid_ijk[None])[0]]
-    vals = volume.data[bb][crop]
+    vals = volume.to_hu(volume.stored[bb][crop])
     out["hu"] = {
         "mean": float(vals.mean()),
         "std": float(vals.std()),
@@ -166,14 +169,17 @@ def compute_statistics(
         if name == "kidney":
             entry["sides"] = kidney_sides(mask, volume)
         if name == "tumor":
-            largest = mask == lab
-            if entry["components"] > 1:
-                bb = _bbox(largest)
+            diameter = 0.0
+            if entry["present"]:
+                sel = mask == lab
+                bb = _bbox(sel)
                 assert bb is not None
-                cc = cc3d.connected_components(np.ascontiguousarray(largest[bb]), connectivity=26)
-                biggest = np.argmax(np.bincount(cc.ravel())[1:]) + 1
-                largest = np.zeros_like(largest)
-                largest[bb] = cc == biggest
-            entry["max_axial_diameter_mm"] = max_axial_diameter_mm(largest, volume) if entry["present"] else 0.0
+                largest = np.ascontiguousarray(sel[bb])
+                del sel
+                if entry["components"] > 1:
+                    cc = cc3d.connected_components(largest, connectivity=26)
+                    largest = cc == np.argmax(np.bincount(cc.ravel())[1:]) + 1
+                diameter = max_axial_diameter_mm(largest, volume)
+            entry["max_axial_diameter_mm"] = diameter
         out.append(entry)
     return out

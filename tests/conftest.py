@@ -117,13 +117,18 @@ GEOM_PP = PreprocessConfig(target_spacing_mm=None, clip_hu=(-200.0, 400.0), mean
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
+    return make_tiny_checkpoint(tmp_path)
+
+
+def make_tiny_checkpoint(folder: Path) -> Path:
+    """An untrained 3-class 2.5D U-Net small enough for every request in the tests to be quick."""
     cfg = UNetConfig(in_slices=3, num_classes=3, base_width=4, depth=3)
     torch.manual_seed(0)
     model = UNet(cfg)
     meta = CheckpointMeta(
         cfg, PreprocessConfig(), dict(KITS19_LABELS), metrics={"val_composite": 0.0}, provenance={"data": "test"}
     )
-    path = tmp_path / "tiny.safetensors"
+    path = folder / "tiny.safetensors"
     save_checkpoint(path, model, meta)
     return path
 

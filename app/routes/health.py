@@ -26,6 +26,8 @@ async def health() -> dict[str, str]:
 )
 async def ready(request: Request) -> dict[str, Any]:
     worker = getattr(request.app.state, "worker", None)
+    if getattr(request.app.state, "draining", False):
+        raise NotReady("shutting down: finishing accepted work", {"Retry-After": "5"})
     if worker is None or not getattr(request.app.state, "ready", False):
         raise NotReady("model not loaded yet, or shutting down", {"Retry-After": "5"})
     return {

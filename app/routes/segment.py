@@ -18,6 +18,7 @@ from app.schemas import ErrorBody, SegmentationResult
 from app.worker import Job
 
 router = APIRouter(tags=["segmentation"])
+DISCONNECT_POLL_S = 0.5
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d}
@@ -50,6 +51,26 @@ def _spool(src: BinaryIO, dst: Path, limit: int) -> int:
         dst.unlink(missing_ok=True)
         raise
     return n
+
+
+async def _wait_for_result(request: Request, job: Job, timeout_s: float) -> dict[str, Any] | None:
+    """The job's result, or None once the client has disconnected (the job is then cancelled, so
+    the worker stops between batches and moves on to the next request)."""
+    fut = asyncio.wrap_future(job.future)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            job.cancelled.set()
+            fut.cancel()
+            raise TimeoutError
+        done, _ = await asyncio.wait({fut}, timeout=min(DISCONNECT_POLL_S, left))
+        if done:
+            return fut.result()
+        if await request.is_disconnected():
+            job.cancelled.set()
+            fut.cancel()
+            return None
 
 
 def _summary_header(result: dict[str, Any]) -> str:
@@ -88,6 +109,9 @@ async def segment(
     ] = False,
 ) -> Any:
     t0 = time.perf_counter()
+    form = await request.form()  # already parsed for ``file``; cached by Starlette
+    if len(form.getlist("file")) != 1:
+        raise BadUpload("send exactly one file in the 'file' field")
     dst = store.spool_path()
     size = await run_in_threadpool(_spool, file.file, dst, settings.max_upload_bytes)
     if size == 0:
@@ -101,13 +125,15 @@ async def segment(
         dst.unlink(missing_ok=True)
         raise
     try:
-        result: dict[str, Any] = await asyncio.wait_for(asyncio.wrap_future(job.future), settings.request_timeout_s)
+        result = await _wait_for_result(request, job, settings.request_timeout_s)
     except TimeoutError:
         job.cancelled.set()
         raise DeadlineExceeded(f"segmentation did not finish within {settings.request_timeout_s:.0f} s") from None
     except asyncio.CancelledError:
-        job.cancelled.set()  # client went away: the worker drops the job or its result
+        job.cancelled.set()  # the server is cancelling us: the worker drops the job or its result
         raise
+    if result is None:  # the client went away; nobody is listening
+        return Response(status_code=499)
     wants_file = download or "application/gzip" in request.headers.get("accept", "")
     if wants_file:
         path = store.mask_path(rid)

@@ -132,10 +132,25 @@ def test_too_large_is_413_with_and_without_content_length(tiny_client: TestClien
     assert_error(r, 413)
 
 
-def test_decompressed_limit_is_413(tiny_client: TestClient) -> None:
-    bomb = gzip.compress(bytes(40 << 20), compresslevel=9)
-    assert len(bomb) < (1 << 20)
-    assert_error(tiny_client.post("/segment", files={"file": ("a.nii.gz", bomb)}), 413, "payload_too_large")
+def _nifti_header(shape: tuple[int, ...]) -> bytes:
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.int16)
+    hdr.set_data_offset(352)
+    return bytes(hdr.binaryblock) + bytes(4)
+
+
+def test_gzip_bombs_are_413(tiny_client: TestClient) -> None:
+    # Zeros: not NIfTI at all, found out from the first bytes.
+    zeros = gzip.compress(bytes(40 << 20), compresslevel=9)
+    assert_error(tiny_client.post("/segment", files={"file": ("a.nii.gz", zeros)}), 415, "unsupported_media_type")
+    # An honest header that declares 40 MiB (over the 16 MiB limit): refused before allocation.
+    honest = gzip.compress(_nifti_header((512, 512, 80)) + bytes(40 << 20), compresslevel=9)
+    assert len(honest) < (1 << 20)
+    assert_error(tiny_client.post("/segment", files={"file": ("a.nii.gz", honest)}), 413, "payload_too_large")
+    # A small honest header followed by 40 MiB of junk: stopped while the rest is drained.
+    junk = gzip.compress(_nifti_header((32, 32, 16)) + bytes(40 << 20), compresslevel=9)
+    assert_error(tiny_client.post("/segment", files={"file": ("a.nii.gz", junk)}), 413, "payload_too_large")
 
 
 def test_unknown_ids_and_traversal_are_404(tiny_client: TestClient) -> None:

@@ -110,6 +110,7 @@ def test_declared_voxels_checked_before_allocation(tmp_path: Path) -> None:
     hdr = nib.Nifti1Header()
     hdr.set_data_shape((1024, 1024, 1024))
     hdr.set_data_dtype(np.int16)
+    hdr.set_data_offset(352)
     p = tmp_path / "liar.nii"
     p.write_bytes(hdr.binaryblock + b"\x00" * 4 + b"\x00" * 1000)
     with pytest.raises(VolumeTooLarge):

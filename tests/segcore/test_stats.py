@@ -16,7 +16,7 @@ def _vol(shape=(40, 30, 20), zooms=(1.0, 2.0, 2.5), hu=100.0) -> Volume:
 
 def test_volumes_components_bbox_centroid_hu() -> None:
     vol = _vol()
-    vol.data[2:6, 3:5, 4:6] = 200.0
+    vol.stored[2:6, 3:5, 4:6] = 200.0
     mask = np.zeros(vol.shape, np.uint8)
     mask[2:6, 3:5, 4:6] = 1  # 4*2*2 = 16 voxels of 5 mm^3
     mask[30:32, 10:11, 10:11] = 1  # 2 voxels, second component

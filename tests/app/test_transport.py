@@ -1,0 +1,324 @@
+"""Transport, multipart and lifecycle faults against a real uvicorn server on 127.0.0.1.
+
+Malformed multipart bodies, hostile Content-Types and filenames, clients that stall or vanish
+mid-upload or mid-inference, SIGTERM while work is queued, and memory after a run of bad
+requests. After each: the service answers, the next valid request succeeds, nothing is left in
+the spool.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from tests.app.conftest import LiveServer, make_settings
+from tests.app.test_api import assert_error
+from tests.conftest import make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+B = "kitsegboundary"
+
+
+def _nii(shape: tuple[int, int, int] = (24, 24, 6)) -> bytes:
+    data = np.zeros(shape, np.int16)
+    data[0] = -1000
+    return bytes(nib.Nifti1Image(data, np.diag([0.8, 0.8, 3.0, 1.0]), dtype=np.int16).to_bytes())
+
+
+def _part(payload: bytes, name: str = "file", filename: str = "ct.nii", extra_headers: str = "") -> bytes:
+    head = f'--{B}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n{extra_headers}'
+    return head.encode() + b"Content-Type: application/octet-stream\r\n\r\n" + payload + f"\r\n--{B}--\r\n".encode()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, Path]]:
+    tmp = tmp_path_factory.mktemp("transport")
+    ckpt = make_tiny_checkpoint(tmp)
+    app = create_app(
+        make_settings(
+            tmp, checkpoint=ckpt, max_upload_bytes=4 << 20, max_decompressed_bytes=16 << 20, upload_timeout_s=2.0
+        )
+    )
+    with LiveServer(app) as srv:
+        yield srv, tmp
+
+
+def _after_state(srv: LiveServer, root: Path) -> None:
+    deadline = time.time() + 10
+    while list((root / "results" / "spool").iterdir()) and time.time() < deadline:
+        time.sleep(0.05)  # a disconnect is noticed asynchronously
+    assert list((root / "results" / "spool").iterdir()) == []
+    assert not [p for p in (root / "results" / "results").iterdir() if p.name.startswith(".")]
+    r = httpx.post(f"{srv.url}/segment", files={"file": ("ok.nii", _nii())}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+MULTIPART = {
+    "missing-boundary": ("multipart/form-data", _part(_nii()), 400, "bad_request"),
+    "wrong-boundary": ("multipart/form-data; boundary=other", _part(_nii()), 400, "bad_request"),
+    "huge-boundary": ("multipart/form-data; boundary=" + "a" * 5000, _part(_nii()), 400, "bad_request"),
+    "duplicate-boundary-params": (
+        f'multipart/form-data; boundary={B}; charset="../../etc/passwd"; boundary=zzz',
+        _part(_nii()),
+        400,
+        "bad_request",
+    ),
+    "text-plain": ("text/plain", _part(_nii()), 422, "validation_error"),
+    "json": ("application/json", b'{"file": "AAAA"}', 422, "validation_error"),
+    "urlencoded": ("application/x-www-form-urlencoded", b"file=" + b"a" * 100_000, 422, "validation_error"),
+    "preamble-flood": (f"multipart/form-data; boundary={B}", b"junk\r\n" * 300_000 + _part(_nii()), 400, "bad_request"),
+    "part-header-flood": (
+        f"multipart/form-data; boundary={B}",
+        _part(_nii(), extra_headers="".join(f"X-H{i}: {'v' * 50}\r\n" for i in range(20_000))),
+        400,
+        "bad_request",
+    ),
+    "field-flood": (
+        f"multipart/form-data; boundary={B}",
+        b"".join(f'--{B}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n'.encode() for i in range(5000))
+        + _part(_nii()),
+        400,
+        "bad_request",
+    ),
+    "wrong-field-name": (f"multipart/form-data; boundary={B}", _part(_nii(), name="image"), 422, "validation_error"),
+    "empty-file": (f"multipart/form-data; boundary={B}", _part(b""), 422, "bad_upload"),
+}
+
+
+@pytest.mark.parametrize("case", list(MULTIPART))
+def test_malformed_multipart(live: tuple[LiveServer, Path], case: str) -> None:
+    srv, root = live
+    ctype, body, status, code = MULTIPART[case]
+    t = time.perf_counter()
+    r = httpx.post(f"{srv.url}/segment", content=body, headers={"content-type": ctype}, timeout=60)
+    assert time.perf_counter() - t < 10  # refused quickly, not after chewing on the flood
+    assert_error(r, status, code)
+    _after_state(srv, root)
+
+
+def test_two_files_are_refused(live: tuple[LiveServer, Path]) -> None:
+    srv, root = live
+    r = httpx.post(f"{srv.url}/segment", files=[("file", ("a.nii", _nii())), ("file", ("b.nii", _nii()))])
+    assert_error(r, 422, "bad_upload")
+    _after_state(srv, root)
+
+
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "../../../../tmp/kitseg-evil.nii",
+        "/etc/passwd",
+        "a\x00b.nii",
+        "..\\..\\win.nii",
+        "%2e%2e%2fx.nii",
+        "x" * 900 + ".nii",
+    ],
+    ids=["traversal", "absolute", "nul", "backslash", "encoded", "long"],
+)
+def test_hostile_filenames_are_never_used(live: tuple[LiveServer, Path], filename: str) -> None:
+    srv, root = live
+    before = set(Path("/tmp").iterdir())
+    r = httpx.post(
+        f"{srv.url}/segment",
+        content=_part(_nii(), filename=filename),
+        headers={"content-type": f"multipart/form-data; boundary={B}"},
+    )
+    assert r.status_code == 200, r.text
+    assert filename not in r.text
+    assert not Path("/tmp/kitseg-evil.nii").exists()
+    assert {p.name for p in set(Path("/tmp").iterdir()) - before if "evil" in p.name or "win" in p.name} == set()
+    for p in (root / "results" / "results").iterdir():
+        assert len(p.name) == 32 and all(ch in "0123456789abcdef" for ch in p.name), p
+    _after_state(srv, root)
+
+
+def _raw_request(port: int, body_len: int, first: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    head = (
+        f"POST /segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={B}\r\n"
+        f"Content-Length: {body_len}\r\n\r\n"
+    ).encode()
+    s.sendall(head + first)
+    return s
+
+
+def test_client_disconnecting_mid_upload_leaves_nothing(live: tuple[LiveServer, Path]) -> None:
+    srv, root = live
+    body = _part(gzip.compress(os.urandom(2 << 20), compresslevel=0))
+    for cut in (100, len(body) // 2, len(body) - 10):
+        s = _raw_request(srv.port, len(body), body[:cut])
+        time.sleep(0.2)
+        s.close()
+    _after_state(srv, root)
+
+
+def test_slow_client_gets_408_and_frees_its_connection(live: tuple[LiveServer, Path]) -> None:
+    srv, root = live
+    body = _part(_nii())
+    s = _raw_request(srv.port, len(body), body[:200])  # then stalls; the server allows 2 s
+    s.settimeout(15)
+    t = time.perf_counter()
+    reply = b""
+    while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    s.close()
+    assert 1.5 < time.perf_counter() - t < 10
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b'"code":"request_timeout"' in reply
+    _after_state(srv, root)
+
+
+def test_client_leaving_during_inference_frees_the_worker(live: tuple[LiveServer, Path]) -> None:
+    srv, root = live
+    worker = srv.app.state.worker
+    original = worker.engine.predict
+    started = []
+
+    def slow_predict(volume, progress=None, batch_size=None):  # type: ignore[no-untyped-def]
+        started.append(time.perf_counter())
+        for i in range(200):  # 20 s unless cancelled between "batches"
+            time.sleep(0.1)
+            if progress is not None:
+                progress(i, 200)
+        return original(volume, progress=progress, batch_size=batch_size)
+
+    worker.engine.predict = slow_predict
+    try:
+        body = _part(_nii())
+        s = _raw_request(srv.port, len(body), body)
+        deadline = time.time() + 10
+        while not started and time.time() < deadline:
+            time.sleep(0.05)
+        assert started, "the job never reached the model"
+        s.close()  # the client gives up while its volume is being segmented
+        worker.engine.predict = original
+        t = time.perf_counter()
+        r = httpx.post(f"{srv.url}/segment", files={"file": ("ok.nii", _nii())}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert time.perf_counter() - t < 8, "the worker kept running the abandoned job"
+        ids = {p.name for p in (root / "results" / "results").iterdir()}
+        assert r.json()["id"] in ids
+    finally:
+        worker.engine.predict = original
+    _after_state(srv, root)
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_returns_to_baseline_after_bad_requests(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((512, 512, 30))  # 15 MiB declared, under the 16 MiB limit: it gets allocated
+    hdr.set_data_dtype(np.int16)
+    hdr.set_data_offset(352)
+    head = bytes(hdr.binaryblock) + bytes(4)
+    bad = [
+        gzip.compress(head + bytes(14 << 20))[:-50],  # truncated after 14 MiB: fails late
+        gzip.compress(head + bytes(15 << 20) + bytes(4 << 20)),  # junk after the data: over the limit
+        gzip.compress(head + np.full(512 * 512 * 30, 30000, np.int16).tobytes())[:-4] + b"\0\0\0\0",  # bad size field
+    ]
+    app = create_app(
+        make_settings(tmp_path, checkpoint=tiny_checkpoint, max_upload_bytes=4 << 20, max_decompressed_bytes=16 << 20)
+    )
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for payload in bad:  # warm up allocator pools and lazy imports
+            assert c.post("/segment", files={"file": ("a.nii.gz", payload)}).status_code >= 400
+        base = _rss_mb()
+        for _ in range(10):
+            for payload in bad:
+                r = c.post("/segment", files={"file": ("a.nii.gz", payload)})
+                assert r.status_code in (413, 422), r.text
+        grown = _rss_mb() - base
+        assert grown < 40, f"RSS grew {grown:.0f} MB over 30 bad requests that each allocated 15 MiB"
+        assert c.post("/segment", files={"file": ("ok.nii", _nii())}).status_code == 200
+    assert list((tmp_path / "results" / "spool").iterdir()) == []
+
+
+SERVE = r"""
+import sys, time
+from segcore.inference import Engine
+orig = Engine.predict
+def slow(self, volume, progress=None, batch_size=None):
+    time.sleep(float(sys.argv[2]))
+    return orig(self, volume, progress=progress, batch_size=batch_size)
+Engine.predict = slow
+from app.serve import main
+main(["--port", sys.argv[1]])
+"""
+
+
+def test_sigterm_drains_accepted_work_then_exits(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "KITSEG_CHECKPOINT": str(tiny_checkpoint),
+        "KITSEG_RESULT_DIR": str(tmp_path / "results"),
+        "KITSEG_DEVICE": "cpu",
+        "KITSEG_WARMUP": "false",
+        "KITSEG_LOG_LEVEL": "WARNING",
+        "KITSEG_DRAIN_TIMEOUT_S": "30",
+    }
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(port), "1.5"], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "server did not become ready"
+            time.sleep(0.2)
+        with cf.ThreadPoolExecutor(3) as pool:
+            # One request on the model, one queued behind it.
+            futs = [pool.submit(httpx.post, f"{url}/segment", files={"file": ("a.nii", _nii())}, timeout=60)]
+            time.sleep(0.4)
+            futs.append(pool.submit(httpx.post, f"{url}/segment", files={"file": ("b.nii", _nii())}, timeout=60))
+            time.sleep(0.4)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            # Draining: no longer ready, whether the socket is already closed or still answers.
+            try:
+                r = httpx.get(f"{url}/ready", timeout=2)
+                assert r.status_code == 503, r.text
+            except httpx.TransportError:
+                pass
+            results = [f.result() for f in futs]
+        assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
+        # uvicorn re-raises the signal once shut down, so the exit status is "terminated by
+        # SIGTERM" (143 in a shell, what Docker and systemd expect), after the work is done.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        # What was written before the stop is still there for a restarted server.
+        for r in results:
+            rid = r.json()["id"]
+            assert (tmp_path / "results" / "results" / rid / "mask.nii.gz").exists()
+        assert list((tmp_path / "results" / "spool").iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
