@@ -32,7 +32,7 @@ fi
 
 cleanup() {
   log "teardown"
-  (cd "$ROOT" && KITSEG_SMOKE_PORT=$PORT docker-compose -f scripts/docker-compose.smoke.yml down -v >/dev/null 2>&1) || true
+  (cd "$ROOT" && KITSEG_SMOKE_PORT=$PORT docker-compose -p kitseg-smoke -f scripts/docker-compose.smoke.yml down -v >/dev/null 2>&1) || true
   if [ "${KITSEG_SMOKE_KEEP:-0}" != "1" ] && [ "$STARTED_DOCKERD" = "1" ]; then
     kill "$(cat "$WORK/dockerd.pid")" 2>/dev/null || true
   fi
@@ -65,7 +65,7 @@ DOCKER_BUILDKIT=0 docker build --network host \
 
 log "starting the compose stack on 127.0.0.1:$PORT"
 mkdir -p "$ROOT/checkpoints"
-KITSEG_SMOKE_PORT=$PORT docker-compose -f scripts/docker-compose.smoke.yml up -d api
+KITSEG_SMOKE_PORT=$PORT docker-compose -p kitseg-smoke -f scripts/docker-compose.smoke.yml up -d api
 for _ in $(seq 120); do
   curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
   sleep 2
