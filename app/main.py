@@ -30,7 +30,6 @@ from app.store import ResultStore
 from app.worker import InferenceWorker
 from segcore.errors import CheckpointError
 from segcore.inference import Engine
-from segcore.runtime import bound_malloc
 
 log = logging.getLogger("kitseg.app")
 
@@ -86,7 +85,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s = settings or get_settings()
         app.state.settings = s
         configure_logging(s.log_level)
-        bound_malloc()  # memory back to baseline after each request (segcore/runtime.py)
         app.state.ready = False
         app.state.draining = False
         store = ResultStore(s.result_dir, s.result_ttl_s)

@@ -59,6 +59,19 @@ print(json.dumps({"slices": n, "voxels": 512 * 512 * n, "upload_mb": len(payload
 """
 
 
+def update_section(doc: Path, heading: str, block: str) -> None:
+    """Replace the section of ``doc`` that starts with ``heading`` (up to the next ``## ``), or append it."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
+    start = text.find(heading)
+    block = block.rstrip() + "\n"
+    if start >= 0:
+        end = text.find("\n## ", start + 3)
+        text = text[:start] + block + (text[end:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + block
+    doc.write_text(text)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, nargs="+", default=[50, 200, 600])
@@ -105,16 +118,7 @@ def main() -> int:
             + " | ".join(f"{t.get(s, 0):.0f}" for s in stages)
             + f" | {r['non_model_fraction']:.0%} | {r['rss_growth_bytes_per_voxel']:.1f} |"
         )
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
-    start = text.find("## End to end")
-    block = "\n".join(md) + "\n"
-    if start >= 0:
-        end = text.find("\n## ", start + 3)
-        text = text[:start] + block + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + block
-    doc.write_text(text)
+    update_section(ROOT / "docs" / "benchmarks.md", "## End to end", "\n".join(md))
     print("\n".join(md))
     return 0
 

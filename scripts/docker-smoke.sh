@@ -64,9 +64,11 @@ DOCKER_BUILDKIT=0 docker build --network host \
   -t kitseg:latest "$CTX" >"$WORK/build.log"
 
 log "starting the compose stack on 127.0.0.1:$PORT"
+# vfs copies the whole image to create a container: minutes, not the client's default 60 s.
+export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-900}
 mkdir -p "$ROOT/checkpoints"
 KITSEG_SMOKE_PORT=$PORT docker-compose -p kitseg-smoke -f scripts/docker-compose.smoke.yml up -d api
-for _ in $(seq 120); do
+for _ in $(seq 300); do
   curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
   sleep 2
 done

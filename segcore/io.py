@@ -74,7 +74,7 @@ class Volume:
 
     def to_hu(self, values: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         """Stored values (any part of :attr:`stored`) as float32 intensities, a new array."""
-        out = np.array(values, dtype=np.float32, order="K")
+        out = np.array(values, dtype=np.float32, order="C")
         if self.slope != 1.0:
             out *= np.float32(self.slope)
         if self.inter != 0.0:

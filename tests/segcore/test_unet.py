@@ -1,7 +1,9 @@
+import copy
+
 import pytest
 import torch
 
-from segcore.unet import UNet, UNetConfig, flops_per_pixel
+from segcore.unet import UNet, UNetConfig, flops_per_pixel, fold_batch_norm
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (7, 13), (37, 53), (64, 64), (100, 159)])
@@ -62,3 +64,25 @@ def test_config_roundtrip_and_unknown_field() -> None:
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
         UNetConfig.from_dict({**cfg.to_dict(), "attention": True})
+
+
+def test_folding_batch_norm_keeps_the_outputs() -> None:
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(in_slices=3, num_classes=3, base_width=8, depth=3))
+    # Non-trivial running statistics and affine parameters, as after training.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        ref = model(x)
+        folded = fold_batch_norm(copy.deepcopy(model))
+        out = folded(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="eval"):
+        fold_batch_norm(model.train())
