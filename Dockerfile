@@ -36,13 +36,15 @@ RUN if [ -f .host-ca.crt ]; then export PIP_CERT=/opt/kitseg/.host-ca.crt; fi \
     && mkdir -p segcore training app \
     && touch segcore/__init__.py training/__init__.py app/__init__.py \
     && pip install "setuptools>=68" ".${EXTRAS:+[$EXTRAS]}" \
-    && pip uninstall -y kitseg
+    && pip uninstall -y kitseg \
+    && rm -rf segcore training app build ./*.egg-info
 
 COPY segcore ./segcore
 COPY app ./app
 COPY training ./training
 # The build backend is already installed, so this layer needs no network.
-RUN rm -f .host-ca.crt ./*.whl && pip install --no-deps --no-build-isolation . \
+RUN rm -rf .host-ca.crt ./*.whl build ./*.egg-info && pip install --no-deps --no-build-isolation . \
+    && python -c "import segcore, app.main" \
     && useradd --system --uid 10001 --home-dir /var/lib/kitseg kitseg \
     && mkdir -p /var/lib/kitseg/results /checkpoints \
     && chown -R kitseg /var/lib/kitseg

@@ -11,10 +11,12 @@ Writes benchmarks/results/engine.json and updates the engine section of docs/ben
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +27,13 @@ import torch
 from segcore.checkpoint import load_checkpoint
 from segcore.inference import Engine
 from segcore.io import Volume
-from segcore.unet import flops_per_pixel
+from segcore.unet import flops_per_pixel, fold_batch_norm
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_e2e import update_section  # noqa: E402
+
 DEMO = ROOT / "app" / "demo_model" / "kitseg-demo-phantom.safetensors"
 
 
@@ -90,6 +96,64 @@ def naive_seconds(
     return time.perf_counter() - t
 
 
+def _ms_per_slice(model: torch.nn.Module, in_ch: int, size: int, channels_last: bool, batch: int = 2) -> float:
+    model = model.eval()
+    x = torch.randn(batch, in_ch, size, size)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(x)
+        ts = []
+        for _ in range(2):
+            t = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t)
+    return 1000 * min(ts) / batch
+
+
+def peers(ours: torch.nn.Module, in_slices: int, grid_px: int) -> dict[str, dict[str, float | str]]:
+    """Speed only, fp32, one 512x512 slice: our U-Net (native and on its model grid) next to the
+    architectures users compare us with. Instance-norm peers run NCHW (channels_last slows them)."""
+    out: dict[str, dict[str, float | str]] = {}
+    folded = fold_batch_norm(copy.deepcopy(ours).eval())
+    out["kitseg (this checkpoint), 512x512"] = {"ms_per_slice": _ms_per_slice(folded, in_slices, 512, True)}
+    out[f"kitseg (this checkpoint), model grid {grid_px}x{grid_px}"] = {
+        "ms_per_slice": _ms_per_slice(folded, in_slices, grid_px, True)
+    }
+    try:
+        from monai.networks.nets import BasicUNet
+        from monai.networks.nets import UNet as MonaiUNet
+
+        out["MONAI UNet (16..256, 2 res units)"] = {
+            "ms_per_slice": _ms_per_slice(
+                MonaiUNet(2, 1, 3, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2),
+                1,
+                512,
+                False,
+            )
+        }
+        out["MONAI BasicUNet (defaults)"] = {"ms_per_slice": _ms_per_slice(BasicUNet(2, 1, 3), 1, 512, False)}
+    except ImportError as e:
+        out["MONAI"] = {"skipped": str(e)}
+    try:
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+        # nnU-Net's 2D plan for KiTS19 (512x512 patches): 8 stages, 32..512 features, InstanceNorm.
+        nnunet = PlainConvUNet(
+            1, 8, [32, 64, 128, 256, 512, 512, 512, 512], torch.nn.Conv2d, 3, [1, 2, 2, 2, 2, 2, 2, 2],
+            2, 3, 2, conv_bias=True, norm_op=torch.nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+            nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+        )  # fmt: skip
+        out["nnU-Net 2D PlainConvUNet (KiTS19 plan)"] = {"ms_per_slice": _ms_per_slice(nnunet, 1, 512, False, batch=1)}
+    except ImportError as e:
+        out["nnU-Net"] = {"skipped": f"{e} (pip install dynamic-network-architectures)"}
+    for v in out.values():
+        if "ms_per_slice" in v:
+            v["s_per_200_slice_case"] = float(v["ms_per_slice"]) * 200 / 1000
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=24)
@@ -125,6 +189,7 @@ def main() -> int:
     naive = naive_seconds(model, data.astype(np.float64), meta.model.in_slices, pp.mean, pp.std, *pp.clip_hu)
     runs["naive_seed_way"] = {"seconds": naive, "slices_per_s": a.slices / naive}
     results["runs"] = runs
+    results["peers"] = peers(model, meta.model.in_slices, round(grid_px))
     best = min(("fp32", "bf16"), key=lambda k: runs[k]["seconds"])
     results["speedup_vs_naive"] = {k: naive / runs[k]["seconds"] for k in ("fp32", "bf16")}
     results["fraction_of_conv_peak_fp32"] = (
@@ -151,15 +216,20 @@ def main() -> int:
         "",
         f"Peak here: matmul {pk['matmul_fp32_gflops']:.0f} GFLOP/s, channels_last 3x3 conv {pk['conv3x3_channels_last_fp32_gflops']:.0f} GFLOP/s (fp32).",
     ]  # type: ignore[index]
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"
-    start = text.find("## Engine")
-    if start >= 0:
-        end = text.find("\n## ", start + 3)
-        text = text[:start] + "\n".join(md) + "\n" + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(md) + "\n"
-    doc.write_text(text)
+    md += [
+        f"Engine fp32 model throughput = {results['fraction_of_conv_peak_fp32']:.0%} of that conv peak.",
+        "",
+        "Peers, speed only (fp32, same process, one slice per row; a case = 200 slices):",
+        "",
+        "| network | ms per slice | s per 200-slice case |",
+        "|---|---|---|",
+    ]
+    for name, v in results["peers"].items():  # type: ignore[attr-defined]
+        if "ms_per_slice" in v:
+            md.append(f"| {name} | {v['ms_per_slice']:.0f} | {v['s_per_200_slice_case']:.0f} |")
+        else:
+            md.append(f"| {name} | skipped: {v['skipped']} | |")
+    update_section(ROOT / "docs" / "benchmarks.md", "## Engine", "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -70,6 +70,12 @@ mkdir -p "$ROOT/checkpoints"
 KITSEG_SMOKE_PORT=$PORT docker-compose -p kitseg-smoke -f scripts/docker-compose.smoke.yml up -d api
 for _ in $(seq 300); do
   curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
+  cid=$(docker-compose -p kitseg-smoke -f scripts/docker-compose.smoke.yml ps -q api)
+  if [ -n "$cid" ] && [ "$(docker inspect -f '{{.State.Running}}' "$cid")" = "false" ]; then
+    docker logs --tail 40 "$cid"
+    log "FAILED: the api container exited"
+    exit 1
+  fi
   sleep 2
 done
 curl -fsS "http://127.0.0.1:$PORT/ready"

@@ -100,7 +100,7 @@ class Engine:
         self.model = fold_batch_norm(copy.deepcopy(model).eval()).to(device)
         if channels_last:
             # The stubs of Module.to omit memory_format; torch supports it at runtime.
-            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,unused-ignore]
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", **kwargs: object) -> Engine:
