@@ -5,6 +5,11 @@ with the same-process ratios that are meaningful on a shared, noisy machine.
 
     python benchmarks/bench_engine.py --slices 24 [--checkpoint PATH]
 
+Peers need MONAI (the ``train`` extra) and nnU-Net's architectures:
+``pip install --no-deps dynamic-network-architectures``. Without ``--no-deps`` its timm
+dependency pulls a torchvision that replaces the installed torch (here: 2.13 CPU by a 2.14 CUDA
+build of several GB). Its U-Nets need only torch and numpy.
+
 Writes benchmarks/results/engine.json and updates the engine section of docs/benchmarks.md.
 """
 
@@ -147,7 +152,7 @@ def peers(ours: torch.nn.Module, in_slices: int, grid_px: int) -> dict[str, dict
         )  # fmt: skip
         out["nnU-Net 2D PlainConvUNet (KiTS19 plan)"] = {"ms_per_slice": _ms_per_slice(nnunet, 1, 512, False, batch=1)}
     except ImportError as e:
-        out["nnU-Net"] = {"skipped": f"{e} (pip install dynamic-network-architectures)"}
+        out["nnU-Net"] = {"skipped": f"{e} (pip install --no-deps dynamic-network-architectures)"}
     for v in out.values():
         if "ms_per_slice" in v:
             v["s_per_200_slice_case"] = float(v["ms_per_slice"]) * 200 / 1000
