@@ -8,12 +8,14 @@ neighbouring slices stacked as channels (2.5D context).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+M = TypeVar("M", bound=nn.Module)
 
 NORMS = ("batch", "instance", "group", "none")
 
@@ -185,8 +187,8 @@ def flops_per_pixel(config: UNetConfig) -> float:
     return float(2.0 * total)
 
 
-def fold_batch_norm(model: UNet) -> UNet:
-    """Fold every eval-mode BatchNorm into the conv before it (inference only, in place).
+def fold_batch_norm(model: M) -> M:
+    """Fold every eval-mode BatchNorm that follows a conv in a Sequential into that conv (in place).
 
     ``y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta`` is itself a conv with rescaled
     weights and a bias, so the separate normalisation pass over every activation disappears
@@ -194,7 +196,7 @@ def fold_batch_norm(model: UNet) -> UNet:
     """
     if model.training:
         raise ValueError("fold_batch_norm is for inference: call model.eval() first")
-    for block in [*model.down, *model.up_blocks]:
+    for block in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         layers = list(block)
         for i in range(len(layers) - 1):
             conv, bn = layers[i], layers[i + 1]
