@@ -200,7 +200,10 @@ def _read_image(
                 raise InvalidVolume(f"unsupported NIfTI datatype code {int(hdr['datatype'])}") from e
             if dtype.fields is not None or dtype.kind not in "biuf":
                 raise InvalidVolume(f"unsupported voxel datatype {dtype}; expected a real scalar type")
-            offset = int(hdr.get_data_offset())
+            raw_offset = float(hdr["vox_offset"])
+            if not np.isfinite(raw_offset) or raw_offset > np.iinfo(np.int64).max:
+                raise InvalidVolume(f"bad vox_offset {raw_offset}: not a finite byte offset")
+            offset = int(raw_offset)
             if offset < hdr.sizeof_hdr:
                 raise InvalidVolume(f"bad vox_offset {offset}: it points inside the {hdr.sizeof_hdr}-byte header")
             need = offset + n * dtype.itemsize

@@ -146,6 +146,9 @@ HEADER: dict[str, tuple[Callable[[], bytes], int, str, str]] = {
     "vox-offset-0": (lambda: _patched(vox_offset=0), 422, "invalid_volume", "vox_offset"),
     "vox-offset-inside-header": (lambda: _patched(vox_offset=100), 422, "invalid_volume", "vox_offset"),
     "vox-offset-past-end": (lambda: _patched(vox_offset=1_000_000), 422, "invalid_volume", "vox_offset"),
+    # Found by tests/segcore/test_io_fuzz.py: nibabel's int(vox_offset) raised OverflowError (a 500).
+    "vox-offset-inf": (lambda: _patched(vox_offset=np.inf), 422, "invalid_volume", "vox_offset"),
+    "vox-offset-nan": (lambda: _patched(vox_offset=np.nan), 422, "invalid_volume", "vox_offset"),
     "quaternion-not-unit": (
         lambda: _patched(qform_code=1, sform_code=0, quatern_b=0.9, quatern_c=0.9, quatern_d=0.9),
         422,

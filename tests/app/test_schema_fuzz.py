@@ -34,7 +34,7 @@ schema = schemathesis.openapi.from_dict(create_app(make_settings(Path(tempfile.m
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_no_server_errors_and_one_error_shape(case: schemathesis.Case, live_url: str) -> None:
     response = case.call(base_url=live_url, timeout=60)
     assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} {response.text}"

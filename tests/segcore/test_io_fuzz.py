@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -70,7 +71,14 @@ def _mutated(fields: dict[str, object]) -> bytes:
     return bytes(raw)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# CI: 300 examples, derandomized so a red build always means a regression. A campaign
+# (random, as many as you like): KITSEG_FUZZ_EXAMPLES=5000 pytest tests/segcore/test_io_fuzz.py
+@settings(
+    max_examples=int(os.environ.get("KITSEG_FUZZ_EXAMPLES", "300")),
+    derandomize="KITSEG_FUZZ_EXAMPLES" not in os.environ,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     fields=st.dictionaries(st.sampled_from(sorted(FIELDS)), st.just(None), min_size=1, max_size=5).flatmap(
         lambda keys: st.fixed_dictionaries({k: FIELDS[k] for k in keys})
