@@ -110,27 +110,6 @@ def _read_exact(stream: BinaryIO, view: memoryview) -> int:
     return got
 
 
-def read_decompressed(path: str | os.PathLike[str], max_bytes: int | None = None) -> bytes:
-    """Return the file's bytes, gunzipped if they start with the gzip magic (the name is ignored).
-
-    The gzip stream is read in chunks and abandoned as soon as it exceeds ``max_bytes``, so a gzip
-    bomb never allocates its full size. The CRC is verified at the end of the stream.
-    """
-    if max_bytes is not None and os.path.getsize(path) > max_bytes and not _is_gzip(path):
-        raise VolumeTooLarge(f"uncompressed file is {os.path.getsize(path)} bytes, over the limit of {max_bytes}")
-    out = bytearray()
-    stream, _ = _open_stream(path)
-    try:
-        with stream:
-            while chunk := stream.read(_CHUNK):
-                out += chunk
-                if max_bytes is not None and len(out) > max_bytes:
-                    raise VolumeTooLarge(f"decompressed data exceeds the limit of {max_bytes} bytes")
-    except _GZIP_ERRORS as e:
-        raise CorruptData(f"corrupt or truncated gzip stream: {e}") from e
-    return bytes(out)
-
-
 def _is_gzip(path: str | os.PathLike[str]) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == GZIP_MAGIC

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from segcore.errors import CorruptData, InvalidVolume, NotNifti, VolumeTooLarge
-from segcore.io import load_labels, load_volume, read_decompressed, save_mask
+from segcore.io import load_labels, load_volume, save_mask
 from tests.conftest import ORIENTATIONS, make_volume, write_nifti
 
 
@@ -97,13 +97,21 @@ def test_bad_inputs_raise_domain_errors(tmp_path: Path, make, exc) -> None:
 
 
 def test_decompressed_limit_stops_a_gzip_bomb_early(tmp_path: Path) -> None:
-    p = tmp_path / "bomb.gz"
+    # An honest 32x32x16 header followed by 64 MiB of zeros (~64 KiB compressed): the stream is
+    # abandoned once past the limit, so the bomb never decompresses in full.
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((32, 32, 16))
+    hdr.set_data_dtype(np.int16)
+    hdr.set_data_offset(352)
+    p = tmp_path / "bomb.nii.gz"
     with gzip.open(p, "wb", compresslevel=9) as f:
+        f.write(bytes(hdr.binaryblock) + bytes(4) + bytes(32 * 32 * 16 * 2))
         for _ in range(64):
-            f.write(bytes(1 << 20))  # 64 MiB of zeros, ~64 KiB compressed
+            f.write(bytes(1 << 20))
     assert p.stat().st_size < 200_000
     with pytest.raises(VolumeTooLarge):
-        read_decompressed(p, max_bytes=4 << 20)
+        load_volume(p, max_decompressed_bytes=4 << 20)
+    assert load_volume(p).shape == (32, 32, 16)  # without a limit, trailing data is ignored
 
 
 def test_declared_voxels_checked_before_allocation(tmp_path: Path) -> None:
