@@ -153,11 +153,12 @@ def _read_image(
     Whatever follows the voxel data is read and discarded, up to ``max_bytes`` in all, so the
     gzip CRC is still verified and a bomb hidden after an honest header is still stopped.
     """
-    if max_bytes is not None and not _is_gzip(path) and os.path.getsize(path) > max_bytes:
-        raise VolumeTooLarge(f"uncompressed file is {os.path.getsize(path)} bytes, over the limit of {max_bytes}")
     stream, gz = _open_stream(path)
+    size = os.path.getsize(path)
     try:
         with stream:
+            if max_bytes is not None and not gz and size > max_bytes:
+                raise VolumeTooLarge(f"uncompressed file is {size} bytes, over the limit of {max_bytes}")
             head = stream.read(_HEAD)
             hdr = _parse_header(head)
             ndim = int(hdr["dim"][0])
@@ -188,12 +189,8 @@ def _read_image(
             need = offset + n * dtype.itemsize
             if max_bytes is not None and need > max_bytes:
                 raise VolumeTooLarge(f"header declares {need} bytes of image, over the limit of {max_bytes}")
-            size = os.path.getsize(path)
             if not gz and need > size:
-                raise InvalidVolume(
-                    f"file holds {size} bytes but the header needs {need} "
-                    f"(vox_offset {offset} + {n} voxels x {dtype.itemsize} bytes): truncated or bad vox_offset"
-                )
+                raise _truncated(size, need, offset, n, dtype.itemsize)
             # np.empty, not bytearray: pages become resident only as data arrives, so a gzip whose
             # header declares more than its stream holds costs no memory beyond what it sends.
             buf = np.empty(need, dtype=np.uint8)
@@ -202,10 +199,7 @@ def _read_image(
             view[:k] = head[:k]
             got = k + _read_exact(stream, view[k:])
             if got < need:
-                raise InvalidVolume(
-                    f"file holds {got} bytes but the header needs {need} "
-                    f"(vox_offset {offset} + {n} voxels x {dtype.itemsize} bytes): truncated or bad vox_offset"
-                )
+                raise _truncated(got, need, offset, n, dtype.itemsize)
             total = max(len(head), need)
             while chunk := stream.read(_CHUNK):
                 total += len(chunk)
@@ -215,6 +209,13 @@ def _read_image(
         raise CorruptData(f"corrupt or truncated gzip stream: {e}") from e
     arr = np.ndarray(tuple(dims), dtype=dtype, buffer=buf, offset=offset, order="F")
     return hdr, arr
+
+
+def _truncated(have: int, need: int, offset: int, n: int, itemsize: int) -> InvalidVolume:
+    return InvalidVolume(
+        f"file holds {have} bytes but the header needs {need} "
+        f"(vox_offset {offset} + {n} voxels x {itemsize} bytes): truncated or bad vox_offset"
+    )
 
 
 def _squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -75,7 +75,7 @@ def foreground_bbox(mask: npt.NDArray[np.generic]) -> tuple[slice, slice, slice]
     Reduces one axis at a time over the non-zero test, without a volume-sized temporary
     beyond one boolean map.
     """
-    nz = mask != 0
+    nz = mask if mask.dtype == np.bool_ else mask != 0
     out = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)

@@ -17,18 +17,8 @@ import numpy.typing as npt
 from scipy.spatial import ConvexHull, QhullError
 
 from segcore.io import Volume
+from segcore.postprocess import foreground_bbox
 from segcore.preprocessing import canonical_info, canonical_view
-
-
-def _bbox(mask: npt.NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
-    out = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.nonzero(mask.any(axis=other))[0]
-        if idx.size == 0:
-            return None
-        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return (out[0], out[1], out[2])
 
 
 def _world(affine: npt.NDArray[np.float64], ijk: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -86,7 +76,7 @@ def class_statistics(
     }
     if region:
         out["labels"] = list(region)
-    bb = _bbox(sel) if n else None
+    bb = foreground_bbox(sel) if n else None
     if bb is None:
         return out
     crop = np.ascontiguousarray(sel[bb])
@@ -122,7 +112,7 @@ def kidney_sides(mask: npt.NDArray[np.uint8], volume: Volume, tumor_label: int =
     voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
     region = mask > 0
     empty = {"kidney_ml": 0.0, "tumor_ml": 0.0, "total_ml": 0.0, "present": False}
-    bb = _bbox(region)
+    bb = foreground_bbox(region)
     if bb is None:
         return {"left": dict(empty), "right": dict(empty), "midline_x_mm": None}
     crop = np.ascontiguousarray(region[bb])
@@ -172,7 +162,7 @@ def compute_statistics(
             diameter = 0.0
             if entry["present"]:
                 sel = mask == lab
-                bb = _bbox(sel)
+                bb = foreground_bbox(sel)
                 assert bb is not None
                 largest = np.ascontiguousarray(sel[bb])
                 del sel

@@ -126,8 +126,7 @@ async def segment(
         raise
     try:
         result = await _wait_for_result(request, job, settings.request_timeout_s)
-    except TimeoutError:
-        job.cancelled.set()
+    except TimeoutError:  # _wait_for_result has already cancelled the job
         raise DeadlineExceeded(f"segmentation did not finish within {settings.request_timeout_s:.0f} s") from None
     except asyncio.CancelledError:
         job.cancelled.set()  # the server is cancelling us: the worker drops the job or its result
