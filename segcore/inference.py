@@ -22,12 +22,12 @@ from segcore.checkpoint import CheckpointMeta, load_checkpoint
 from segcore.io import Volume
 from segcore.postprocess import keep_largest_components
 from segcore.preprocessing import (
+    bilinear_matrix,
     canonical_info,
     canonical_view,
     context_indices,
     model_grid,
-    normalize,
-    resample_slices,
+    model_slices,
 )
 from segcore.unet import UNet, fold_batch_norm
 
@@ -49,8 +49,8 @@ class Prediction:
 
     Attributes:
         mask: ``(i, j, k)`` uint8 labels, the input's shape.
-        confidence: label -> mean softmax probability of the pixels predicted as that label,
-            on the model's grid.
+        confidence: foreground label -> mean softmax probability of the pixels predicted as
+            that label, on the model's grid.
         timings_ms: stage -> milliseconds.
     """
 
@@ -70,6 +70,8 @@ class Engine:
         precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``,
             ``bf16`` or ``fp16`` (CUDA only).
         channels_last: use NHWC memory format (helps BatchNorm U-Nets on CPU and tensor cores).
+        chunk_voxels: input voxels brought to the model grid at a time (a float32 temporary of
+            4 bytes each); rounded to whole batches of slices.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class Engine:
         batch_size: int = 8,
         precision: str = "auto",
         channels_last: bool = True,
+        chunk_voxels: int = 2**23,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -97,6 +100,7 @@ class Engine:
             precision = "bf16" if device.type == "cuda" else "fp32"
         self.precision = precision
         self.channels_last = channels_last
+        self.chunk_voxels = chunk_voxels
         self.model = fold_batch_norm(copy.deepcopy(model).eval()).to(device)
         if channels_last:
             # The stubs of Module.to omit memory_format; torch supports it at runtime.
@@ -122,9 +126,9 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _batches(self, n: int, batch_size: int) -> Iterator[tuple[int, int]]:
-        for k0 in range(0, n, batch_size):
-            yield k0, min(n, k0 + batch_size)
+    def _batches(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int]]:
+        for k0 in range(start, stop, batch_size):
+            yield k0, min(stop, k0 + batch_size)
 
     def predict(
         self,
@@ -148,55 +152,59 @@ class Engine:
         view = canonical_view(volume.stored, canon)  # (Z, Y, X), no copy
         z, y, x = view.shape
         grid = model_grid((y, x), (canon.spacing_zyx[1], canon.spacing_zyx[2]), cfg)
-        # The mask is allocated once on the input's own grid; each batch's labels go in through a
-        # canonical view of it, so there is no second mask and no copy back.
-        mask = np.empty(volume.shape, dtype=np.uint8, order="F")
+        # The mask is allocated once, zeroed, on the input's own grid; labels go in through a
+        # canonical view of it, and only inside the box where a batch has foreground, so there is
+        # no second mask, no copy back, and background costs nothing.
+        mask = np.zeros(volume.shape, dtype=np.uint8, order="F")
         mask_zyx = canonical_view(mask, canon)
+        up = _Upsampler(grid, (y, x), self.device)
         conf_sum = torch.zeros(ncls, dtype=torch.float64)
         conf_cnt = torch.zeros(ncls, dtype=torch.float64)
+        box: list[tuple[int, int]] = []  # (lo, hi) per canonical axis: where foreground may be
         t_pre = t_model = t_post = 0.0
-        pin = self.device.type == "cuda"
+        # Slices reach the model grid a chunk at a time (each slice once, plus 2k context slices
+        # per chunk): long contiguous runs make the strided copy out of the stored layout cheap,
+        # and the chunk bounds the float32 temporary (CHUNK_VOXELS * 4 bytes).
+        chunk = max(bs, (self.chunk_voxels // max(1, y * x)) // bs * bs)
         with torch.inference_mode():
-            for k0, k1 in self._batches(z, bs):
+            for c0 in range(0, z, chunk):
+                c1 = min(z, c0 + chunk)
                 ta = time.perf_counter()
-                # Each slice is read, converted, resampled and normalised once, then stacked into
-                # its neighbours' 2.5D inputs: a batch of B with context k touches B + 2k slices,
-                # not B * (2k + 1).
-                lo, hi = max(0, k0 - ctx), min(z, k1 + ctx)
-                slab = torch.from_numpy(volume.to_hu(view[lo:hi]))[:, None]  # (S, 1, Y, X) float32
-                if pin:
-                    slab = slab.pin_memory()
-                slab = slab.to(self.device, non_blocking=True)
-                slab = normalize(resample_slices(slab, grid), cfg)[:, 0]  # (S, h, w)
-                idx = torch.from_numpy(context_indices(np.arange(k0, k1), ctx, z) - lo).to(self.device)
-                t = slab[idx]  # (B, C, h, w)
-                if self.channels_last:
-                    t = t.contiguous(memory_format=torch.channels_last)
-                tb = time.perf_counter()
-                with self._autocast():
-                    logits = self.model(t)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                tc = time.perf_counter()
-                logits = logits.float()
-                # Confidence is measured on the model's grid (4x fewer pixels than a 512x512
-                # input at the demo model's spacing); labels come from logits resampled to the
-                # input's grid. max(), not argmax(): the same indices, 10x faster on CPU here.
-                prob, plab = torch.softmax(logits, dim=1).max(dim=1)
-                conf_sum += torch.bincount(plab.flatten(), weights=prob.flatten().double(), minlength=ncls).cpu()
-                conf_cnt += torch.bincount(plab.flatten(), minlength=ncls).double().cpu()
-                lab8 = resample_slices(logits, (y, x)).max(dim=1).indices.to(torch.uint8)
-                mask_zyx[k0:k1] = lab8.cpu().numpy()
-                td = time.perf_counter()
-                t_pre += tb - ta
-                t_model += tc - tb
-                t_post += td - tc
-                if progress is not None:
-                    progress(k1, z)
+                lo, hi = max(0, c0 - ctx), min(z, c1 + ctx)
+                slab = model_slices(view[lo:hi], grid, cfg, volume.slope, volume.inter, self.device)  # (S, h, w)
+                t_pre += time.perf_counter() - ta
+                for k0, k1 in self._batches(c0, c1, bs):
+                    ta = time.perf_counter()
+                    idx = torch.from_numpy(context_indices(np.arange(k0, k1), ctx, z) - lo).to(self.device)
+                    t = slab[idx]  # (B, C, h, w)
+                    if self.channels_last:
+                        t = t.contiguous(memory_format=torch.channels_last)
+                    tb = time.perf_counter()
+                    with self._autocast():
+                        logits = self.model(t)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    tc = time.perf_counter()
+                    logits = logits.float()
+                    found = up.labels(logits, conf_sum, conf_cnt)
+                    if found is not None:
+                        (r0, r1), (q0, q1), lab8 = found
+                        mask_zyx[k0:k1, r0:r1, q0:q1] = lab8.cpu().numpy()
+                        box = _grow(box, [(k0, k1), (r0, r1), (q0, q1)])
+                    td = time.perf_counter()
+                    t_pre += tb - ta
+                    t_model += tc - tb
+                    t_post += td - tc
+                    if progress is not None:
+                        progress(k1, z)
         ts = time.perf_counter()
-        keep_largest_components(mask, self.meta.postprocessing)
+        if box:
+            (z0, z1), (y0, y1), (x0, x1) = box
+            keep_largest_components(
+                mask_zyx, self.meta.postprocessing, within=(slice(z0, z1), slice(y0, y1), slice(x0, x1))
+            )
         t_inv = time.perf_counter() - ts
-        confidence = {c: float(conf_sum[c] / conf_cnt[c]) if conf_cnt[c] > 0 else 0.0 for c in range(ncls)}
+        confidence = {c: float(conf_sum[c] / conf_cnt[c]) if conf_cnt[c] > 0 else 0.0 for c in range(1, ncls)}
         return Prediction(
             mask=mask,
             confidence=confidence,
@@ -207,3 +215,69 @@ class Engine:
                 "engine_total": 1000 * (time.perf_counter() - t0),
             },
         )
+
+
+def _grow(box: list[tuple[int, int]], new: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    if not box:
+        return new
+    return [(min(a, c), max(b, d)) for (a, b), (c, d) in zip(box, new, strict=True)]
+
+
+class _Upsampler:
+    """Labels on the input grid from a batch of model-grid logits, computed only where they can
+    be foreground.
+
+    The input-grid label is the argmax of bilinearly resampled logits. Resampling is linear, so
+    that is the sign and argmax of the resampled margins ``logit_c - logit_0``; and a bilinear
+    value is a convex combination of at most four model-grid pixels, so an input pixel can only
+    be foreground if one of its source pixels has a margin above zero. The margins are therefore
+    resampled (with :func:`bilinear_matrix`, the same weights as ``F.interpolate``) only on the
+    box of input rows and columns that depend on such pixels; everything else stays background.
+    """
+
+    #: source pixels count as candidates down to this margin, so float rounding in the
+    #: resampling can't turn a pixel outside the box into foreground
+    EPS = 1e-3
+
+    def __init__(self, grid: tuple[int, int], size: tuple[int, int], device: torch.device) -> None:
+        self.my = bilinear_matrix(grid[0], size[0], device)  # (Y, h)
+        self.mx = bilinear_matrix(grid[1], size[1], device)  # (X, w)
+
+    @staticmethod
+    def _span(m: torch.Tensor, cand: torch.Tensor) -> tuple[int, int, int, int] | None:
+        """Output range that depends on candidate inputs, and the input range it reads."""
+        idx = torch.nonzero(cand).flatten()
+        if idx.numel() == 0:
+            return None
+        need = torch.nonzero((m[:, int(idx[0]) : int(idx[-1]) + 1] != 0).any(dim=1)).flatten()
+        o0, o1 = int(need[0]), int(need[-1]) + 1
+        reads = torch.nonzero((m[o0:o1] != 0).any(dim=0)).flatten()
+        return o0, o1, int(reads[0]), int(reads[-1]) + 1
+
+    def labels(
+        self, logits: torch.Tensor, conf_sum: torch.Tensor, conf_cnt: torch.Tensor
+    ) -> tuple[tuple[int, int], tuple[int, int], torch.Tensor] | None:
+        """``(row range, column range, uint8 labels (B, rows, cols))``, or None when the batch is
+        all background.
+
+        Also adds each foreground model-grid pixel's softmax probability of its label to
+        ``conf_sum`` / ``conf_cnt`` (background is not scored; those pixels all lie in the box).
+        """
+        margin = logits[:, 1:] - logits[:, :1]  # (B, K-1, h, w)
+        cand = margin.amax(dim=1) > -self.EPS  # (B, h, w)
+        rows = self._span(self.my, cand.any(dim=2).any(dim=0))
+        if rows is None:
+            return None
+        cols = self._span(self.mx, cand.any(dim=1).any(dim=0))
+        assert cols is not None
+        r0, r1, a0, a1 = rows
+        q0, q1, b0, b1 = cols
+        prob, plab = torch.softmax(logits[:, :, a0:a1, b0:b1], dim=1).max(dim=1)
+        fg = plab > 0
+        ncls = logits.shape[1]
+        conf_sum += torch.bincount(plab[fg], weights=prob[fg].double(), minlength=ncls).cpu()
+        conf_cnt += torch.bincount(plab[fg], minlength=ncls).double().cpu()
+        crop = self.my[r0:r1, a0:a1] @ margin[:, :, a0:a1, b0:b1] @ self.mx[q0:q1, b0:b1].T  # (B, K-1, R, Q)
+        best, which = crop.max(dim=1)
+        lab = torch.where(best > 0, which + 1, 0).to(torch.uint8)
+        return (r0, r1), (q0, q1), lab

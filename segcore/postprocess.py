@@ -45,11 +45,27 @@ class PostprocessConfig:
         return cls(**d)
 
 
-def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig) -> npt.NDArray[np.uint8]:
-    """Zero every foreground component that is not among the kept ones (in place; returns ``mask``)."""
+def keep_largest_components(
+    mask: npt.NDArray[np.uint8],
+    cfg: PostprocessConfig,
+    within: tuple[slice, slice, slice] | None = None,
+) -> npt.NDArray[np.uint8]:
+    """Zero every foreground component that is not among the kept ones (in place; returns ``mask``).
+
+    ``mask`` may be any 3D view (26-connectivity doesn't depend on axis order or flips).
+    ``within``, when given, is a box known to hold all the foreground, so only it is scanned.
+    """
     if not cfg.keep_largest:
         return mask
-    bb = foreground_bbox(mask)
+    bb: tuple[slice, slice, slice] | None
+    if within is not None:
+        inner = foreground_bbox(mask[within])
+        if inner is None:
+            return mask
+        s0, s1, s2 = (slice(w.start + b.start, w.start + b.stop) for w, b in zip(within, inner, strict=True))
+        bb = (s0, s1, s2)
+    else:
+        bb = foreground_bbox(mask)
     if bb is None:
         return mask
     # Components are labelled inside the foreground's bounding box only: cc3d's uint32 labels
@@ -61,7 +77,8 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
         return mask
     sizes = np.bincount(cc.ravel())
     sizes[0] = 0
-    order = np.argsort(sizes)[::-1]
+    # Stable, so equal sizes keep the canonical (orientation-independent) scan order.
+    order = np.argsort(-sizes, kind="stable")
     largest = sizes[order[0]]
     keep = [c for c in order[: cfg.max_components] if sizes[c] >= cfg.min_fraction * largest and sizes[c] > 0]
     drop = ~np.isin(cc, keep) & fg

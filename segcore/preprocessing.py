@@ -6,7 +6,7 @@ In-plane resampling goes to the checkpoint's ``target_spacing_mm`` (or stays nat
 intensities are clipped and z-scored with values recorded in the checkpoint.
 
 Training calls :func:`preprocess_case`; the inference engine calls the same
-:func:`canonical_view`, :func:`resample_slices` and :func:`normalize` batch by batch, and writes
+:func:`canonical_view` and :func:`model_slices` chunk by chunk, and writes
 labels through a :func:`canonical_view` of a mask on the input's grid; :func:`from_canonical` is
 the explicit inverse for arrays laid out canonically.
 """
@@ -141,10 +141,69 @@ def resample_slices(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinea
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=False)
 
 
+def bilinear_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(n_out, n_in)`` matrix ``M`` such that ``M @ v`` resamples ``v`` along one axis exactly
+    as ``F.interpolate(mode="bilinear", align_corners=False)`` does: the same source coordinates
+    and weights, up to float32 rounding of the coordinate (~1e-5); at most two non-zeros per
+    row, summing to 1.
+
+    Used to map logits back to the input grid on a crop: rows and columns of ``M`` select which
+    model-grid pixels an input-grid pixel depends on.
+    """
+    o = torch.arange(n_out, dtype=torch.float32)
+    src = ((o + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    w1 = (src - i0).clamp(0.0, 1.0)
+    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+    m = torch.zeros(n_out, n_in, dtype=torch.float32)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, i0), 1.0 - w1, accumulate=True)
+    m.index_put_((rows, i1), w1, accumulate=True)
+    return m.to(device) if device is not None else m
+
+
 def normalize(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """Clip to ``cfg.clip_hu`` and z-score with ``cfg.mean`` / ``cfg.std`` (works in place on a copy)."""
     lo, hi = cfg.clip_hu
-    return (x.clamp(lo, hi) - cfg.mean) / cfg.std
+    return x.clamp(lo, hi).sub_(cfg.mean).div_(cfg.std)
+
+
+def model_slices(
+    view: npt.NDArray[Any],
+    size: tuple[int, int],
+    cfg: PreprocessConfig,
+    slope: float = 1.0,
+    inter: float = 0.0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Canonical slices ``(S, Y, X)`` of any dtype and strides -> ``(S, h, w)`` float32 on the
+    model grid, scaled to HU (``value * slope + inter``), resampled and normalised.
+
+    The one place where intensities reach the model's grid, for training and inference alike.
+    The slices are copied to float32 in the memory order of the source: a KiTS19 file (IPL,
+    array ``(slices, H, W)``) stores the slice axis fastest, so its slab is read into a
+    ``(Y, X, S)`` buffer and resampled as channels-last, which is several times faster than
+    gathering a strided ``(S, Y, X)`` copy. The arithmetic is the same either way.
+    """
+    s, y, x = view.shape
+    strides = [abs(v) for v in view.strides]
+    if strides[0] < min(strides[1], strides[2]):
+        buf = np.empty((y, x, s), dtype=np.float32)
+        np.copyto(buf, view.transpose(1, 2, 0), casting="unsafe")
+        t = torch.from_numpy(buf).permute(2, 0, 1)[None]  # (1, S, Y, X), channels-last
+    else:
+        buf = np.empty((s, y, x), dtype=np.float32)
+        np.copyto(buf, view, casting="unsafe")
+        t = torch.from_numpy(buf)[None]
+    if device is not None and device.type != "cpu":
+        t = t.pin_memory().to(device, non_blocking=True)
+    if slope != 1.0:
+        t = t.mul_(slope)
+    if inter != 0.0:
+        t = t.add_(inter)
+    # The S slices ride as channels of one image: one resampling call for the whole slab.
+    out = normalize(resample_slices(t, size), cfg)[0]
+    return out.contiguous()
 
 
 def context_indices(centre: npt.NDArray[np.int64], context: int, n_slices: int) -> npt.NDArray[np.int64]:
@@ -191,9 +250,7 @@ def preprocess_case(
     out_lab = np.empty((z, *size), dtype=np.uint8) if lab_v is not None else None
     for k0 in range(0, z, chunk):
         k1 = min(z, k0 + chunk)
-        t = torch.from_numpy(np.ascontiguousarray(img_v[k0:k1], dtype=np.float32))[:, None]
-        t = normalize(resample_slices(t, size), cfg)
-        out_img[k0:k1] = t[:, 0].numpy().astype(np.float16)
+        out_img[k0:k1] = model_slices(img_v[k0:k1], size, cfg).numpy().astype(np.float16)
         if lab_v is not None and out_lab is not None:
             lab = torch.from_numpy(np.ascontiguousarray(lab_v[k0:k1]).astype(np.int64))
             if tuple(lab.shape[-2:]) == size:

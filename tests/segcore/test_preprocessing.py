@@ -5,17 +5,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from segcore.checkpoint import KITS19_LABELS, CheckpointMeta
-from segcore.inference import Engine
+from segcore.inference import Engine, _Upsampler
 from segcore.io import Volume
 from segcore.metrics import dice
 from segcore.preprocessing import (
     PreprocessConfig,
+    bilinear_matrix,
     canonical_info,
     canonical_view,
     from_canonical,
     model_grid,
+    model_slices,
+    normalize,
     preprocess_case,
 )
 from segcore.unet import UNetConfig
@@ -101,3 +105,85 @@ def test_preprocess_case_resamples_labels_and_normalises() -> None:
 def test_bad_preprocess_config(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         PreprocessConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(250, 512), (256, 796), (300, 301), (64, 64), (512, 250), (7, 19)])
+def test_bilinear_matrix_matches_interpolate(n_in: int, n_out: int) -> None:
+    v = torch.randn(3, 5, n_in, 4)
+    ref = F.interpolate(v, size=(n_out, 4), mode="bilinear", align_corners=False)
+    m = bilinear_matrix(n_in, n_out)
+    assert m.shape == (n_out, n_in)
+    assert int((m != 0).sum(dim=1).max()) <= 2
+    torch.testing.assert_close(m.sum(dim=1), torch.ones(n_out))
+    # Same source coordinates and weights up to float32 rounding of the coordinate (~1e-5).
+    torch.testing.assert_close(torch.einsum("oi,bcij->bcoj", m, v), ref, atol=1e-4, rtol=1e-4)
+
+
+def _reference_labels(logits: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain way: resample every logit to the input grid, then argmax; plus the top-2 gap."""
+    up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    top = up.topk(2, dim=1).values
+    return up.argmax(dim=1), top[:, 0] - top[:, 1]
+
+
+@pytest.mark.parametrize("size", [(512, 512), (180, 796), (64, 64)])
+def test_cropped_label_upsampling_equals_full_argmax(size: tuple[int, int]) -> None:
+    """Labels are only resampled inside the box that can be foreground; the result must equal the
+    argmax of fully resampled logits everywhere (ties within float rounding excepted)."""
+    gen = torch.Generator().manual_seed(1)
+    h, w = 64, 64
+    logits = torch.randn(4, 3, h, w, generator=gen)
+    logits[:, 0] += 6.0  # background wins almost everywhere ...
+    logits[1, 1, 20:30, 10:25] += 9.0  # ... except a kidney blob
+    logits[1, 2, 24:27, 14:18] += 14.0  # with a tumor in it
+    logits[3, 2, 50:52, 40:41] += 12.0  # and a speck elsewhere in another slice
+    up = _Upsampler((h, w), size, torch.device("cpu"))
+    got = torch.zeros((4, *size), dtype=torch.uint8)
+    conf_sum, conf_cnt = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    found = up.labels(logits, conf_sum, conf_cnt)
+    assert found is not None
+    (r0, r1), (q0, q1), lab = found
+    assert (r1 - r0) * (q1 - q0) < size[0] * size[1] or size == (64, 64)
+    got[:, r0:r1, q0:q1] = lab
+    ref, gap = _reference_labels(logits, size)
+    differ = got.long() != ref
+    assert not bool((differ & (gap > 1e-4)).any())
+    assert int(ref.eq(2).sum()) > 0 and int(ref.eq(1).sum()) > 0
+    # Confidence: every foreground model-grid pixel counted once, with its softmax probability.
+    prob, plab = torch.softmax(logits, dim=1).max(dim=1)
+    for c in (1, 2):
+        assert conf_cnt[c] == int(plab.eq(c).sum())
+        assert float(conf_sum[c]) == pytest.approx(float(prob[plab == c].double().sum()))
+    assert conf_cnt[0] == 0
+
+
+def test_cropped_label_upsampling_all_background() -> None:
+    logits = torch.zeros(2, 3, 32, 32)
+    logits[:, 0] = 1.0
+    z = torch.zeros(3, dtype=torch.float64)
+    assert _Upsampler((32, 32), (100, 100), torch.device("cpu")).labels(logits, z, z.clone()) is None
+    logits[1, 2, 5, 7] = 2.0  # a single pixel must be found
+    found = _Upsampler((32, 32), (100, 100), torch.device("cpu")).labels(logits, z, z.clone())
+    assert found is not None and int((found[2] == 2).sum()) > 0
+
+
+@pytest.mark.parametrize("layout", ["kits_ipl_fortran", "ras_fortran", "c_order"])
+def test_model_slices_layouts_agree(layout: str) -> None:
+    """The slab reaches the model grid the same way whatever the stored memory order."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(-1024, 1500, size=(12, 40, 50)).astype(np.int16)  # canonical (Z, Y, X)
+    if layout == "kits_ipl_fortran":  # slices fastest in memory, every axis flipped
+        stored = np.asfortranarray(base[::-1, ::-1, ::-1])
+        view = stored[::-1, ::-1, ::-1]
+    elif layout == "ras_fortran":  # (X, Y, Z) Fortran: X fastest
+        stored = np.asfortranarray(base.transpose(2, 1, 0))
+        view = stored.transpose(2, 1, 0)
+    else:
+        view = np.ascontiguousarray(base)
+    np.testing.assert_array_equal(view, base)
+    pp = PreprocessConfig(target_spacing_mm=(1.6, 1.6), clip_hu=(-200.0, 300.0), mean=50.0, std=80.0)
+    got = model_slices(view, (20, 31), pp, slope=2.0, inter=-10.0)
+    ref_in = torch.from_numpy(base.astype(np.float32) * 2.0 - 10.0)[:, None]
+    ref = normalize(F.interpolate(ref_in, size=(20, 31), mode="bilinear", align_corners=False), pp)[:, 0]
+    assert got.shape == (12, 20, 31) and got.is_contiguous()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
