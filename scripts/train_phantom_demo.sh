@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Reproduces the demo checkpoint: procedural phantoms -> train on CPU (or GPU) -> evaluate on
 # held-out phantoms made with a different seed (never used for training or model selection).
+# Test seeds 1 and 2 were used by earlier recipes and seed 3 (cases 3000-3009) to choose this
+# one (docs/training.md), so the reported test set is seed 4.
 # Usage: scripts/train_phantom_demo.sh [WORKDIR]   (default: runs/phantom-demo)
 set -euo pipefail
 W=${1:-runs/phantom-demo}
 PY=${PYTHON:-python}
 start=$(date +%s)
 $PY -m training phantoms --out "$W/data/train" --n 40 --seed 0 --workers 2
-$PY -m training phantoms --out "$W/data/test" --n 10 --seed 2 --start 2000 --workers 2
+$PY -m training phantoms --out "$W/data/test" --n 10 --seed 4 --start 4000 --workers 2
 $PY -m training train --data "$W/data/train" --out "$W/run" --val-fraction 0.1 \
-    --epochs 9 --iters 70 --batch-size 16 --patch 128 --base-width 16 --in-slices 3 --spacing 1.6 \
+    --epochs 10 --iters 80 --batch-size 16 --patch 96 --base-width 16 --in-slices 3 --spacing 2.0 \
     --fg-fraction 0.6 --max-minutes 11.5 --name kitseg-demo-phantom \
     --describe "40 procedural KiTS19-layout phantoms (kitseg-train phantoms --n 40 --seed 0); synthetic, not for clinical use" \
     --no-progress
