@@ -82,7 +82,7 @@ class Engine:
         batch_size: int = 8,
         precision: str = "auto",
         channels_last: bool = True,
-        chunk_voxels: int = 2**23,
+        chunk_voxels: int = 2**24,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -94,9 +94,10 @@ class Engine:
         self.device = device
         self.batch_size = batch_size
         if precision == "auto":
-            # bf16 on CUDA only: with torch 2.13's CPU build, bf16 autocast sends this U-Net's
-            # convolutions to aten::_slow_conv2d_forward, about 7x slower than fp32 on our
-            # AVX-512 CPU (docs/benchmarks.md). bf16 stays selectable.
+            # bf16 on CUDA only. torch sends CPU bf16 convolutions to oneDNN only where the CPU
+            # has AVX-512 (mkldnn_bf16_device_check); on our AVX2 development CPU they fall to
+            # aten::_slow_conv2d_forward, about 7x slower than fp32 (docs/benchmarks.md). On
+            # AVX-512 BF16 / AMX CPUs bf16 is reported 2-2.5x faster: set precision="bf16" there.
             precision = "bf16" if device.type == "cuda" else "fp32"
         self.precision = precision
         self.channels_last = channels_last

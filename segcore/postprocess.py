@@ -81,8 +81,12 @@ def keep_largest_components(
     order = np.argsort(-sizes, kind="stable")
     largest = sizes[order[0]]
     keep = [c for c in order[: cfg.max_components] if sizes[c] >= cfg.min_fraction * largest and sizes[c] > 0]
-    drop = ~np.isin(cc, keep) & fg
-    crop[drop] = 0  # crop is a view: this writes into mask
+    if len(keep) == n:
+        return mask  # every component survives
+    drop_lut = np.ones(n + 1, dtype=bool)
+    drop_lut[0] = False
+    drop_lut[keep] = False
+    crop[drop_lut[cc]] = 0  # crop is a view: this writes into mask
     return mask
 
 

@@ -13,6 +13,8 @@ the explicit inverse for arrays laid out canonically.
 
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -189,11 +191,11 @@ def model_slices(
     strides = [abs(v) for v in view.strides]
     if strides[0] < min(strides[1], strides[2]):
         buf = np.empty((y, x, s), dtype=np.float32)
-        np.copyto(buf, view.transpose(1, 2, 0), casting="unsafe")
+        _copy(buf, view.transpose(1, 2, 0))
         t = torch.from_numpy(buf).permute(2, 0, 1)[None]  # (1, S, Y, X), channels-last
     else:
         buf = np.empty((s, y, x), dtype=np.float32)
-        np.copyto(buf, view, casting="unsafe")
+        _copy(buf, view)
         t = torch.from_numpy(buf)[None]
     if device is not None and device.type != "cpu":
         t = t.pin_memory().to(device, non_blocking=True)
@@ -204,6 +206,26 @@ def model_slices(
     # The S slices ride as channels of one image: one resampling call for the whole slab.
     out = normalize(resample_slices(t, size), cfg)[0]
     return out.contiguous()
+
+
+_copy_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _copy(dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None:
+    """``np.copyto`` with casting, split along the first axis over torch's intra-op thread count:
+    numpy releases the GIL while copying, and a strided gather out of a flipped, slice-fastest
+    layout is bound by one core, not by memory (1.45x on 2 cores here)."""
+    n = min(torch.get_num_threads(), dst.shape[0])
+    if n <= 1 or dst.size < 1 << 20:
+        np.copyto(dst, src, casting="unsafe")
+        return
+    pool = _copy_pools.get(n)
+    if pool is None:
+        pool = _copy_pools.setdefault(n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="kitseg-copy"))
+    edges = np.linspace(0, dst.shape[0], n + 1).astype(int)
+    jobs = [pool.submit(np.copyto, dst[a:b], src[a:b], casting="unsafe") for a, b in itertools.pairwise(edges)]
+    for j in jobs:
+        j.result()
 
 
 def context_indices(centre: npt.NDArray[np.int64], context: int, n_slices: int) -> npt.NDArray[np.int64]:
