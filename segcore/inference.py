@@ -200,10 +200,9 @@ class Engine:
                         progress(k1, z)
         ts = time.perf_counter()
         if box:
+            # Only the box that holds all the foreground is scanned; writes go through the view.
             (z0, z1), (y0, y1), (x0, x1) = box
-            keep_largest_components(
-                mask_zyx, self.meta.postprocessing, within=(slice(z0, z1), slice(y0, y1), slice(x0, x1))
-            )
+            keep_largest_components(mask_zyx[z0:z1, y0:y1, x0:x1], self.meta.postprocessing)
         t_inv = time.perf_counter() - ts
         confidence = {c: float(conf_sum[c] / conf_cnt[c]) if conf_cnt[c] > 0 else 0.0 for c in range(1, ncls)}
         return Prediction(

@@ -45,27 +45,15 @@ class PostprocessConfig:
         return cls(**d)
 
 
-def keep_largest_components(
-    mask: npt.NDArray[np.uint8],
-    cfg: PostprocessConfig,
-    within: tuple[slice, slice, slice] | None = None,
-) -> npt.NDArray[np.uint8]:
+def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig) -> npt.NDArray[np.uint8]:
     """Zero every foreground component that is not among the kept ones (in place; returns ``mask``).
 
-    ``mask`` may be any 3D view (26-connectivity doesn't depend on axis order or flips).
-    ``within``, when given, is a box known to hold all the foreground, so only it is scanned.
+    ``mask`` may be any 3D view, such as a box known to hold all the foreground (26-connectivity
+    doesn't depend on axis order or flips).
     """
     if not cfg.keep_largest:
         return mask
-    bb: tuple[slice, slice, slice] | None
-    if within is not None:
-        inner = foreground_bbox(mask[within])
-        if inner is None:
-            return mask
-        s0, s1, s2 = (slice(w.start + b.start, w.start + b.stop) for w, b in zip(within, inner, strict=True))
-        bb = (s0, s1, s2)
-    else:
-        bb = foreground_bbox(mask)
+    bb = foreground_bbox(mask)
     if bb is None:
         return mask
     # Components are labelled inside the foreground's bounding box only: cc3d's uint32 labels
