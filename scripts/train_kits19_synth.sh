@@ -4,9 +4,6 @@
 # Usage: scripts/train_kits19_synth.sh [LABELS_DIR] [WORKDIR]
 #   LABELS_DIR defaults to ../shared/data/kits19-labels (the real KiTS19 segmentations, no images)
 set -euo pipefail
-# glibc unmaps every buffer over 32 MB after each layer; keeping them halves a 512x512 CPU
-# training step here (docs/benchmarks.md). Harmless on CUDA; override by setting it yourself.
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184}
 LABELS=${1:-../shared/data/kits19-labels}
 W=${2:-runs/kits19-synth}
 PY=${PYTHON:-python}

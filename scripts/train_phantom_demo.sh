@@ -5,9 +5,6 @@
 # one (docs/training.md), so the reported test set is seed 4.
 # Usage: scripts/train_phantom_demo.sh [WORKDIR]   (default: runs/phantom-demo)
 set -euo pipefail
-# glibc unmaps every buffer over 32 MB after each layer; keeping them halves a 512x512 CPU
-# training step here (docs/benchmarks.md). Harmless on CUDA; override by setting it yourself.
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184}
 W=${1:-runs/phantom-demo}
 PY=${PYTHON:-python}
 start=$(date +%s)

@@ -178,6 +178,8 @@ def cmd_train(a: argparse.Namespace) -> int:
             extra=extra,
             fg_fraction=a.fg_fraction,
             val_precision=a.val_precision,
+            memory_format=a.memory_format,
+            tune_malloc=not a.no_tune_malloc,
         )
     res = train(cfg)
     best = res["best"]
@@ -341,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="auto: bf16 on CUDA, off on CPU"
     )
     tr.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    tr.add_argument(
+        "--memory-format",
+        default="auto",
+        choices=["auto", "channels_last", "contiguous"],
+        help="auto: channels_last on CUDA; on CPU, both timed on the first batch and NCHW kept only if >10%% faster",
+    )
+    tr.add_argument(
+        "--no-tune-malloc",
+        action="store_true",
+        help="on CPU (glibc), leave malloc alone instead of keeping big freed buffers for reuse (about 1.7x per step)",
+    )
     tr.add_argument("--max-minutes", type=float, help="stop after the epoch that crosses this wall time")
     tr.add_argument("--resume", help="a last.state.pt to continue from")
     tr.add_argument("--kits23", action="store_true", help="4 classes (with cyst)")

@@ -1,5 +1,6 @@
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from segcore.checkpoint import load_checkpoint
 from segcore.unet import UNet, UNetConfig
 from training.cli import _one_phantom, main
 from training.datasets import CaseCache, SliceDataset, find_cases, split_cases
-from training.train import dice_ce_loss
+from training.train import choose_memory_format, dice_ce_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,6 +98,10 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
         "--no-progress",
         "--device",
         "cpu",
+        "--memory-format",
+        "contiguous",
+        # mallopt is process-wide; this test runs inside pytest (the CLI dry runs cover it).
+        "--no-tune-malloc",
     ]
     assert main(args) == 0
     run = tmp_path / "run"
@@ -107,6 +112,7 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     assert {"val_kidney_dice", "val_tumor_dice", "val_composite", "train_loss"} <= set(rows[0])
     _, meta = load_checkpoint(run / "best.safetensors")
     assert meta.provenance["val_cases"] and not set(meta.provenance["val_cases"]) & set(meta.provenance["train_cases"])
+    assert meta.provenance["memory_format"] == "contiguous" and meta.provenance["malloc_tuned"] is False
     # Resume continues at epoch 3 with the saved history.
     assert main([*args[:6], "3", *args[7:], "--resume", str(run / "last.state.pt")]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -126,6 +132,8 @@ def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    if cmd == "train" and platform.libc_ver()[0] == "glibc":
+        assert "glibc malloc tuning on" in r.stderr
     if cmd == "evaluate":
         assert "KiTS19: kidney Dice" in r.stdout and "all-background" in r.stdout
 
@@ -184,3 +192,32 @@ def test_ddp_gloo_two_processes(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     _, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
     assert meta.provenance["world_size"] == 2
+
+
+def test_memory_format_choice() -> None:
+    model = UNet(UNetConfig(in_slices=1, num_classes=3, base_width=4, depth=3))
+    batch = (torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 32, 32)))
+    calls = []
+
+    def get() -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return batch
+
+    cpu = torch.device("cpu")
+    assert choose_memory_format(model, get, cpu, "channels_last") == (torch.channels_last, {})
+    assert choose_memory_format(model, get, cpu, "contiguous") == (torch.contiguous_format, {})
+    assert choose_memory_format(model, get, torch.device("cuda"), "auto") == (torch.channels_last, {})
+    assert not calls  # nothing was timed
+    with pytest.raises(ValueError, match="memory_format"):
+        choose_memory_format(model, get, cpu, "nhwc")
+    rng = torch.get_rng_state()
+    w = model.down[0][0].weight.detach().clone()
+    # The margin decides: NCHW must beat channels_last by it. -10 always takes NCHW, 0.99 never does.
+    fmt, times = choose_memory_format(model, get, cpu, "auto", margin=-10.0)
+    assert fmt == torch.contiguous_format and set(times) == {"channels_last", "contiguous"}
+    assert all(t > 0 for t in times.values())
+    assert choose_memory_format(model, get, cpu, "auto", margin=0.99)[0] == torch.channels_last
+    assert len(calls) == 2
+    # Timing trains a copy: the model and the RNG stream are untouched.
+    assert torch.equal(model.down[0][0].weight, w) and model.down[0][0].weight.grad is None
+    assert torch.equal(torch.get_rng_state(), rng)
