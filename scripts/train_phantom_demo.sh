@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Reproduces the demo checkpoint: procedural phantoms -> train on CPU (or GPU) -> evaluate on
 # held-out phantoms made with a different seed (never used for training or model selection).
-# Test seeds 1 and 2 were used by earlier recipes and seed 3 (cases 3000-3009) to choose this
-# one (docs/training.md), so the reported test set is seed 4.
+# Test seeds 1, 2 and 4 were each used once to report earlier recipes, and seed 3 (cases
+# 3000-3019) is the development set the recipe was chosen on (docs/training.md), so the reported
+# test set is seed 5: 30 cases, because with 10 one case moved the mean tumor Dice by 0.09.
 # Usage: scripts/train_phantom_demo.sh [WORKDIR]   (default: runs/phantom-demo)
 set -euo pipefail
 W=${1:-runs/phantom-demo}
 PY=${PYTHON:-python}
 start=$(date +%s)
 $PY -m training phantoms --out "$W/data/train" --n 40 --seed 0 --workers 2
-$PY -m training phantoms --out "$W/data/test" --n 10 --seed 4 --start 4000 --workers 2
+$PY -m training phantoms --out "$W/data/test" --n 30 --seed 5 --start 5000 --workers 2
 $PY -m training train --data "$W/data/train" --out "$W/run" --val-fraction 0.1 \
     --epochs 10 --iters 80 --batch-size 16 --patch 96 --base-width 16 --in-slices 3 --spacing 2.0 \
     --fg-fraction 0.6 --max-minutes 11.5 --name kitseg-demo-phantom \
