@@ -152,12 +152,13 @@ def choose_memory_format(
     """The memory format to train in: channels_last or contiguous (NCHW).
 
     channels_last suits tensor cores, so CUDA always gets it under ``auto``. On a CPU it depends
-    on the shape: on the 2-core AVX2 development CPU, channels_last was about 10 % faster for
+    on the shape: on the 2-core AVX2 development CPU, channels_last was 5-10 % faster for
     16 x 96 x 96 patches and 12-30 % slower for 4 x 512 x 512 slices. So ``auto`` on a CPU times
     forward + backward of a throw-away copy of the model on one real batch (``batch()``, called
-    only then) in each format (one warm-up each, then best of ``reps``, alternating) and takes NCHW only when it is faster by more than ``margin``:
-    timing noise cannot flip the choice between formats that are about as fast, which keeps runs
-    reproducible. The torch RNG state is restored afterwards.
+    only then) in each format, one warm-up each and then best of ``reps`` in alternating rounds,
+    and takes NCHW only when it is faster by more than ``margin``: timing noise cannot flip the
+    choice between formats that are about as fast, which keeps runs reproducible. The torch RNG
+    state is restored afterwards.
 
     Returns:
         (format, seconds per step for each format timed; empty when nothing was timed).
