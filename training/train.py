@@ -403,8 +403,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         drop_last=True,
         persistent_workers=cfg.workers > 0,
     )
-    fmt, fmt_times = choose_memory_format(model, lambda: first_batch(ds, cfg.batch_size), device, cfg.memory_format)
-    if ddp.enabled:  # every rank trains in rank 0's format
+    # Only rank 0 times the formats (the others would compete with it for the same cores); every
+    # rank trains in its choice.
+    fmt, fmt_times = (
+        choose_memory_format(model, lambda: first_batch(ds, cfg.batch_size), device, cfg.memory_format)
+        if ddp.main
+        else (torch.channels_last, {})
+    )
+    if ddp.enabled:
         fmt = torch.channels_last if ddp.broadcast_flag(fmt == torch.channels_last) else torch.contiguous_format
     use_cl = fmt == torch.channels_last
     model = model.to(memory_format=fmt)  # type: ignore[call-overload]
