@@ -84,14 +84,19 @@ def test_swagger_ui_upload_and_mask_download(phantom_case: Path, tmp_path: Path)
             assert result["classes"][0]["present"] is True
             # Download the mask the way a user would: follow mask_url in the browser.
             driver.get(srv.url + result["mask_url"])
+            # Chromium reserves the final name as an empty file and writes into a ``.crdownload``
+            # beside it, then renames; the download is done only when no partial file is left.
             deadline = time.time() + 30
             files: list[Path] = []
             while time.time() < deadline:
-                files = [p for p in downloads.iterdir() if p.name.endswith(".nii.gz")]
-                if files:
+                entries = list(downloads.iterdir())
+                files = [p for p in entries if p.name.endswith(".nii.gz") and p.stat().st_size > 0]
+                if files and not any(p.name.endswith(".crdownload") for p in entries):
                     break
                 time.sleep(0.2)
-            assert files, f"no mask downloaded; got {list(downloads.iterdir())}"
+            else:
+                files = []
+            assert files, f"no complete mask downloaded; got {sorted(p.name for p in downloads.iterdir())}"
             mask = nib.load(str(files[0]))
             assert mask.shape == nib.load(str(phantom_case / "imaging.nii.gz")).shape
             assert np.asanyarray(mask.dataobj).max() >= 1
