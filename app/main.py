@@ -40,6 +40,7 @@ def _load(settings: Settings) -> Engine:
         device=settings.device,
         batch_size=settings.batch_size,
         precision=settings.precision,
+        mirror=settings.mirror,
     )
     if settings.warmup:
         engine.warmup()
@@ -100,10 +101,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sweeper = asyncio.create_task(_sweeper(store, max(5.0, min(60.0, s.result_ttl_s / 4))))
         app.state.ready = True
         log.info(
-            "ready: model %s on %s (%s)%s",
+            "ready: model %s on %s (%s%s)%s",
             engine.meta.name,
             engine.device,
             engine.precision,
+            ", mirrored" if engine.mirror else "",
             " [demo model: synthetic phantoms, not for clinical use]" if s.is_demo else "",
         )
         try:

@@ -45,12 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--mirror",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="test-time mirroring: average with the left-right flipped input (2x model time)",
+    )
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     ckpt = a.checkpoint or DEMO_CHECKPOINT
     if a.checkpoint is None:
         print("using the bundled demo model (synthetic phantoms; not for clinical use)", file=sys.stderr)
-    engine = Engine.from_checkpoint(str(ckpt), device=a.device, batch_size=a.batch_size, precision=a.precision)
+    engine = Engine.from_checkpoint(
+        str(ckpt), device=a.device, batch_size=a.batch_size, precision=a.precision, mirror=a.mirror
+    )
     files = _inputs(a.input)
     if not files:
         print(f"no .nii or .nii.gz files under {a.input}", file=sys.stderr)

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto picks CUDA when available")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    mirror: bool = Field(
+        True, description="test-time mirroring (as nnU-Net): also run the left-right flipped input; 2x model time"
+    )
     batch_size: int = Field(8, ge=1, le=256, description="slices per forward pass; bounds activation memory")
     result_dir: Path = Field(
         Path(tempfile.gettempdir()) / "kitseg-results", description="where results and spooled uploads live"

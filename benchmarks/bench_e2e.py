@@ -22,7 +22,7 @@ CHILD = r"""
 import json, os, resource, sys, tempfile, time
 from pathlib import Path
 import numpy as np, nibabel as nib
-n = int(sys.argv[1]); precision = sys.argv[2]; device = sys.argv[3]
+n = int(sys.argv[1]); precision = sys.argv[2]; device = sys.argv[3]; mirror = sys.argv[4] == "1"
 tmp = Path(tempfile.mkdtemp(prefix="kitseg-bench-"))
 # A phantom-like 512x512xN int16 CT in the KiTS IPL layout, written before the server starts.
 from training.synth import make_phantom
@@ -42,7 +42,7 @@ def rss_mb():
 from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
-app = create_app(Settings(result_dir=tmp / "results", device=device, precision=precision, log_level="WARNING"))
+app = create_app(Settings(result_dir=tmp / "results", device=device, precision=precision, mirror=mirror, log_level="WARNING"))
 with TestClient(app) as c:
     c.get("/ready")
     base = rss_mb()
@@ -55,7 +55,7 @@ with TestClient(app) as c:
     peak = max(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
     res = r.json()
 print(json.dumps({"slices": n, "voxels": 512 * 512 * n, "upload_mb": len(payload) / 2**20, "wall_s": wall,
-                  "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "precision": precision}))
+                  "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "precision": precision, "mirror": mirror}))
 """
 
 
@@ -77,12 +77,22 @@ def main() -> int:
     ap.add_argument("--slices", type=int, nargs="+", default=[50, 200, 600])
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (the service's KITSEG_DEVICE)")
+    ap.add_argument(
+        "--mirror",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="KITSEG_MIRROR; off by default here: one forward per slice is the harder test of the "
+        "non-model share (mirroring doubles the model column)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "e2e.json")
     a = ap.parse_args()
     rows = []
     for n in a.slices:
         r = subprocess.run(
-            [sys.executable, "-c", CHILD, str(n), a.precision, a.device], cwd=ROOT, capture_output=True, text=True
+            [sys.executable, "-c", CHILD, str(n), a.precision, a.device, str(int(a.mirror))],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         if r.returncode != 0:
             print(r.stderr[-3000:], file=sys.stderr)
@@ -109,7 +119,7 @@ def main() -> int:
     # The CPU table keeps its own section; a GPU run gets another one.
     heading = "## End to end" if a.device == "cpu" else f"## End to end on {a.device}"
     md = [
-        f"{heading} (POST /segment, {a.device}, precision {a.precision})",
+        f"{heading} (POST /segment, {a.device}, precision {a.precision}, mirror {'on' if a.mirror else 'off'})",
         "",
         "| slices | upload MB | "
         + " | ".join(f"{s} ms" for s in stages)

@@ -28,6 +28,6 @@ mkdir -p "$OUT"
       --device "$DEVICE" --workers 4 --no-progress
   cp "$OUT/run/metrics.jsonl" "$OUT/train-smoke.jsonl"
   rm -rf "$OUT/run/cache" "$OUT/data"
-  $PY benchmarks/bench_e2e.py --slices "$SLICES" --device "$DEVICE" --out "$OUT/e2e.json"
+  $PY benchmarks/bench_e2e.py --slices "$SLICES" --device "$DEVICE" --mirror --out "$OUT/e2e.json"
   $PY benchmarks/bench_train.py --device "$DEVICE" --steps "$((ITERS / 2 + 2))" --out "$OUT/train.json"
 } 2>&1 | tee "$OUT/gpu-check.log"

@@ -17,5 +17,5 @@ $PY -m training train --data "$W/data/train" --out "$W/run" --val-fraction 0.02 
     --describe "CT synthesized (kitseg-train synth-ct) for real KiTS19 label maps case_00000-00149; KiTS19 challenge, Heller et al., CC BY-NC-SA 4.0" \
     --no-progress
 echo "training done: $(( $(date +%s) - start )) s"
-$PY -m training evaluate --checkpoint "$W/run/best.safetensors" --data "$W/data/test" --out "$W/test" --precision fp32
+$PY -m training evaluate --checkpoint "$W/run/best.safetensors" --data "$W/data/test" --out "$W/test" --precision fp32 --no-mirror
 echo "total wall time: $(( $(date +%s) - start )) s"

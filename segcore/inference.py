@@ -72,6 +72,9 @@ class Engine:
         channels_last: use NHWC memory format (helps BatchNorm U-Nets on CPU and tensor cores).
         chunk_voxels: input voxels brought to the model grid at a time (a float32 temporary of
             4 bytes each); rounded to whole batches of slices.
+        mirror: test-time augmentation as in nnU-Net, restricted to the flip the trainer
+            augments with: each batch also runs left-right mirrored, and the two logit maps are
+            averaged before the argmax. Twice the model time.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class Engine:
         precision: str = "auto",
         channels_last: bool = True,
         chunk_voxels: int = 2**24,
+        mirror: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -102,6 +106,7 @@ class Engine:
         self.precision = precision
         self.channels_last = channels_last
         self.chunk_voxels = chunk_voxels
+        self.mirror = mirror
         self.model = fold_batch_norm(copy.deepcopy(model).eval()).to(device)
         if channels_last:
             # The stubs of Module.to omit memory_format; torch supports it at runtime.
@@ -183,6 +188,8 @@ class Engine:
                     tb = time.perf_counter()
                     with self._autocast():
                         logits = self.model(t)
+                        if self.mirror:
+                            logits = (logits + self.model(t.flip(-1)).flip(-1)) * 0.5
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     tc = time.perf_counter()

@@ -232,7 +232,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if not a.checkpoint or not a.data:
         print("evaluate needs --checkpoint and --data (or --dry-run)", file=sys.stderr)
         return 2
-    engine = Engine.from_checkpoint(a.checkpoint, device=a.device, batch_size=a.batch_size, precision=a.precision)
+    engine = Engine.from_checkpoint(
+        a.checkpoint, device=a.device, batch_size=a.batch_size, precision=a.precision, mirror=a.mirror
+    )
     cases = find_cases(a.data)
     if a.cases:
         wanted = set(a.cases.split(","))
@@ -247,7 +249,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(
         f"\nKiTS19: kidney Dice {summary['kidney_dice']:.4f}, tumor Dice {summary['tumor_dice']:.4f}, "
         f"composite {summary['composite']:.4f} over {len(rows)} cases "
-        f"(precision {engine.precision}; pixel accuracy {summary['pixel_accuracy']:.4f} vs "
+        f"(precision {engine.precision}{', mirrored' if engine.mirror else ''}; pixel accuracy {summary['pixel_accuracy']:.4f} vs "
         f"{summary['all_background_accuracy']:.4f} for all-background)"
     )
     if a.out:
@@ -256,7 +258,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         (out / "kits_table.md").write_text(table + "\n")
         (out / "summary.json").write_text(
             json.dumps(
-                {"summary": summary, "cases": rows, "checkpoint": a.checkpoint, "precision": engine.precision}, indent=2
+                {
+                    "summary": summary,
+                    "cases": rows,
+                    "checkpoint": a.checkpoint,
+                    "precision": engine.precision,
+                    "mirror": engine.mirror,
+                },
+                indent=2,
             )
         )
         with open(out / "cases.csv", "w", newline="") as f:
@@ -385,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ev.add_argument(
+        "--mirror",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="test-time mirroring, as the service does by default: average the logits with those of the "
+        "left-right flipped input (2x model time)",
+    )
     ev.add_argument("--dry-run", action="store_true", help="train a tiny model on tiny phantoms and evaluate it")
     ev.set_defaults(func=cmd_evaluate)
     return p

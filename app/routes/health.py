@@ -54,6 +54,7 @@ async def model_card(worker: WorkerDep) -> dict[str, Any]:
         "weights_sha256": m.weights_sha256,
         "device": str(worker.engine.device),
         "precision": worker.engine.precision,
+        "mirror": worker.engine.mirror,
         "batch_size": worker.engine.batch_size,
     }
     if worker.settings.is_demo:

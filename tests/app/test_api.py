@@ -40,6 +40,18 @@ def test_health_ready_model(tiny_client: TestClient) -> None:
     assert card["labels"] == {"0": "background", "1": "kidney", "2": "tumor"}
     assert card["demo"] is False and len(card["sha256"]) == 64
     assert card["preprocessing"]["orientation"] == "RAS"
+    assert card["mirror"] is True  # nnU-Net-style test-time mirroring is the default
+
+
+def test_mirror_setting_reaches_the_engine(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KITSEG_MIRROR", "false")
+    settings = make_settings(tmp_path, checkpoint=tiny_checkpoint)
+    assert settings.mirror is False
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/model").json()["mirror"] is False
+        assert c.post("/segment", files={"file": ("a.nii.gz", _nifti_bytes(tmp_path))}).status_code == 200
 
 
 def test_segment_fetch_again_download_and_delete(tiny_client: TestClient, tmp_path: Path) -> None:

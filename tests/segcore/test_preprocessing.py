@@ -1,6 +1,8 @@
 """Geometry: masks must come back on the input grid and line up in world space, whatever the
 orientation (KiTS IPL, RAS, LPS, a permuted one, and oblique)."""
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from segcore.checkpoint import KITS19_LABELS, CheckpointMeta
 from segcore.inference import Engine, _Upsampler
 from segcore.io import Volume
 from segcore.metrics import dice
+from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import (
     PreprocessConfig,
     bilinear_matrix,
@@ -22,7 +25,7 @@ from segcore.preprocessing import (
     normalize,
     preprocess_case,
 )
-from segcore.unet import UNetConfig
+from segcore.unet import UNet, UNetConfig
 from tests.conftest import GEOM_PP, ORIENTATIONS, IntensityModel, make_volume
 
 
@@ -77,6 +80,41 @@ def test_engine_mask_aligns_in_world_space_with_resampling(name: str, oblique: f
     assert dice(pred.mask == 2, truth == 2) > 0.9
     # A mirrored mask (a classic orientation bug) must score far lower.
     assert dice(pred.mask[::-1, ::-1, ::-1] == 2, truth == 2) < 0.2
+
+
+class _MirrorAveraged(torch.nn.Module):
+    """What mirroring must compute: the mean of the logits and the un-flipped flipped logits."""
+
+    def __init__(self, net: UNet) -> None:
+        super().__init__()
+        self.net = net
+        self.config = net.config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.net(x) + self.net(x.flip(-1)).flip(-1)) * 0.5
+
+
+def test_engine_mirror_averages_left_right_flipped_logits() -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS["LPS"])
+    hu = hu + np.random.default_rng(0).normal(0, 40, hu.shape).astype(np.float32)  # no symmetry
+    vol = Volume(hu, aff, nib.Nifti1Header(), (1.0, 1.0, 1.0))
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
+    torch.manual_seed(1)
+    net = UNet(cfg).eval()
+    with torch.no_grad():  # large random weights: every class wins somewhere
+        for prm in net.parameters():
+            prm.normal_(0.0, 0.5)
+    meta = CheckpointMeta(
+        cfg, PreprocessConfig(clip_hu=GEOM_PP.clip_hu, mean=GEOM_PP.mean, std=GEOM_PP.std), dict(KITS19_LABELS)
+    )
+    meta = dataclasses.replace(meta, postprocessing=PostprocessConfig(keep_largest=False))
+
+    def run(model: torch.nn.Module, mirror: bool) -> np.ndarray:
+        return Engine(model, meta, torch.device("cpu"), batch_size=4, precision="fp32", mirror=mirror).predict(vol).mask  # type: ignore[arg-type]
+
+    mirrored = run(net, True)
+    np.testing.assert_array_equal(mirrored, run(_MirrorAveraged(net).eval(), False))
+    assert (mirrored != run(net, False)).any()  # a random net is not left-right symmetric
 
 
 def test_model_grid_sizes() -> None:
