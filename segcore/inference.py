@@ -74,7 +74,9 @@ class Engine:
             4 bytes each); rounded to whole batches of slices.
         mirror: test-time augmentation as in nnU-Net, restricted to the flip the trainer
             augments with: each batch also runs left-right mirrored, and the two logit maps are
-            averaged before the argmax. Twice the model time.
+            averaged before the argmax. Twice the model time. Off here, so that training's
+            validation and the engine benchmark run one pass; the service (``KITSEG_MIRROR``),
+            ``kitseg-predict`` and ``kitseg-train evaluate`` turn it on by default.
     """
 
     def __init__(
