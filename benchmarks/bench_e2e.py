@@ -84,8 +84,10 @@ def main() -> int:
         help="KITSEG_MIRROR; off by default here: one forward per slice is the harder test of the "
         "non-model share (mirroring doubles the model column)",
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "e2e.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/e2e[-mirror].json")
     a = ap.parse_args()
+    if a.out is None:
+        a.out = ROOT / "benchmarks" / "results" / ("e2e-mirror.json" if a.mirror else "e2e.json")
     rows = []
     for n in a.slices:
         r = subprocess.run(
@@ -116,8 +118,11 @@ def main() -> int:
         "write",
         "total",
     ]
-    # The CPU table keeps its own section; a GPU run gets another one.
-    heading = "## End to end" if a.device == "cpu" else f"## End to end on {a.device}"
+    # The CPU table keeps its own section; a GPU run and a mirrored run each get another one
+    # (headings that are not prefixes of each other: update_section finds the first match).
+    heading = "## Mirrored end to end" if a.mirror else "## End to end"
+    if a.device != "cpu":
+        heading += f" on {a.device}"
     md = [
         f"{heading} (POST /segment, {a.device}, precision {a.precision}, mirror {'on' if a.mirror else 'off'})",
         "",
