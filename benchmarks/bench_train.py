@@ -46,7 +46,13 @@ from segcore.preprocessing import PreprocessConfig  # noqa: E402
 from segcore.unet import UNet, UNetConfig  # noqa: E402
 from training.datasets import Augment, CaseCache, SliceDataset, find_cases, write_kits_case  # noqa: E402
 from training.synth import make_phantom  # noqa: E402
-from training.train import choose_memory_format, dice_ce_loss, first_batch, tune_cpu_malloc  # noqa: E402
+from training.train import (  # noqa: E402
+    choose_memory_format,
+    dice_ce_loss,
+    first_batch,
+    memory_format_name,
+    tune_cpu_malloc,
+)
 
 
 def naive(cases: list[Path], steps: int, base: int, device: torch.device) -> dict[str, float]:
@@ -113,7 +119,7 @@ def ours(
         "seconds": dt,
         "slices_per_s": n / dt,
         "mpix_per_s": pixels / dt / 1e6,
-        "memory_format": "channels_last" if fmt == torch.channels_last else "contiguous",
+        "memory_format": memory_format_name(fmt),
         "format_choice_s": t_fmt,  # once per run, before the first step; not in the throughput
     }
 

@@ -113,6 +113,14 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-
     return ce + dice_loss, dice_loss
 
 
+#: Training memory formats by name: ``--memory-format`` values and what provenance records.
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def memory_format_name(fmt: torch.memory_format) -> str:
+    return next(name for name, f in MEMORY_FORMATS.items() if f == fmt)
+
+
 #: mallopt parameters (glibc malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -163,19 +171,18 @@ def choose_memory_format(
     Returns:
         (format, seconds per step for each format timed; empty when nothing was timed).
     """
-    if requested not in ("auto", "channels_last", "contiguous"):
+    if requested != "auto" and requested not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be auto, channels_last or contiguous, got {requested!r}")
-    if requested == "channels_last" or (requested == "auto" and device.type == "cuda"):
+    if requested != "auto":
+        return MEMORY_FORMATS[requested], {}
+    if device.type == "cuda":
         return torch.channels_last, {}
-    if requested == "contiguous":
-        return torch.contiguous_format, {}
-    formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-    times = dict.fromkeys(formats, math.inf)
+    times = dict.fromkeys(MEMORY_FORMATS, math.inf)
     with torch.random.fork_rng(devices=[]):
         x, y = batch()
         y = y.to(device)
         runs = {}
-        for name, fmt in formats.items():
+        for name, fmt in MEMORY_FORMATS.items():
             m = copy.deepcopy(model).to(device)
             runs[name] = (m.to(memory_format=fmt).train(), x.to(device).contiguous(memory_format=fmt))  # type: ignore[call-overload]
         # A warm-up each, then the formats alternate, so that neither gains from going second (a
@@ -461,7 +468,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "train_cases": [c.case_id for c in train_cases],
         "val_cases": [c.case_id for c in val_cases],
         "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
-        "memory_format": "channels_last" if use_cl else "contiguous",
+        "memory_format": memory_format_name(fmt),
         "malloc_tuned": malloc_tuned,
     }
     log_path = out / "metrics.jsonl"
