@@ -4,6 +4,8 @@
 * KiTS21/23: nested regions kidney+masses (1, 2, 3), masses (2, 3) and tumor (2), each with Dice
   and Surface Dice at the challenge's tolerance in mm.
 * Pixel accuracy next to the all-background baseline, to show why pixel accuracy misleads.
+* Tumor Dice by the size of the reference's tumors, because a mean over cases hides that small
+  tumors (under 10 mL: 37 % of KiTS19 cases have one) score far lower than large ones.
 
 Both-empty is a perfect score (1.0), as in the KiTS21/23 evaluation code.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cc3d
 import numpy as np
 import numpy.typing as npt
 
@@ -111,9 +114,38 @@ def kits23(
     return out
 
 
+def tumor_sizes(ref: npt.NDArray[np.integer], zooms: Sequence[float]) -> dict[str, float]:
+    """The reference's tumors (label 2, 26-connected components): how many, their total volume
+    and the smallest one's, in mL (0 when there is none)."""
+    tumor = ref == 2
+    if not tumor.any():
+        return {"ref_tumors": 0, "ref_tumor_ml": 0.0, "ref_smallest_tumor_ml": 0.0}
+    # Label inside the tumors' bounding box only (cc3d's labels cost 4 bytes per voxel).
+    box = tuple(
+        slice(int(nz[0]), int(nz[-1]) + 1)
+        for nz in (np.flatnonzero(tumor.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    )
+    cc, n = cc3d.connected_components(np.ascontiguousarray(tumor[box]), connectivity=26, return_N=True)
+    sizes = np.bincount(cc.ravel(), minlength=n + 1)[1:] * (float(np.prod(zooms)) / 1000.0)
+    return {"ref_tumors": int(n), "ref_tumor_ml": float(sizes.sum()), "ref_smallest_tumor_ml": float(sizes.min())}
+
+
+def tumor_dice_by_size(rows: Sequence[dict[str, float]], small_ml: float = 10.0) -> dict[str, dict[str, float | None]]:
+    """Mean tumor Dice over three groups of cases, from rows holding :func:`tumor_sizes`' keys:
+    ``small`` (some tumor under ``small_ml``), ``large`` (every tumor at least that) and
+    ``tumor_free`` (where Dice is 1 or 0: any false positive fails the case). An empty group's
+    Dice is None."""
+    groups: dict[str, list[float]] = {"small": [], "large": [], "tumor_free": []}
+    for r in rows:
+        key = "tumor_free" if not r["ref_tumors"] else "small" if r["ref_smallest_tumor_ml"] < small_ml else "large"
+        groups[key].append(r["tumor_dice"])
+    return {k: {"n": len(v), "tumor_dice": float(np.mean(v)) if v else None} for k, v in groups.items()}
+
+
 def summarize(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Mean over cases of every numeric key (the KiTS leaderboards average per case)."""
+    """Mean over cases of every numeric key (the KiTS leaderboards average per case), except the
+    descriptions of the reference (``ref_*``)."""
     if not rows:
         return {}
-    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float))]
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not k.startswith("ref_")]
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}

@@ -207,7 +207,7 @@ def kits_table(rows: list[dict[str, Any]], summary: dict[str, float]) -> str:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from segcore.inference import Engine
-    from segcore.metrics import summarize
+    from segcore.metrics import summarize, tumor_dice_by_size
     from training.datasets import find_cases
     from training.train import evaluate_cases
 
@@ -252,6 +252,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         f"(precision {engine.precision}{', mirrored' if engine.mirror else ''}; pixel accuracy {summary['pixel_accuracy']:.4f} vs "
         f"{summary['all_background_accuracy']:.4f} for all-background)"
     )
+    by_size = tumor_dice_by_size(rows)
+    print(
+        "tumor Dice by the reference's tumors: "
+        + "; ".join(
+            f"{label} {'n/a' if (d := by_size[k]['tumor_dice']) is None else f'{d:.4f}'} (n={by_size[k]['n']})"
+            for k, label in (("small", "a tumor < 10 mL"), ("large", "all >= 10 mL"), ("tumor_free", "tumor-free"))
+        )
+    )
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +268,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "summary": summary,
+                    "tumor_dice_by_size": by_size,
                     "cases": rows,
                     "checkpoint": a.checkpoint,
                     "precision": engine.precision,

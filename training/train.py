@@ -35,7 +35,7 @@ import segcore
 from segcore.checkpoint import KITS19_LABELS, KITS23_LABELS, CheckpointMeta, save_checkpoint, unwrap
 from segcore.inference import Engine
 from segcore.io import load_labels, load_volume
-from segcore.metrics import kits19, kits23, pixel_accuracy, summarize
+from segcore.metrics import kits19, kits23, pixel_accuracy, summarize, tumor_sizes
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
 from training.datasets import Augment, Case, CaseCache, SliceDataset, find_cases, split_cases
@@ -260,6 +260,7 @@ def evaluate_cases(
         pred = engine.predict(vol)
         secs = time.perf_counter() - t0
         row: dict[str, Any] = {"case": c.case_id, **kits19(pred.mask, ref), **pixel_accuracy(pred.mask, ref)}
+        row.update(tumor_sizes(ref, vol.zooms))
         if kits23_metrics:
             row.update({f"kits23_{k}": v for k, v in kits23(pred.mask, ref, vol.zooms).items()})
         row["seconds"] = secs

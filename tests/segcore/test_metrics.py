@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from segcore.metrics import dice, kits19, kits23, pixel_accuracy, summarize, surface_dice
+from segcore.metrics import (
+    dice,
+    kits19,
+    kits23,
+    pixel_accuracy,
+    summarize,
+    surface_dice,
+    tumor_dice_by_size,
+    tumor_sizes,
+)
 
 
 def test_dice_hand_computed() -> None:
@@ -58,3 +67,34 @@ def test_surface_dice_tolerance() -> None:
 
 def test_summarize_means() -> None:
     assert summarize([{"a": 1.0}, {"a": 0.0}]) == {"a": 0.5}
+    # The reference's descriptors are not scores: they stay out of the means.
+    assert summarize([{"a": 1.0, "ref_tumor_ml": 3.0}]) == {"a": 1.0}
+
+
+def test_tumor_sizes_count_components_in_ml() -> None:
+    ref = np.zeros((20, 30, 40), dtype=np.uint8)
+    ref[2:18, 2:28, 2:38] = 1
+    ref[3:5, 3:5, 3:5] = 2  # 8 voxels
+    ref[10:13, 10:20, 10:20] = 2  # 300 voxels
+    ref[13, 20, 20] = 2  # touches the second one diagonally: same tumor (26-connectivity)
+    got = tumor_sizes(ref, (2.0, 1.0, 0.5))  # 1 mm^3 per voxel
+    assert got == {"ref_tumors": 2, "ref_tumor_ml": pytest.approx(0.309), "ref_smallest_tumor_ml": pytest.approx(0.008)}
+    assert tumor_sizes(np.ones((4, 4, 4), np.uint8), (1, 1, 1)) == {
+        "ref_tumors": 0,
+        "ref_tumor_ml": 0.0,
+        "ref_smallest_tumor_ml": 0.0,
+    }
+
+
+def test_tumor_dice_by_size_groups_cases() -> None:
+    rows = [
+        {"tumor_dice": 0.2, "ref_tumors": 2, "ref_smallest_tumor_ml": 3.0},  # has a small one
+        {"tumor_dice": 0.4, "ref_tumors": 1, "ref_smallest_tumor_ml": 9.9},
+        {"tumor_dice": 0.9, "ref_tumors": 1, "ref_smallest_tumor_ml": 10.0},
+        {"tumor_dice": 0.0, "ref_tumors": 0, "ref_smallest_tumor_ml": 0.0},
+    ]
+    got = tumor_dice_by_size(rows)
+    assert got["small"] == {"n": 2, "tumor_dice": pytest.approx(0.3)}
+    assert got["large"] == {"n": 1, "tumor_dice": pytest.approx(0.9)}
+    assert got["tumor_free"] == {"n": 1, "tumor_dice": 0.0}
+    assert tumor_dice_by_size(rows[:1])["large"] == {"n": 0, "tumor_dice": None}

@@ -136,6 +136,7 @@ def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
         assert "glibc malloc tuning on" in r.stderr
     if cmd == "evaluate":
         assert "KiTS19: kidney Dice" in r.stdout and "all-background" in r.stdout
+        assert "tumor Dice by the reference's tumors: a tumor < 10 mL" in r.stdout
 
 
 @pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate"])
