@@ -177,6 +177,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             progress=not a.no_progress,
             extra=extra,
             fg_fraction=a.fg_fraction,
+            tumor_sampling=a.tumor_sampling,
             val_precision=a.val_precision,
             memory_format=a.memory_format,
             tune_malloc=not a.no_tune_malloc,
@@ -355,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine precision for validation",
     )
     tr.add_argument("--fg-fraction", type=float, default=0.67, help="share of patches centred on kidney/tumor")
+    tr.add_argument(
+        "--tumor-sampling",
+        choices=["slice", "component"],
+        default="slice",
+        help="a tumor patch is centred on one of the case's tumor slices chosen uniformly, which "
+        "favours large tumors (slice), or on one of its tumors (3D components) chosen uniformly "
+        "(component; no better on the phantom development sets, docs/training.md)",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto|cpu|cuda")
     tr.add_argument(

@@ -159,11 +159,38 @@ class Augment:
         return img, lab
 
 
+def tumor_components(lab: npt.ArrayLike, seed: int = 0, per_component: int = 4096) -> list[npt.NDArray[np.int32]]:
+    """Voxel coordinates ``(k, y, x)`` of each tumor (label 2, 26-connected in 3D), at most
+    ``per_component`` of them per tumor (a fixed random subset), for sampling patch centres."""
+    import cc3d
+
+    tumor = np.asarray(lab) == 2
+    cc, n = cc3d.connected_components(tumor, connectivity=26, return_N=True)
+    if n == 0:
+        return []
+    coords = np.stack(np.nonzero(tumor), axis=1).astype(np.int32)
+    ids = cc[tuple(coords.T)]
+    order = np.argsort(ids, kind="stable")
+    bounds = np.cumsum(np.bincount(ids, minlength=n + 1))
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in range(1, n + 1):
+        pts = coords[order[bounds[c - 1] : bounds[c]]]
+        if len(pts) > per_component:
+            pts = pts[np.sort(rng.choice(len(pts), size=per_component, replace=False))]
+        out.append(pts)
+    return out
+
+
 class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Random 2D/2.5D patches from cached cases, oversampling slices with kidney or tumor.
 
     Each item is ``(C, P, P)`` float32 and ``(P, P)`` int64, ``C = 2k+1``, ``P = patch``. Patches are
     centred on foreground with probability ``fg_fraction`` (half of those on tumor when present).
+    With ``tumor_sampling="component"`` a tumor patch first picks one of the case's tumors (3D
+    connected components) uniformly, so that a 2 mL tumor next to a 200 mL one is trained on as
+    often; ``"slice"`` picks one of the case's tumor slices uniformly and then a tumor pixel in it,
+    which favours the tumors that span many slices.
     """
 
     def __init__(
@@ -175,7 +202,10 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         fg_fraction: float = 0.67,
         augment: Augment | None = None,
         seed: int = 0,
+        tumor_sampling: str = "slice",
     ) -> None:
+        if tumor_sampling not in ("component", "slice"):
+            raise ValueError(f"tumor_sampling must be 'component' or 'slice', got {tumor_sampling!r}")
         self.cases = cases
         self.context = context
         self.patch = patch
@@ -186,6 +216,8 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.epoch = 0
         self.fg_slices = [np.nonzero(np.asarray(lab).reshape(lab.shape[0], -1).any(1))[0] for _, lab in cases]
         self.tumor_slices = [np.nonzero((np.asarray(lab) == 2).reshape(lab.shape[0], -1).any(1))[0] for _, lab in cases]
+        self.tumor_sampling = tumor_sampling
+        self.tumors = [tumor_components(lab, seed=i) for i, (_, lab) in enumerate(cases)]
 
     def __len__(self) -> int:
         return self.length
@@ -201,12 +233,18 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         centre: tuple[int, int] | None = None
         if rng.random() < self.fg_fraction and len(self.fg_slices[ci]):
             use_tumor = len(self.tumor_slices[ci]) and rng.random() < 0.5
-            pool = self.tumor_slices[ci] if use_tumor else self.fg_slices[ci]
-            k = int(rng.choice(pool))
-            target = (np.asarray(lab[k]) == 2) if use_tumor else (np.asarray(lab[k]) > 0)
-            ys, xs = np.nonzero(target)
-            j = int(rng.integers(len(ys)))
-            centre = (int(ys[j]), int(xs[j]))
+            if use_tumor and self.tumor_sampling == "component":
+                comps = self.tumors[ci]
+                pts = comps[int(rng.integers(len(comps)))]
+                k, cy, cx = (int(v) for v in pts[int(rng.integers(len(pts)))])
+                centre = (cy, cx)
+            else:
+                pool = self.tumor_slices[ci] if use_tumor else self.fg_slices[ci]
+                k = int(rng.choice(pool))
+                target = (np.asarray(lab[k]) == 2) if use_tumor else (np.asarray(lab[k]) > 0)
+                ys, xs = np.nonzero(target)
+                j = int(rng.integers(len(ys)))
+                centre = (int(ys[j]), int(xs[j]))
         else:
             k = int(rng.integers(z))
         idx = np.clip(np.arange(k - self.context, k + self.context + 1), 0, z - 1)

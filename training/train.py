@@ -71,6 +71,8 @@ class TrainConfig:
     target_spacing_mm: float | None = 1.6
     intensity: str = "auto"
     fg_fraction: float = 0.67
+    #: how a tumor patch picks its centre: ``component`` (each tumor equally often) or ``slice``.
+    tumor_sampling: str = "slice"
     val_batch_size: int = 16
     val_precision: str = "fp32"
     max_train_cases: int | None = None
@@ -399,6 +401,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         patch=cfg.patch,
         length=cfg.iters_per_epoch * cfg.batch_size,
         fg_fraction=cfg.fg_fraction,
+        tumor_sampling=cfg.tumor_sampling,
         augment=Augment(),
         seed=cfg.seed * 1000 + ddp.rank,
     )

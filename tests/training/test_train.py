@@ -13,7 +13,7 @@ import torch
 from segcore.checkpoint import load_checkpoint
 from segcore.unet import UNet, UNetConfig
 from training.cli import _one_phantom, main
-from training.datasets import CaseCache, SliceDataset, find_cases, split_cases
+from training.datasets import CaseCache, SliceDataset, find_cases, split_cases, tumor_components
 from training.train import choose_memory_format, dice_ce_loss
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +69,29 @@ def test_cache_and_sampler_oversample_foreground(tmp_path: Path) -> None:
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and y.shape == (32, 32) and y.dtype == torch.int64
     assert fg > 32, "foreground slices must be oversampled"
+
+
+def test_component_sampling_trains_on_small_tumors_as_often_as_large() -> None:
+    # One case: a 3-voxel tumor in one slice, and a 20-slice one far from it.
+    lab = np.zeros((32, 64, 64), dtype=np.uint8)
+    lab[2:30, 4:60, 4:60] = 1
+    lab[4, 10, 10:13] = 2
+    lab[10:30, 30:50, 30:50] = 2
+    img = np.zeros(lab.shape, dtype=np.float16)
+    assert sorted(len(c) for c in tumor_components(lab)) == [3, 4096]  # at most 4096 kept per tumor
+
+    def small_share(mode: str) -> float:
+        ds = SliceDataset([(img, lab)], context=0, patch=16, length=600, fg_fraction=1.0, seed=0, tumor_sampling=mode)
+        # A 16 px patch centred within 5 px of a big-tumor pixel shows >= 9 of them; the small one
+        # has 3 pixels.
+        return float(np.mean([1 <= int((ds[i][1] == 2).sum()) <= 3 for i in range(600)]))
+
+    # Half the patches are tumor patches (fg_fraction 1): "component" puts half of those on the
+    # small tumor (0.25), "slice" 1 in 21 of them (0.024).
+    assert small_share("component") > 0.18
+    assert small_share("slice") < 0.06
+    with pytest.raises(ValueError, match="tumor_sampling"):
+        SliceDataset([(img, lab)], context=0, patch=16, length=1, tumor_sampling="voxel")
 
 
 def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
