@@ -217,7 +217,10 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.fg_slices = [np.nonzero(np.asarray(lab).reshape(lab.shape[0], -1).any(1))[0] for _, lab in cases]
         self.tumor_slices = [np.nonzero((np.asarray(lab) == 2).reshape(lab.shape[0], -1).any(1))[0] for _, lab in cases]
         self.tumor_sampling = tumor_sampling
-        self.tumors = [tumor_components(lab, seed=i) for i, (_, lab) in enumerate(cases)]
+        # Only the component sampler needs them (a labelling pass over every case).
+        self.tumors = (
+            [tumor_components(lab, seed=i) for i, (_, lab) in enumerate(cases)] if tumor_sampling == "component" else []
+        )
 
     def __len__(self) -> int:
         return self.length
