@@ -41,6 +41,7 @@ def _load(settings: Settings) -> Engine:
         batch_size=settings.batch_size,
         precision=settings.precision,
         mirror=settings.mirror,
+        backend=settings.backend,
     )
     if settings.warmup:
         engine.warmup()
@@ -101,9 +102,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sweeper = asyncio.create_task(_sweeper(store, max(5.0, min(60.0, s.result_ttl_s / 4))))
         app.state.ready = True
         log.info(
-            "ready: model %s on %s (%s%s)%s",
+            "ready: model %s on %s (%s, %s%s)%s",
             engine.meta.name,
             engine.device,
+            engine.backend,
             engine.precision,
             ", mirrored" if engine.mirror else "",
             " [demo model: synthetic phantoms, not for clinical use]" if s.is_demo else "",

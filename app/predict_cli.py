@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=None, help="checkpoint; default: the bundled demo model")
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime"],
+        help="auto: ONNX Runtime for fp32 on CPU when installed (kitseg[onnx]), torch otherwise",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument(
         "--mirror",
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.checkpoint is None:
         print("using the bundled demo model (synthetic phantoms; not for clinical use)", file=sys.stderr)
     engine = Engine.from_checkpoint(
-        str(ckpt), device=a.device, batch_size=a.batch_size, precision=a.precision, mirror=a.mirror
+        str(ckpt), device=a.device, batch_size=a.batch_size, precision=a.precision, mirror=a.mirror, backend=a.backend
     )
     files = _inputs(a.input)
     if not files:

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto picks CUDA when available")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="auto: ONNX Runtime for fp32 on CPU when the onnx extra is installed (about 1.2-1.4x faster "
+        "here), torch otherwise and always on CUDA",
+    )
     mirror: bool = Field(
         True, description="test-time mirroring (as nnU-Net): also run the left-right flipped input; 2x model time"
     )

@@ -22,7 +22,7 @@ CHILD = r"""
 import json, os, resource, sys, tempfile, time
 from pathlib import Path
 import numpy as np, nibabel as nib
-n = int(sys.argv[1]); precision = sys.argv[2]; device = sys.argv[3]; mirror = sys.argv[4] == "1"
+n = int(sys.argv[1]); precision = sys.argv[2]; device = sys.argv[3]; mirror = sys.argv[4] == "1"; backend = sys.argv[5]
 tmp = Path(tempfile.mkdtemp(prefix="kitseg-bench-"))
 # A phantom-like 512x512xN int16 CT in the KiTS IPL layout, written before the server starts.
 from training.synth import make_phantom
@@ -42,9 +42,10 @@ def rss_mb():
 from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
-app = create_app(Settings(result_dir=tmp / "results", device=device, precision=precision, mirror=mirror, log_level="WARNING"))
+app = create_app(Settings(result_dir=tmp / "results", device=device, precision=precision, mirror=mirror, backend=backend, log_level="WARNING"))
 with TestClient(app) as c:
     c.get("/ready")
+    backend = app.state.worker.engine.backend  # what "auto" resolved to
     base = rss_mb()
     # Reset the high-water mark so the peak is this request's (Linux >= 4.0).
     open("/proc/self/clear_refs", "w").write("5")
@@ -55,7 +56,7 @@ with TestClient(app) as c:
     peak = max(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
     res = r.json()
 print(json.dumps({"slices": n, "voxels": 512 * 512 * n, "upload_mb": len(payload) / 2**20, "wall_s": wall,
-                  "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "precision": precision, "mirror": mirror}))
+                  "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "precision": precision, "mirror": mirror, "backend": backend}))
 """
 
 
@@ -84,14 +85,21 @@ def main() -> int:
         help="KITSEG_MIRROR; off by default here: one forward per slice is the harder test of the "
         "non-model share (mirroring doubles the model column)",
     )
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/e2e[-mirror].json")
+    ap.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime"],
+        help="KITSEG_BACKEND; a non-auto choice gets its own section (auto: onnxruntime on CPU when installed)",
+    )
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/e2e[-mirror][-BACKEND].json")
     a = ap.parse_args()
     if a.out is None:
-        a.out = ROOT / "benchmarks" / "results" / ("e2e-mirror.json" if a.mirror else "e2e.json")
+        suffix = ("-mirror" if a.mirror else "") + ("" if a.backend == "auto" else f"-{a.backend}")
+        a.out = ROOT / "benchmarks" / "results" / f"e2e{suffix}.json"
     rows = []
     for n in a.slices:
         r = subprocess.run(
-            [sys.executable, "-c", CHILD, str(n), a.precision, a.device, str(int(a.mirror))],
+            [sys.executable, "-c", CHILD, str(n), a.precision, a.device, str(int(a.mirror)), a.backend],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -121,10 +129,13 @@ def main() -> int:
     # The CPU table keeps its own section; a GPU run and a mirrored run each get another one
     # (headings that are not prefixes of each other: update_section finds the first match).
     heading = "## Mirrored end to end" if a.mirror else "## End to end"
+    if a.backend != "auto":
+        heading = f"## Backend {a.backend}: " + heading.removeprefix("## ").lower()
     if a.device != "cpu":
         heading += f" on {a.device}"
+    backends = ", ".join(sorted({r["backend"] for r in rows}))
     md = [
-        f"{heading} (POST /segment, {a.device}, precision {a.precision}, mirror {'on' if a.mirror else 'off'})",
+        f"{heading} (POST /segment, {a.device}, precision {a.precision}, backend {a.backend} = {backends}, mirror {'on' if a.mirror else 'off'})",
         "",
         "| slices | upload MB | "
         + " | ".join(f"{s} ms" for s in stages)

@@ -11,4 +11,4 @@ python -m pip install -q --upgrade pip >/dev/null
 if [ "${KITSEG_TORCH:-pinned}" != "skip" ] && ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==${KITSEG_TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install -q -e ".[train,dev]"
+python -m pip install -q -e ".[train,dev,onnx]"

@@ -20,6 +20,7 @@ import torch
 
 from segcore.checkpoint import CheckpointMeta, load_checkpoint
 from segcore.io import Volume
+from segcore.ort import BACKENDS, OrtModel, onnxruntime_available
 from segcore.postprocess import keep_largest_components
 from segcore.preprocessing import (
     bilinear_matrix,
@@ -77,6 +78,9 @@ class Engine:
             averaged before the argmax. Twice the model time. Off here, so that training's
             validation and the engine benchmark run one pass; the service (``KITSEG_MIRROR``),
             ``kitseg-predict`` and ``kitseg-train evaluate`` turn it on by default.
+        backend: ``torch``, ``onnxruntime`` (fp32 on CPU only; the ``kitseg[onnx]`` extra, see
+            :mod:`segcore.ort`) or ``auto``: onnxruntime for fp32 on CPU when it is installed,
+            torch otherwise. The resolved choice is in ``self.backend``.
     """
 
     def __init__(
@@ -89,7 +93,10 @@ class Engine:
         channels_last: bool = True,
         chunk_voxels: int = 2**24,
         mirror: bool = False,
+        backend: str = "auto",
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -105,14 +112,34 @@ class Engine:
             # aten::_slow_conv2d_forward, about 7x slower than fp32 (docs/benchmarks.md). On
             # AVX-512 BF16 / AMX CPUs bf16 is reported 2-2.5x faster: set precision="bf16" there.
             precision = "bf16" if device.type == "cuda" else "fp32"
+        cpu_fp32 = device.type == "cpu" and precision == "fp32"
+        auto = backend == "auto"
+        if auto:
+            backend = "onnxruntime" if cpu_fp32 and onnxruntime_available() else "torch"
+        elif backend == "onnxruntime" and not cpu_fp32:
+            raise ValueError(f"the onnxruntime backend runs fp32 on CPU only, not {precision} on {device.type}")
         self.precision = precision
-        self.channels_last = channels_last
         self.chunk_voxels = chunk_voxels
         self.mirror = mirror
-        self.model = fold_batch_norm(copy.deepcopy(model).eval()).to(device)
-        if channels_last:
+        net = fold_batch_norm(copy.deepcopy(model).eval()).to(device)
+        self.ort: OrtModel | None = None
+        if backend == "onnxruntime":
+            try:
+                self.ort = OrtModel(net)  # an ImportError names the extra when it is missing
+            except Exception:
+                if not auto:
+                    raise
+                # A future torch without the TorchScript exporter, say: serve with torch rather than not at all.
+                log.warning("onnxruntime backend unavailable, using torch", exc_info=True)
+                backend = "torch"
+        if self.ort is not None:
+            channels_last = False
+        elif channels_last:
             # The stubs of Module.to omit memory_format; torch supports it at runtime.
-            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,unused-ignore]
+            net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload,unused-ignore]
+        self.backend = backend
+        self.channels_last = channels_last
+        self.model: Callable[[torch.Tensor], torch.Tensor] = self.ort or net
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", **kwargs: object) -> Engine:
@@ -133,6 +160,8 @@ class Engine:
             self.model(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        if self.ort is not None:
+            self.ort.release()
 
     def _batches(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int]]:
         for k0 in range(start, stop, batch_size):
@@ -174,39 +203,44 @@ class Engine:
         # per chunk): long contiguous runs make the strided copy out of the stored layout cheap,
         # and the chunk bounds the float32 temporary (CHUNK_VOXELS * 4 bytes).
         chunk = max(bs, (self.chunk_voxels // max(1, y * x)) // bs * bs)
-        with torch.inference_mode():
-            for c0 in range(0, z, chunk):
-                c1 = min(z, c0 + chunk)
-                ta = time.perf_counter()
-                lo, hi = max(0, c0 - ctx), min(z, c1 + ctx)
-                slab = model_slices(view[lo:hi], grid, cfg, volume.slope, volume.inter, self.device)  # (S, h, w)
-                t_pre += time.perf_counter() - ta
-                for k0, k1 in self._batches(c0, c1, bs):
+        try:
+            with torch.inference_mode():
+                for c0 in range(0, z, chunk):
+                    c1 = min(z, c0 + chunk)
                     ta = time.perf_counter()
-                    idx = torch.from_numpy(context_indices(np.arange(k0, k1), ctx, z) - lo).to(self.device)
-                    t = slab[idx]  # (B, C, h, w)
-                    if self.channels_last:
-                        t = t.contiguous(memory_format=torch.channels_last)
-                    tb = time.perf_counter()
-                    with self._autocast():
-                        logits = self.model(t)
-                        if self.mirror:
-                            logits = (logits + self.model(t.flip(-1)).flip(-1)) * 0.5
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    tc = time.perf_counter()
-                    logits = logits.float()
-                    found = up.labels(logits, conf_sum, conf_cnt)
-                    if found is not None:
-                        (r0, r1), (q0, q1), lab8 = found
-                        mask_zyx[k0:k1, r0:r1, q0:q1] = lab8.cpu().numpy()
-                        box = _grow(box, [(k0, k1), (r0, r1), (q0, q1)])
-                    td = time.perf_counter()
-                    t_pre += tb - ta
-                    t_model += tc - tb
-                    t_post += td - tc
-                    if progress is not None:
-                        progress(k1, z)
+                    lo, hi = max(0, c0 - ctx), min(z, c1 + ctx)
+                    slab = model_slices(view[lo:hi], grid, cfg, volume.slope, volume.inter, self.device)  # (S, h, w)
+                    t_pre += time.perf_counter() - ta
+                    for k0, k1 in self._batches(c0, c1, bs):
+                        ta = time.perf_counter()
+                        idx = torch.from_numpy(context_indices(np.arange(k0, k1), ctx, z) - lo).to(self.device)
+                        t = slab[idx]  # (B, C, h, w)
+                        if self.channels_last:
+                            t = t.contiguous(memory_format=torch.channels_last)
+                        tb = time.perf_counter()
+                        with self._autocast():
+                            logits = self.model(t)
+                            if self.mirror:
+                                logits = (logits + self.model(t.flip(-1)).flip(-1)) * 0.5
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        tc = time.perf_counter()
+                        logits = logits.float()
+                        found = up.labels(logits, conf_sum, conf_cnt)
+                        if found is not None:
+                            (r0, r1), (q0, q1), lab8 = found
+                            mask_zyx[k0:k1, r0:r1, q0:q1] = lab8.cpu().numpy()
+                            box = _grow(box, [(k0, k1), (r0, r1), (q0, q1)])
+                        td = time.perf_counter()
+                        t_pre += tb - ta
+                        t_model += tc - tb
+                        t_post += td - tc
+                        if progress is not None:
+                            progress(k1, z)
+        finally:
+            if self.ort is not None:
+                # Even when the job is cancelled between batches: the arena goes back either way.
+                self.ort.release()
         ts = time.perf_counter()
         if box:
             # Only the box that holds all the foreground is scanned; writes go through the view.

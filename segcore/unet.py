@@ -144,13 +144,24 @@ class UNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.config.in_slices:
             raise ValueError(f"expected input (B, {self.config.in_slices}, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
+        ph, pw = self.padding(h, w)
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        return self.forward_padded(x)[..., :h, :w]
+
+    def padding(self, h: int, w: int) -> tuple[int, int]:
+        """Rows and columns of replicate padding (bottom, right) that :meth:`forward` adds to an
+        ``h x w`` input before :meth:`forward_padded`."""
         m = self.config.multiple
         ph, pw = (-h) % m, (-w) % m
         if self.config.norm == "instance":
             # Instance norm needs > 1 element per channel at the bottleneck.
             ph, pw = max(ph, 2 * m - h), max(pw, 2 * m - w)
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        return ph, pw
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The network itself, on an input already padded by :meth:`padding`. It has no
+        shape-dependent Python, so it exports to ONNX with dynamic batch, height and width."""
         skips = []
         for i, block in enumerate(self.down):
             x = block(x)
@@ -162,7 +173,7 @@ class UNet(nn.Module):
             x = up(x)
             x = block(torch.cat([x, skips.pop()], dim=1))
         logits: torch.Tensor = self.head(x)
-        return logits[..., :h, :w]
+        return logits
 
 
 def build_unet(config: UNetConfig) -> UNet:

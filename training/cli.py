@@ -234,7 +234,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print("evaluate needs --checkpoint and --data (or --dry-run)", file=sys.stderr)
         return 2
     engine = Engine.from_checkpoint(
-        a.checkpoint, device=a.device, batch_size=a.batch_size, precision=a.precision, mirror=a.mirror
+        a.checkpoint,
+        device=a.device,
+        batch_size=a.batch_size,
+        precision=a.precision,
+        mirror=a.mirror,
+        backend=a.backend,
     )
     cases = find_cases(a.data)
     if a.cases:
@@ -250,7 +255,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(
         f"\nKiTS19: kidney Dice {summary['kidney_dice']:.4f}, tumor Dice {summary['tumor_dice']:.4f}, "
         f"composite {summary['composite']:.4f} over {len(rows)} cases "
-        f"(precision {engine.precision}{', mirrored' if engine.mirror else ''}; pixel accuracy {summary['pixel_accuracy']:.4f} vs "
+        f"({engine.backend}, precision {engine.precision}{', mirrored' if engine.mirror else ''}; pixel accuracy {summary['pixel_accuracy']:.4f} vs "
         f"{summary['all_background_accuracy']:.4f} for all-background)"
     )
     by_size = tumor_dice_by_size(rows)
@@ -272,6 +277,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                     "tumor_dice_by_size": by_size,
                     "cases": rows,
                     "checkpoint": a.checkpoint,
+                    "backend": engine.backend,
                     "precision": engine.precision,
                     "mirror": engine.mirror,
                 },
@@ -412,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ev.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime"],
+        help="auto: ONNX Runtime for fp32 on CPU when installed (kitseg[onnx]), torch otherwise; the tables in "
+        "docs/ before session 7 were made with torch",
+    )
     ev.add_argument(
         "--mirror",
         action=argparse.BooleanOptionalAction,

@@ -531,6 +531,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 device,
                 batch_size=cfg.val_batch_size,
                 precision=cfg.val_precision,
+                # The network changes every epoch; an ONNX export each time would buy little here.
+                backend="torch",
                 channels_last=use_cl,
             )
             t_val = time.perf_counter()

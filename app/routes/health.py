@@ -53,6 +53,7 @@ async def model_card(worker: WorkerDep) -> dict[str, Any]:
         "format_version": m.format_version,
         "weights_sha256": m.weights_sha256,
         "device": str(worker.engine.device),
+        "backend": worker.engine.backend,
         "precision": worker.engine.precision,
         "mirror": worker.engine.mirror,
         "batch_size": worker.engine.batch_size,

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from segcore.ort import onnxruntime_available
 from tests.app.conftest import make_settings
 from tests.conftest import ORIENTATIONS, make_volume, write_nifti
 
@@ -41,16 +42,20 @@ def test_health_ready_model(tiny_client: TestClient) -> None:
     assert card["demo"] is False and len(card["sha256"]) == 64
     assert card["preprocessing"]["orientation"] == "RAS"
     assert card["mirror"] is True  # nnU-Net-style test-time mirroring is the default
+    # auto: ONNX Runtime on CPU when the onnx extra is installed (setup.sh installs it)
+    assert card["backend"] == ("onnxruntime" if onnxruntime_available() else "torch")
 
 
-def test_mirror_setting_reaches_the_engine(
+def test_mirror_and_backend_settings_reach_the_engine(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KITSEG_MIRROR", "false")
+    monkeypatch.setenv("KITSEG_BACKEND", "torch")
     settings = make_settings(tmp_path, checkpoint=tiny_checkpoint)
     assert settings.mirror is False
     with TestClient(create_app(settings)) as c:
-        assert c.get("/model").json()["mirror"] is False
+        card = c.get("/model").json()
+        assert card["mirror"] is False and card["backend"] == "torch"
         assert c.post("/segment", files={"file": ("a.nii.gz", _nifti_bytes(tmp_path))}).status_code == 200
 
 

@@ -53,7 +53,7 @@ def test_canonical_view_is_ras_ordered(codes: tuple[str, str, str]) -> None:
 def _engine(pp: PreprocessConfig) -> Engine:
     cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
     meta = CheckpointMeta(cfg, pp, dict(KITS19_LABELS))
-    return Engine(IntensityModel(cfg, pp), meta, torch.device("cpu"), batch_size=4, precision="fp32")  # type: ignore[arg-type]
+    return Engine(IntensityModel(cfg, pp), meta, torch.device("cpu"), batch_size=4, precision="fp32", backend="torch")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", list(ORIENTATIONS))
@@ -110,7 +110,11 @@ def test_engine_mirror_averages_left_right_flipped_logits() -> None:
     meta = dataclasses.replace(meta, postprocessing=PostprocessConfig(keep_largest=False))
 
     def run(model: torch.nn.Module, mirror: bool) -> np.ndarray:
-        return Engine(model, meta, torch.device("cpu"), batch_size=4, precision="fp32", mirror=mirror).predict(vol).mask  # type: ignore[arg-type]
+        return (
+            Engine(model, meta, torch.device("cpu"), batch_size=4, precision="fp32", mirror=mirror, backend="torch")
+            .predict(vol)
+            .mask
+        )  # type: ignore[arg-type]
 
     mirrored = run(net, True)
     np.testing.assert_array_equal(mirrored, run(_MirrorAveraged(net).eval(), False))

@@ -1,0 +1,148 @@
+"""The ONNX Runtime backend: the same masks as torch, on any input size and orientation, and a
+clear choice of backend."""
+
+import dataclasses
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segcore.inference
+from segcore.checkpoint import KITS19_LABELS, CheckpointMeta
+from segcore.inference import Engine
+from segcore.io import Volume
+from segcore.ort import OrtModel, onnxruntime_available
+from segcore.postprocess import PostprocessConfig
+from segcore.preprocessing import PreprocessConfig
+from segcore.unet import UNet, UNetConfig, fold_batch_norm
+from tests.conftest import GEOM_PP, ORIENTATIONS, make_volume
+
+needs_ort = pytest.mark.skipif(not onnxruntime_available(), reason="the onnx extra (kitseg[onnx]) is not installed")
+CPU = torch.device("cpu")
+
+
+def _random_net(cfg: UNetConfig, seed: int = 1) -> UNet:
+    torch.manual_seed(seed)
+    net = UNet(cfg).eval()
+    with torch.no_grad():  # large random weights: every class wins somewhere
+        for prm in net.parameters():
+            prm.normal_(0.0, 0.5)
+    return net
+
+
+def _meta(cfg: UNetConfig, spacing: tuple[float, float] | None) -> CheckpointMeta:
+    pp = PreprocessConfig(target_spacing_mm=spacing, clip_hu=GEOM_PP.clip_hu, mean=GEOM_PP.mean, std=GEOM_PP.std)
+    meta = CheckpointMeta(cfg, pp, dict(KITS19_LABELS))
+    return dataclasses.replace(meta, postprocessing=PostprocessConfig(keep_largest=False))
+
+
+@needs_ort
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+@pytest.mark.parametrize("hw", [(37, 53), (64, 64), (13, 9)])
+def test_ort_model_matches_the_network_at_any_size(norm: str, hw: tuple[int, int]) -> None:
+    # Sizes that need the internal padding (and, for instance norm, more of it) and one that doesn't.
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3, norm=norm)
+    net = fold_batch_norm(_random_net(cfg))
+    x = torch.randn(3, 3, *hw)
+    with torch.inference_mode():
+        ref = net(x)
+    out = OrtModel(net)(x)
+    assert out.shape == ref.shape
+    # float32 rounding of a different summation order, relative to the logits' scale
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@needs_ort
+@pytest.mark.parametrize("name, oblique, mirror", [("IPL", 0.0, True), ("LPS", 25.0, False), ("RAS", 0.0, True)])
+def test_onnxruntime_engine_gives_the_torch_engines_mask(name: str, oblique: float, mirror: bool) -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS[name], oblique_deg=oblique)
+    hu = hu + np.random.default_rng(0).normal(0, 40, hu.shape).astype(np.float32)
+    vol = Volume(hu, aff, nib.Nifti1Header(), (1.0, 1.0, 1.0))
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
+    meta = _meta(cfg, (1.3, 1.3))  # a model grid that is not a multiple of 4
+    net = _random_net(cfg)
+
+    def run(backend: str) -> tuple[np.ndarray, dict[int, float]]:
+        eng = Engine(net, meta, CPU, batch_size=4, precision="fp32", mirror=mirror, backend=backend)
+        assert eng.backend == backend
+        pred = eng.predict(vol)
+        return pred.mask, pred.confidence
+
+    ref, ref_conf = run("torch")
+    out, conf = run("onnxruntime")
+    assert len(np.unique(ref)) == 3  # all classes present: the comparison means something
+    # Logits agree to ~1e-5; allow a rare argmax tie to fall the other way.
+    assert (out != ref).mean() < 1e-4
+    assert conf == pytest.approx(ref_conf, abs=1e-4)
+
+
+@needs_ort
+def test_auto_backend_is_onnxruntime_for_fp32_on_cpu_only() -> None:
+    cfg = UNetConfig(in_slices=1, base_width=4, depth=2)
+    net, meta = UNet(cfg), _meta(cfg, None)
+    assert Engine(net, meta, CPU, precision="fp32").backend == "onnxruntime"
+    assert Engine(net, meta, CPU, precision="auto").backend == "onnxruntime"  # auto = fp32 on CPU
+    assert Engine(net, meta, CPU, precision="bf16").backend == "torch"
+    with pytest.raises(ValueError, match="fp32 on CPU only"):
+        Engine(net, meta, CPU, precision="bf16", backend="onnxruntime")
+
+
+def test_backend_choice_without_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = UNetConfig(in_slices=1, base_width=4, depth=2)
+    net, meta = UNet(cfg), _meta(cfg, None)
+    monkeypatch.setattr(segcore.inference, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr("segcore.ort.onnxruntime_available", lambda: False)
+    assert Engine(net, meta, CPU, precision="fp32").backend == "torch"
+    with pytest.raises(ImportError, match=r"kitseg\[onnx\]"):
+        Engine(net, meta, CPU, precision="fp32", backend="onnxruntime")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Engine(net, meta, CPU, backend="tensorrt")
+
+
+def test_forward_is_padding_then_forward_padded_then_crop() -> None:
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
+    net = _random_net(cfg)
+    x = torch.randn(2, 3, 21, 30)
+    ph, pw = net.padding(21, 30)
+    assert (ph, pw) == (3, 2)
+    with torch.inference_mode():
+        manual = net.forward_padded(F.pad(x, (0, pw, 0, ph), mode="replicate"))[..., :21, :30]
+        torch.testing.assert_close(net(x), manual)
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = UNetConfig(in_slices=1, base_width=4, depth=2)
+    net, meta = UNet(cfg), _meta(cfg, None)
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("exporter removed")
+
+    monkeypatch.setattr(segcore.inference, "onnxruntime_available", lambda: True)
+    monkeypatch.setattr(segcore.inference, "OrtModel", broken)
+    assert Engine(net, meta, CPU, precision="fp32").backend == "torch"  # the service still starts
+    with pytest.raises(RuntimeError, match="exporter removed"):
+        Engine(net, meta, CPU, precision="fp32", backend="onnxruntime")  # asked for: no silent fallback
+
+
+@needs_ort
+def test_allocation_failure_is_a_memory_error_for_the_oom_retry() -> None:
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+    cfg = UNetConfig(in_slices=1, base_width=4, depth=2)
+    model = OrtModel(fold_batch_norm(UNet(cfg).eval()))
+
+    class _Session:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def run(self, *_: object) -> None:
+            raise self.exc
+
+    model.session = _Session(RuntimeException("Failed to allocate memory for requested buffer of size 123"))  # type: ignore[assignment]
+    with pytest.raises(MemoryError, match="allocate"):
+        model(torch.zeros(1, 1, 8, 8))
+    model.session = _Session(RuntimeException("Non-zero status code returned while running Conv node"))  # type: ignore[assignment]
+    with pytest.raises(RuntimeException):
+        model(torch.zeros(1, 1, 8, 8))
