@@ -29,8 +29,8 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto",
-        description="auto: ONNX Runtime for fp32 on CPU when the onnx extra is installed (about 1.2-1.4x faster "
-        "here), torch otherwise and always on CUDA",
+        description="auto: ONNX Runtime for fp32 on CPU when the onnx extra is installed (1.05-1.4x faster model "
+        "stage here), torch otherwise and always on CUDA",
     )
     mirror: bool = Field(
         True, description="test-time mirroring (as nnU-Net): also run the left-right flipped input; 2x model time"

@@ -1,10 +1,11 @@
 """ONNX Runtime as the engine's CPU backend (the optional ``kitseg[onnx]`` extra).
 
-On the 2-core AVX2 development CPU, ONNX Runtime's own convolution kernels run the demo U-Net
-about 1.2-1.5x faster than torch's oneDNN path (docs/benchmarks.md), with logits equal to
-about 2e-5. The checkpoint stays the one source of truth: the BatchNorm-folded network is
-exported to ONNX in memory when an engine is built (a fraction of a second), never to disk.
-CUDA keeps torch, with AMP and channels_last.
+On the 2-core AVX2 development CPU, ONNX Runtime runs the demo U-Net's model stage 1.05-1.4x
+faster than torch (docs/benchmarks.md: mostly because its memory arena keeps activation buffers
+for the length of a volume), with logits equal to about 2e-5. The checkpoint stays the one
+source of truth: the BatchNorm-folded network is exported to ONNX when an engine is built (a
+fraction of a second, through a temporary file that is removed at once). CUDA keeps torch, with
+AMP and channels_last.
 """
 
 from __future__ import annotations
