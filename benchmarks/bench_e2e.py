@@ -55,6 +55,7 @@ with TestClient(app) as c:
     assert r.status_code == 200, r.text
     peak = max(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
     res = r.json()
+import shutil; shutil.rmtree(tmp, ignore_errors=True)  # the phantom, the spool and the result
 print(json.dumps({"slices": n, "voxels": 512 * 512 * n, "upload_mb": len(payload) / 2**20, "wall_s": wall,
                   "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "precision": precision, "mirror": mirror, "backend": backend}))
 """

@@ -18,6 +18,7 @@ import collections
 import concurrent.futures as cf
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(60)
+        shutil.rmtree(tmp, ignore_errors=True)  # the phantom and the server's results
 
     statuses = collections.Counter(s for s, _, _ in results)
     ok_lat = sorted(t for s, t, _ in results if s == 200)
