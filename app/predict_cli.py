@@ -20,6 +20,7 @@ from app.settings import DEMO_CHECKPOINT
 from segcore.errors import KitsegError
 from segcore.inference import Engine
 from segcore.io import load_volume, save_mask
+from segcore.ort import BACKENDS
 from segcore.stats import compute_statistics
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "torch", "onnxruntime"],
+        choices=BACKENDS,
         help="auto: ONNX Runtime for fp32 on CPU when installed (kitseg[onnx]), torch otherwise",
     )
     ap.add_argument("--batch-size", type=int, default=8)

@@ -89,7 +89,7 @@ def main() -> int:
     ap.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "torch", "onnxruntime"],
+        choices=["auto", "torch", "onnxruntime"],  # segcore.ort.BACKENDS; literal to keep torch out of start-up
         help="KITSEG_BACKEND; a non-auto choice gets its own section (auto: onnxruntime on CPU when installed)",
     )
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/e2e[-mirror][-BACKEND].json")

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from segcore.unet import UNet
+from segcore.unet import UNet, padded_call
 
 #: ``Engine(backend=...)`` values. ``auto``: onnxruntime for fp32 on CPU when it is installed,
 #: torch otherwise.
@@ -45,8 +44,8 @@ def export_onnx(model: UNet) -> bytes:
     """The eval-mode network as ONNX bytes, with dynamic batch, height and width.
 
     Only :meth:`UNet.forward_padded` is exported: the padding to a multiple of ``2**(depth-1)``
-    depends on the input's size, so :class:`OrtModel` does it around the session, as
-    :meth:`UNet.forward` does around the network.
+    depends on the input's size, so :class:`OrtModel` does it around the session with
+    :func:`segcore.unet.padded_call`, as :meth:`UNet.forward` does around the network.
     """
     m = model.config.multiple
     sample = torch.zeros(1, model.config.in_slices, 2 * m, 2 * m)
@@ -90,7 +89,8 @@ class OrtModel:
         # work between batches (resampling the logits back measured 1.2-2x slower with it).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(export_onnx(model), opts, providers=["CPUExecutionProvider"])
-        self.padding = model.padding
+        # Only the config: keeping a bound method of the network would keep its torch weights alive.
+        self.config = model.config
         # The session's memory arena keeps activation buffers between batches: without it every
         # batch maps and page-faults them afresh (glibc returns blocks over 32 MB to the kernel),
         # about 1.25x slower here. release() gives the arena back after each volume.
@@ -100,10 +100,9 @@ class OrtModel:
         self._tiny = np.zeros((1, model.config.in_slices, 2 * m, 2 * m), dtype=np.float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        ph, pw = self.padding(h, w)
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        return padded_call(self.config, x, self._run)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         try:
             out = self.session.run(None, {"x": np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0]
         except Exception as e:  # onnxruntime's exception types derive from Exception only
@@ -111,7 +110,7 @@ class OrtModel:
                 # What the service's out-of-memory retry (smaller batch, then 507) understands.
                 raise MemoryError(f"onnxruntime could not allocate memory: {e}") from e
             raise
-        return torch.from_numpy(out)[..., :h, :w]
+        return torch.from_numpy(out)
 
     def release(self) -> None:
         """Return the arena's free buffers to the system: ONNX Runtime shrinks the arena at the

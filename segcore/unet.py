@@ -7,6 +7,7 @@ neighbouring slices stacked as channels (2.5D context).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -143,24 +144,10 @@ class UNet(nn.Module):
         """
         if x.ndim != 4 or x.shape[1] != self.config.in_slices:
             raise ValueError(f"expected input (B, {self.config.in_slices}, H, W), got {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        ph, pw = self.padding(h, w)
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        return self.forward_padded(x)[..., :h, :w]
-
-    def padding(self, h: int, w: int) -> tuple[int, int]:
-        """Rows and columns of replicate padding (bottom, right) that :meth:`forward` adds to an
-        ``h x w`` input before :meth:`forward_padded`."""
-        m = self.config.multiple
-        ph, pw = (-h) % m, (-w) % m
-        if self.config.norm == "instance":
-            # Instance norm needs > 1 element per channel at the bottleneck.
-            ph, pw = max(ph, 2 * m - h), max(pw, 2 * m - w)
-        return ph, pw
+        return padded_call(self.config, x, self.forward_padded)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
-        """The network itself, on an input already padded by :meth:`padding`. It has no
+        """The network itself, on an input already padded by :func:`padding`. It has no
         shape-dependent Python, so it exports to ONNX with dynamic batch, height and width."""
         skips = []
         for i, block in enumerate(self.down):
@@ -174,6 +161,27 @@ class UNet(nn.Module):
             x = block(torch.cat([x, skips.pop()], dim=1))
         logits: torch.Tensor = self.head(x)
         return logits
+
+
+def padding(config: UNetConfig, h: int, w: int) -> tuple[int, int]:
+    """Rows and columns of replicate padding (bottom, right) that an ``h x w`` input needs before
+    :meth:`UNet.forward_padded`."""
+    m = config.multiple
+    ph, pw = (-h) % m, (-w) % m
+    if config.norm == "instance":
+        # Instance norm needs > 1 element per channel at the bottleneck.
+        ph, pw = max(ph, 2 * m - h), max(pw, 2 * m - w)
+    return ph, pw
+
+
+def padded_call(config: UNetConfig, x: torch.Tensor, net: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``net`` (the padded network, in torch or ONNX Runtime) on ``x``: pad by :func:`padding`,
+    run, crop the logits back to ``x``'s height and width."""
+    h, w = x.shape[-2:]
+    ph, pw = padding(config, h, w)
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return net(x)[..., :h, :w]
 
 
 def build_unet(config: UNetConfig) -> UNet:

@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "torch", "onnxruntime"],
+        choices=["auto", "torch", "onnxruntime"],  # segcore.ort.BACKENDS; literal to keep torch out of start-up
         help="auto: ONNX Runtime for fp32 on CPU when installed (kitseg[onnx]), torch otherwise; the tables in "
         "docs/ before session 7 were made with torch",
     )

@@ -17,7 +17,7 @@ from segcore.io import Volume
 from segcore.ort import OrtModel, onnxruntime_available
 from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import PreprocessConfig
-from segcore.unet import UNet, UNetConfig, fold_batch_norm
+from segcore.unet import UNet, UNetConfig, fold_batch_norm, padding
 from tests.conftest import GEOM_PP, ORIENTATIONS, make_volume
 
 needs_ort = pytest.mark.skipif(not onnxruntime_available(), reason="the onnx extra (kitseg[onnx]) is not installed")
@@ -106,7 +106,7 @@ def test_forward_is_padding_then_forward_padded_then_crop() -> None:
     cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
     net = _random_net(cfg)
     x = torch.randn(2, 3, 21, 30)
-    ph, pw = net.padding(21, 30)
+    ph, pw = padding(cfg, 21, 30)
     assert (ph, pw) == (3, 2)
     with torch.inference_mode():
         manual = net.forward_padded(F.pad(x, (0, pw, 0, ph), mode="replicate"))[..., :21, :30]
