@@ -5,7 +5,9 @@
 #
 #   sudo scripts/docker-smoke.sh            (root: it installs packages and starts dockerd)
 #
-# Environment: KITSEG_SMOKE_KEEP=1 keeps dockerd and images afterwards.
+# Environment: KITSEG_SMOKE_KEEP=1 keeps dockerd and images afterwards. KITSEG_SMOKE_EXTRAS (default
+# onnx, as compose's api-cpu service builds it; empty for the plain image) picks the image's extras,
+# and the smoke checks that the service then runs the backend they imply.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -50,7 +52,8 @@ if ! docker image inspect kitseg-base:bookworm >/dev/null 2>&1; then
   tar -C "$WORK/rootfs" -c . | docker import - kitseg-base:bookworm
 fi
 
-log "building the project image (CPU torch; host CA bundle mounted for pip)"
+EXTRAS=${KITSEG_SMOKE_EXTRAS-onnx}
+log "building the project image (CPU torch, extras '$EXTRAS'; host CA bundle mounted for pip)"
 CTX="$WORK/context"
 rm -rf "$CTX"
 mkdir -p "$CTX"
@@ -60,7 +63,7 @@ cp /etc/ssl/certs/ca-certificates.crt "$CTX/.host-ca.crt"
 cp /opt/wheels/torch-2.13.0+cpu-*.whl "$CTX/" 2>/dev/null || true
 DOCKER_BUILDKIT=0 docker build --network host \
   --build-arg BASE_IMAGE=kitseg-base:bookworm \
-  --build-arg TORCH_VARIANT=local --build-arg TORCH_SPEC=torch==2.13.0 \
+  --build-arg TORCH_VARIANT=local --build-arg TORCH_SPEC=torch==2.13.0 --build-arg EXTRAS="$EXTRAS" \
   -t kitseg:latest "$CTX" >"$WORK/build.log"
 
 log "starting the compose stack on 127.0.0.1:$PORT"
@@ -83,10 +86,13 @@ curl -fsS "http://127.0.0.1:$PORT/ready"
 log "POST /segment with a phantom from the host"
 PY=${PYTHON:-python3}
 "$PY" -m training phantoms --out "$WORK/phantom" --n 1 --size 128 --workers 1 >/dev/null
-"$PY" - "$PORT" "$WORK/phantom/case_00000" <<'EOF'
+"$PY" - "$PORT" "$WORK/phantom/case_00000" "$EXTRAS" <<'EOF'
 import gzip, sys
 import httpx, nibabel as nib, numpy as np
-port, case = sys.argv[1], sys.argv[2]
+port, case, extras = sys.argv[1], sys.argv[2], sys.argv[3]
+card = httpx.get(f"http://127.0.0.1:{port}/model", timeout=60).json()
+want = "onnxruntime" if "onnx" in extras.split(",") else "torch"
+assert card["backend"] == want, f"backend {card['backend']!r}, expected {want!r} for extras {extras!r}"
 with open(f"{case}/imaging.nii.gz", "rb") as f:
     r = httpx.post(f"http://127.0.0.1:{port}/segment", files={"file": f}, timeout=600)
 r.raise_for_status()
@@ -99,7 +105,7 @@ assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine, atol=1e-
 seg = np.asanyarray(nib.load(f"{case}/segmentation.nii.gz").dataobj)
 pred = np.asanyarray(mask.dataobj)
 dice = 2 * ((pred > 0) & (seg > 0)).sum() / ((pred > 0).sum() + (seg > 0).sum())
-print(f"smoke OK: kidney {res['classes'][0]['volume_ml']:.1f} mL, kidney Dice vs truth {dice:.3f}")
+print(f"smoke OK: backend {card['backend']}, kidney {res['classes'][0]['volume_ml']:.1f} mL, kidney Dice vs truth {dice:.3f}")
 assert dice > 0.8
 EOF
 log "passed"
