@@ -93,6 +93,7 @@ def main() -> int:
         help="KITSEG_BACKEND; a non-auto choice gets its own section (auto: onnxruntime on CPU when installed)",
     )
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/e2e[-mirror][-BACKEND].json")
+    ap.add_argument("--no-docs", action="store_true", help="write the JSON only, leave docs/benchmarks.md alone")
     a = ap.parse_args()
     if a.out is None:
         suffix = ("-mirror" if a.mirror else "") + ("" if a.backend == "auto" else f"-{a.backend}")
@@ -150,7 +151,8 @@ def main() -> int:
             + " | ".join(f"{t.get(s, 0):.0f}" for s in stages)
             + f" | {t['total'] - t.get('receive', 0):.0f} | {r['non_model_fraction']:.0%} | {r['rss_growth_bytes_per_voxel']:.1f} |"
         )
-    update_section(ROOT / "docs" / "benchmarks.md", heading + " (", "\n".join(md))
+    if not a.no_docs:
+        update_section(ROOT / "docs" / "benchmarks.md", heading + " (", "\n".join(md))
     print("\n".join(md))
     return 0
 

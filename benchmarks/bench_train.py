@@ -132,6 +132,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
+    ap.add_argument("--no-docs", action="store_true", help="write the JSON only, leave docs/benchmarks.md alone")
     a = ap.parse_args()
     device = torch.device(a.device)
     tmp = Path(tempfile.mkdtemp(prefix="kitseg-bench-train-"))
@@ -186,7 +187,8 @@ def main() -> int:
         f"({ss['format_choice_s']:.0f} s at the naive loop's shape, {o['format_choice_s']:.1f} s for the demo "
         "recipe; not in the throughput).",
     ]
-    update_section(ROOT / "docs" / "benchmarks.md", "## Training throughput", "\n".join(md))
+    if not a.no_docs:
+        update_section(ROOT / "docs" / "benchmarks.md", "## Training throughput", "\n".join(md))
     print("\n".join(md))
     return 0
 
