@@ -178,6 +178,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             extra=extra,
             fg_fraction=a.fg_fraction,
             tumor_sampling=a.tumor_sampling,
+            dice=a.dice,
             val_precision=a.val_precision,
             memory_format=a.memory_format,
             tune_malloc=not a.no_tune_malloc,
@@ -369,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a tumor patch is centred on one of the case's tumor slices chosen uniformly, which "
         "favours large tumors (slice), or on one of its tumors (3D components) chosen uniformly "
         "(component; no better on the phantom development sets, docs/training.md)",
+    )
+    tr.add_argument(
+        "--dice",
+        choices=["batch", "sample"],
+        default="batch",
+        help="the loss's Dice term: one Dice per class pooled over the batch (batch), or one per "
+        "patch and class, averaged (sample: small tumors weigh as much as large ones)",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto|cpu|cuda")

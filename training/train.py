@@ -73,6 +73,8 @@ class TrainConfig:
     fg_fraction: float = 0.67
     #: how a tumor patch picks its centre: ``component`` (each tumor equally often) or ``slice``.
     tumor_sampling: str = "slice"
+    #: Dice term of the loss: ``batch`` (one Dice per class over the batch) or ``sample``.
+    dice: str = "batch"
     val_batch_size: int = 16
     val_precision: str = "fp32"
     max_train_cases: int | None = None
@@ -91,12 +93,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy + soft Dice (batch Dice over the foreground classes).
+def dice_ce_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5, dice: str = "batch"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy + soft Dice over the foreground classes.
 
     Args:
         logits: ``(B, K, H, W)``, K >= 2.
         target: ``(B, H, W)`` int64 labels.
+        smooth: added to the numerator and denominator of each Dice.
+        dice: ``batch`` pools the whole batch into one Dice per class (large structures dominate);
+            ``sample`` takes one Dice per patch and class and averages them (nnU-Net's
+            ``batch_dice=False``), so a patch with a small tumor weighs as much as one with a
+            large tumor, and a foreground prediction on a patch without that class costs a full
+            Dice of 0.
 
     Returns:
         (total loss, Dice term).
@@ -107,11 +117,13 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-
     ce = F.cross_entropy(logits, target)
     prob = logits.softmax(1)
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
-    dims = (0, 2, 3)
+    if dice not in ("batch", "sample"):
+        raise ValueError(f"dice must be 'batch' or 'sample', not {dice!r}")
+    dims = (0, 2, 3) if dice == "batch" else (2, 3)
     inter = (prob * onehot).sum(dims)
     denom = prob.sum(dims) + onehot.sum(dims)
-    dice = (2 * inter + smooth) / (denom + smooth)
-    dice_loss = 1 - dice[1:].mean()
+    d = (2 * inter + smooth) / (denom + smooth)
+    dice_loss = 1 - d[..., 1:].mean()
     return ce + dice_loss, dice_loss
 
 
@@ -504,7 +516,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
             ):
                 logits = model(x)
-            loss, dl = dice_ce_loss(logits, y)
+            loss, dl = dice_ce_loss(logits, y, dice=cfg.dice)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

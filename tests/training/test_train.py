@@ -24,6 +24,25 @@ def test_single_channel_loss_is_refused() -> None:
         dice_ce_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
 
 
+def test_batch_and_sample_dice_by_hand() -> None:
+    # Two 4x4 patches, 2 classes, confident predictions (softmax of +-50 is one-hot to 1e-40).
+    # Patch 0: a 4-pixel object, found exactly. Patch 1: a 1-pixel object, missed.
+    target = torch.zeros(2, 4, 4, dtype=torch.long)
+    target[0, :2, :2] = 1
+    target[1, 3, 3] = 1
+    pred = target.clone()
+    pred[1, 3, 3] = 0
+    logits = torch.stack([(pred == 0).float(), (pred == 1).float()], 1) * 100 - 50
+    # Batch Dice pools both: 2*4 / (4 + 5) = 8/9, so the Dice term is 1/9.
+    _, batch = dice_ce_loss(logits, target, dice="batch")
+    assert float(batch) == pytest.approx(1 / 9, abs=1e-5)
+    # Per-patch Dice: 1 and 0, so the term is 0.5 (the missed small object counts fully).
+    _, sample = dice_ce_loss(logits, target, dice="sample")
+    assert float(sample) == pytest.approx(0.5, abs=1e-5)
+    with pytest.raises(ValueError, match="batch"):
+        dice_ce_loss(logits, target, dice="mean")
+
+
 def test_loss_learns_a_tiny_problem() -> None:
     # The seed's model never learned; this one must, on a trivially separable problem.
     torch.manual_seed(0)
