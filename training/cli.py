@@ -373,10 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--dice",
-        choices=["batch", "sample"],
+        choices=["batch", "sample", "both"],
         default="batch",
-        help="the loss's Dice term: one Dice per class pooled over the batch (batch), or one per "
-        "patch and class, averaged (sample: small tumors weigh as much as large ones)",
+        help="the loss's Dice term: one Dice per class pooled over the batch (batch), one per "
+        "patch and class, averaged (sample: small tumors weigh as much as large ones), or the mean "
+        "of the two (both)",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto|cpu|cuda")

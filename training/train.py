@@ -73,7 +73,7 @@ class TrainConfig:
     fg_fraction: float = 0.67
     #: how a tumor patch picks its centre: ``component`` (each tumor equally often) or ``slice``.
     tumor_sampling: str = "slice"
-    #: Dice term of the loss: ``batch`` (one Dice per class over the batch) or ``sample``.
+    #: Dice term of the loss: ``batch`` (one Dice per class over the batch), ``sample`` or ``both``.
     dice: str = "batch"
     val_batch_size: int = 16
     val_precision: str = "fp32"
@@ -106,7 +106,7 @@ def dice_ce_loss(
             ``sample`` takes one Dice per patch and class and averages them (nnU-Net's
             ``batch_dice=False``), so a patch with a small tumor weighs as much as one with a
             large tumor, and a foreground prediction on a patch without that class costs a full
-            Dice of 0.
+            Dice of 0. ``both`` averages the two terms.
 
     Returns:
         (total loss, Dice term).
@@ -117,13 +117,18 @@ def dice_ce_loss(
     ce = F.cross_entropy(logits, target)
     prob = logits.softmax(1)
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
-    if dice not in ("batch", "sample"):
-        raise ValueError(f"dice must be 'batch' or 'sample', not {dice!r}")
-    dims = (0, 2, 3) if dice == "batch" else (2, 3)
-    inter = (prob * onehot).sum(dims)
-    denom = prob.sum(dims) + onehot.sum(dims)
-    d = (2 * inter + smooth) / (denom + smooth)
-    dice_loss = 1 - d[..., 1:].mean()
+    if dice not in ("batch", "sample", "both"):
+        raise ValueError(f"dice must be 'batch', 'sample' or 'both', not {dice!r}")
+    inter = prob * onehot
+    terms = []
+    if dice in ("sample", "both"):
+        # (B, K) Dice per patch and class.
+        i2, p2, o2 = inter.sum((2, 3)), prob.sum((2, 3)), onehot.sum((2, 3))
+        terms.append(1 - ((2 * i2 + smooth) / (p2 + o2 + smooth))[:, 1:].mean())
+    if dice in ("batch", "both"):
+        i1, p1, o1 = inter.sum((0, 2, 3)), prob.sum((0, 2, 3)), onehot.sum((0, 2, 3))
+        terms.append(1 - ((2 * i1 + smooth) / (p1 + o1 + smooth))[1:].mean())
+    dice_loss = sum(terms) / len(terms)
     return ce + dice_loss, dice_loss
 
 

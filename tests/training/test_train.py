@@ -39,6 +39,9 @@ def test_batch_and_sample_dice_by_hand() -> None:
     # Per-patch Dice: 1 and 0, so the term is 0.5 (the missed small object counts fully).
     _, sample = dice_ce_loss(logits, target, dice="sample")
     assert float(sample) == pytest.approx(0.5, abs=1e-5)
+    # Both: the mean of the two terms.
+    _, both = dice_ce_loss(logits, target, dice="both")
+    assert float(both) == pytest.approx((1 / 9 + 0.5) / 2, abs=1e-5)
     with pytest.raises(ValueError, match="batch"):
         dice_ce_loss(logits, target, dice="mean")
 
