@@ -93,6 +93,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: ``dice_ce_loss``'s Dice modes: the axes each Dice term sums over (one Dice per class over the
+#: batch, one per patch and class, or both terms averaged).
+DICE_DIMS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "batch": ((0, 2, 3),),
+    "sample": ((2, 3),),
+    "both": ((2, 3), (0, 2, 3)),
+}
+
+
 def dice_ce_loss(
     logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5, dice: str = "batch"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,17 +126,13 @@ def dice_ce_loss(
     ce = F.cross_entropy(logits, target)
     prob = logits.softmax(1)
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
-    if dice not in ("batch", "sample", "both"):
-        raise ValueError(f"dice must be 'batch', 'sample' or 'both', not {dice!r}")
+    if dice not in DICE_DIMS:
+        raise ValueError(f"dice must be one of {sorted(DICE_DIMS)}, not {dice!r} (e.g. 'batch')")
     inter = prob * onehot
     terms = []
-    if dice in ("sample", "both"):
-        # (B, K) Dice per patch and class.
-        i2, p2, o2 = inter.sum((2, 3)), prob.sum((2, 3)), onehot.sum((2, 3))
-        terms.append(1 - ((2 * i2 + smooth) / (p2 + o2 + smooth))[:, 1:].mean())
-    if dice in ("batch", "both"):
-        i1, p1, o1 = inter.sum((0, 2, 3)), prob.sum((0, 2, 3)), onehot.sum((0, 2, 3))
-        terms.append(1 - ((2 * i1 + smooth) / (p1 + o1 + smooth))[1:].mean())
+    for dims in DICE_DIMS[dice]:
+        d = (2 * inter.sum(dims) + smooth) / (prob.sum(dims) + onehot.sum(dims) + smooth)
+        terms.append(1 - d[..., 1:].mean())  # classes are the last axis: (K,) or (B, K)
     dice_loss = sum(terms) / len(terms)
     return ce + dice_loss, dice_loss
 
