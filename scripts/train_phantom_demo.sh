@@ -4,7 +4,7 @@
 #
 # RECIPE=quick (default): the 15-minute CPU run. Since session 10 (candidate O in
 #   docs/training.md): a 2.5 mm grid, 80-pixel patches, per-patch Dice, 25 epochs, evaluated on
-#   seed 10 (30 cases, 10000-10029). About 14.5 minutes here. Sessions 8-9 ran 13 epochs of the
+#   seed 10 (30 cases, 10000-10029). About 14 minutes here. Sessions 8-9 ran 13 epochs of the
 #   long recipe's settings on seed 9; sessions 5-7 ran 10 epochs on seed 6.
 # RECIPE=long: 2.0 mm, 96-pixel patches, batch Dice, 30 epochs (about 24 minutes here). This is
 #   the checkpoint shipped in app/demo_model. It was chosen on the development sets and evaluated
@@ -18,10 +18,10 @@ RECIPE=${RECIPE:-quick}
 case "$RECIPE" in
     quick)
         EPOCHS=25 TEST_SEED=10 W=${1:-runs/phantom-demo}
-        GRID=(--patch 80 --spacing 2.5 --dice sample --max-minutes 12) ;;
+        RECIPE_ARGS=(--patch 80 --spacing 2.5 --dice sample --max-minutes 12) ;;
     long)
         EPOCHS=30 TEST_SEED=7 W=${1:-runs/phantom-demo-long}
-        GRID=(--patch 96 --spacing 2.0 --dice batch) ;;
+        RECIPE_ARGS=(--patch 96 --spacing 2.0 --dice batch) ;;
     *) echo "RECIPE must be quick or long, got '$RECIPE'" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python}
@@ -29,7 +29,7 @@ start=$(date +%s)
 $PY -m training phantoms --out "$W/data/train" --n 80 --seed 0 --workers 2
 $PY -m training phantoms --out "$W/data/test" --n 30 --seed "$TEST_SEED" --start "${TEST_SEED}000" --workers 2
 $PY -m training train --data "$W/data/train" --out "$W/run" --val-fraction 0.05 \
-    --epochs "$EPOCHS" --iters 80 --batch-size 16 --base-width 16 --in-slices 3 "${GRID[@]}" \
+    --epochs "$EPOCHS" --iters 80 --batch-size 16 --base-width 16 --in-slices 3 "${RECIPE_ARGS[@]}" \
     --fg-fraction 0.6 --name kitseg-demo-phantom \
     --describe "80 procedural KiTS19-layout phantoms (kitseg-train phantoms --n 80 --seed 0), $EPOCHS epochs; synthetic, not for clinical use" \
     --no-progress
