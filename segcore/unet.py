@@ -149,6 +149,13 @@ class UNet(nn.Module):
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         """The network itself, on an input already padded by :func:`padding`. It has no
         shape-dependent Python, so it exports to ONNX with dynamic batch, height and width."""
+        logits: torch.Tensor = self.head(self.decoder_features(x)[-1])
+        return logits
+
+    def decoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every decoder level, coarsest first, on an input already padded by
+        :func:`padding`; the last one is what :attr:`head` maps to logits. Training uses the
+        coarser ones for deep supervision (``training.train.DeepSupervision``)."""
         skips = []
         for i, block in enumerate(self.down):
             x = block(x)
@@ -156,11 +163,12 @@ class UNet(nn.Module):
                 skips.append(x)
                 x = self.pool(x)
         x = self.dropout(x)
+        feats = []
         for up, block in zip(self.up, self.up_blocks, strict=True):
             x = up(x)
             x = block(torch.cat([x, skips.pop()], dim=1))
-        logits: torch.Tensor = self.head(x)
-        return logits
+            feats.append(x)
+        return feats
 
 
 def padding(config: UNetConfig, h: int, w: int) -> tuple[int, int]:

@@ -179,6 +179,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             fg_fraction=a.fg_fraction,
             tumor_sampling=a.tumor_sampling,
             dice=a.dice,
+            deep_supervision=a.deep_supervision,
             val_precision=a.val_precision,
             memory_format=a.memory_format,
             tune_malloc=not a.no_tune_malloc,
@@ -378,6 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the loss's Dice term: one Dice per class pooled over the batch (batch), one per "
         "patch and class, averaged (sample: small tumors weigh as much as large ones), or the mean "
         "of the two (both)",
+    )
+    tr.add_argument(
+        "--deep-supervision",
+        type=int,
+        default=0,
+        metavar="LEVELS",
+        help="also train the LEVELS decoder outputs above the full-resolution one (at 1/2, 1/4, ...) "
+        "with their own 1x1 heads, loss weights 1, 1/2, 1/4, ... as nnU-Net; the heads are not saved in "
+        "checkpoints (0: off; at most depth - 2)",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto|cpu|cuda")

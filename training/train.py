@@ -75,6 +75,8 @@ class TrainConfig:
     tumor_sampling: str = "slice"
     #: Dice term of the loss: ``batch`` (one Dice per class over the batch), ``sample`` or ``both``.
     dice: str = "batch"
+    #: extra decoder levels trained with their own 1x1 heads (0: off; see DeepSupervision).
+    deep_supervision: int = 0
     val_batch_size: int = 16
     val_precision: str = "fp32"
     max_train_cases: int | None = None
@@ -135,6 +137,67 @@ def dice_ce_loss(
         terms.append(1 - d[..., 1:].mean())  # classes are the last axis: (K,) or (B, K)
     dice_loss = sum(terms) / len(terms)
     return ce + dice_loss, dice_loss
+
+
+class DeepSupervision(nn.Module):
+    """A U-Net with extra 1x1 heads on its ``levels`` coarsest-but-one decoder outputs, as nnU-Net
+    trains (the lowest-resolution decoder output is not supervised there either).
+
+    The heads exist only during training: checkpoints hold :attr:`net` alone, so inference, the
+    service and the checkpoint format don't change. ``forward`` returns the logits at full,
+    1/2, 1/4, ... resolution; inputs must already be a multiple of ``2**(depth-1)`` (training
+    patches are).
+    """
+
+    def __init__(self, net: UNet, levels: int) -> None:
+        super().__init__()
+        depth = net.config.depth
+        if not 1 <= levels <= depth - 2:
+            raise ValueError(f"deep supervision needs 1 <= levels <= depth - 2 = {depth - 2}, got {levels}")
+        self.net = net
+        widths = [net.config.base_width * 2**i for i in range(depth - 1)]  # decoder widths, finest first
+        self.aux = nn.ModuleList(nn.Conv2d(widths[k], net.config.num_classes, 1) for k in range(1, levels + 1))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        m = self.net.config.multiple
+        if x.shape[-2] % m or x.shape[-1] % m:
+            raise ValueError(f"deep supervision needs patches that are a multiple of {m}, got {tuple(x.shape[-2:])}")
+        feats = self.net.decoder_features(x)  # coarsest first
+        out = [self.net.head(feats[-1])]
+        for k, head in enumerate(self.aux, start=1):
+            out.append(head(feats[-1 - k]))
+        return out
+
+
+def deep_supervision_loss(
+    outputs: list[torch.Tensor], target: torch.Tensor, dice: str = "batch"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice + CE at every resolution of :class:`DeepSupervision`'s outputs, weighted 1, 1/2,
+    1/4, ... and normalised to sum to 1 (nnU-Net's weights). The labels at 1/s are the label at
+    the centre of each s x s block. Returns (total loss, full-resolution Dice term)."""
+    weights = [0.5**k for k in range(len(outputs))]
+    total = sum(weights)
+    loss = torch.zeros((), device=target.device)
+    full_dice = torch.zeros((), device=target.device)
+    for k, (logits, w) in enumerate(zip(outputs, weights, strict=True)):
+        s = 2**k
+        y = target[:, s // 2 :: s, s // 2 :: s] if s > 1 else target
+        if y.shape[-2:] != logits.shape[-2:]:
+            raise ValueError(f"output {k} has shape {tuple(logits.shape[-2:])}, labels at 1/{s} {tuple(y.shape[-2:])}")
+        lk, dk = dice_ce_loss(logits, y, dice=dice)
+        loss = loss + (w / total) * lk
+        if k == 0:
+            full_dice = dk
+    return loss, full_dice
+
+
+def plain_unet(model: nn.Module) -> UNet:
+    """The U-Net a checkpoint holds, under DDP, ``torch.compile`` and :class:`DeepSupervision`."""
+    m = unwrap(model)
+    if isinstance(m, DeepSupervision):
+        m = m.net
+    assert isinstance(m, UNet)
+    return m
 
 
 #: Training memory formats by name: ``--memory-format`` values and what provenance records.
@@ -447,6 +510,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         fmt = torch.channels_last if ddp.broadcast_flag(fmt == torch.channels_last) else torch.contiguous_format
     use_cl = fmt == torch.channels_last
     model = model.to(memory_format=fmt)  # type: ignore[call-overload]
+    if cfg.deep_supervision:
+        # After the format choice, which times the plain network: the heads are 1x1 convs.
+        model = DeepSupervision(model, cfg.deep_supervision).to(device=device, memory_format=fmt)  # type: ignore[call-overload]
     if ddp.main:
         timed = ", ".join(f"{k} {v:.3f}s" for k, v in fmt_times.items())
         log.info(
@@ -466,7 +532,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     start_epoch, history, best = 0, [], -1.0
     if cfg.resume:
         state = torch.load(cfg.resume, map_location="cpu", weights_only=True)
-        unwrap(model).load_state_dict(state["model"])
+        plain_unet(model).load_state_dict(state["model"])
+        if cfg.deep_supervision:
+            if "aux" not in state:
+                raise ValueError(
+                    f"{cfg.resume} was trained without deep supervision; resume it without --deep-supervision"
+                )
+            unwrap(model).aux.load_state_dict(state["aux"])
+        elif "aux" in state:
+            raise ValueError(
+                f"{cfg.resume} was trained with deep supervision; resume it with the same --deep-supervision"
+            )
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
         history = json.loads(state["history"])
@@ -526,7 +602,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
             ):
                 logits = model(x)
-            loss, dl = dice_ce_loss(logits, y, dice=cfg.dice)
+            if cfg.deep_supervision:
+                loss, dl = deep_supervision_loss(logits, y, dice=cfg.dice)
+            else:
+                loss, dl = dice_ce_loss(logits, y, dice=cfg.dice)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -546,7 +625,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "train_slices_per_s": slices_per_s,
         }
         if ddp.main:
-            plain = unwrap(model)
+            plain = plain_unet(model)
             engine = Engine(
                 plain,
                 CheckpointMeta(mcfg, pp, labels),
@@ -595,6 +674,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "history": json.dumps(history),
                     "best": best,
                     "torch_rng": torch.get_rng_state(),
+                    **({"aux": unwrap(model).aux.state_dict()} if cfg.deep_supervision else {}),
                 },
                 out / "last.state.pt",
             )

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from segcore.checkpoint import load_checkpoint
 from segcore.unet import UNet, UNetConfig
 from training.cli import _one_phantom, main
 from training.datasets import CaseCache, SliceDataset, find_cases, split_cases, tumor_components
-from training.train import choose_memory_format, dice_ce_loss
+from training.train import DeepSupervision, choose_memory_format, deep_supervision_loss, dice_ce_loss, plain_unet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,6 +64,32 @@ def test_loss_learns_a_tiny_problem() -> None:
     assert float(loss) < 0.5 * first
     acc = (model.eval()(x).argmax(1) == y).float().mean()
     assert acc > 0.9
+
+
+def test_deep_supervision_outputs_and_loss_by_hand() -> None:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(in_slices=3, base_width=4, depth=4))
+    ds = DeepSupervision(net, 2)
+    x = torch.randn(2, 3, 32, 40)
+    outs = ds(x)
+    assert [tuple(o.shape) for o in outs] == [(2, 3, 32, 40), (2, 3, 16, 20), (2, 3, 8, 10)]
+    # The full-resolution output is the plain network's: the heads change nothing at inference.
+    torch.testing.assert_close(outs[0], net(x))
+    assert plain_unet(ds) is net
+    y = torch.randint(0, 3, (2, 32, 40))
+    loss, dice_term = deep_supervision_loss(outs, y, dice="sample")
+    # Weights 1, 1/2, 1/4 normalised by 7/4; labels at 1/s are the centre of each s x s block.
+    parts = [dice_ce_loss(outs[0], y, dice="sample"), dice_ce_loss(outs[1], y[:, 1::2, 1::2], dice="sample")]
+    parts.append(dice_ce_loss(outs[2], y[:, 2::4, 2::4], dice="sample"))
+    want = sum(w * p[0] for w, p in zip((4 / 7, 2 / 7, 1 / 7), parts, strict=True))
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(dice_term, parts[0][1])
+    # One output is plain Dice + CE.
+    torch.testing.assert_close(deep_supervision_loss(outs[:1], y)[0], dice_ce_loss(outs[0], y)[0])
+    with pytest.raises(ValueError, match="levels"):
+        DeepSupervision(net, 3)  # depth 4 has 3 decoder outputs; the coarsest is never supervised
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ds(torch.randn(1, 3, 30, 32))
 
 
 def test_split_is_by_patient_and_deterministic(tmp_path: Path) -> None:
@@ -162,6 +189,27 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     assert main([*args[:6], "3", *args[7:], "--resume", str(run / "last.state.pt")]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(3):
+        _one_phantom((i, str(data), 48, False, 0))
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--iters", "2", "--batch-size", "2"]
+    args += ["--patch", "32", "--base-width", "4", "--depth", "4", "--val-fraction", "0.34", "--no-progress"]
+    args += ["--device", "cpu", "--memory-format", "contiguous", "--no-tune-malloc", "--deep-supervision", "2"]
+    assert main(args) == 0
+    model, meta = load_checkpoint(run / "last.safetensors")
+    # Only the U-Net is saved: its keys and nothing else, so inference and the service load it as before.
+    assert set(load_file(run / "last.safetensors")) == set(model.state_dict())
+    assert meta.provenance["train_config"]["deep_supervision"] == 2
+    resumed = torch.load(run / "last.state.pt", weights_only=True)
+    assert set(resumed["aux"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert main([*args[:6], "2", *args[7:], "--resume", str(run / "last.state.pt")]) == 0
+    assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(ValueError, match="with deep supervision"):
+        main([*args[:6], "3", *args[7:-2], "--resume", str(run / "last.state.pt")])
 
 
 @pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate"])
