@@ -191,6 +191,24 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_train_under_autocast_with_deep_supervision(amp: str, tmp_path: Path) -> None:
+    # CUDA trains under autocast (bf16 by default); CPU autocast runs the same code path here:
+    # the list of outputs, the float32 loss and, for fp16, the gradient scaler.
+    data = tmp_path / "data"
+    for i in range(3):
+        _one_phantom((i, str(data), 48, False, 0))
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--iters", "2", "--batch-size", "2"]
+    args += ["--patch", "32", "--base-width", "4", "--depth", "4", "--val-fraction", "0.34", "--no-progress"]
+    args += ["--device", "cpu", "--memory-format", "channels_last", "--no-tune-malloc", "--amp", amp]
+    assert main([*args, "--deep-supervision", "1"]) == 0
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(row["train_loss"]) and row["train_loss"] > 0
+    _, meta = load_checkpoint(run / "best.safetensors")
+    assert meta.provenance["train_config"]["amp"] == amp
+
+
 def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     for i in range(3):
