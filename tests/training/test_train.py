@@ -258,7 +258,8 @@ def test_cli_help(cmd: str) -> None:
     assert r.returncode == 0 and "--dry-run" in r.stdout
 
 
-def test_ddp_gloo_two_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("deep_supervision", ["0", "1"])
+def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     data = tmp_path / "data"
     for i in range(3):
@@ -294,6 +295,8 @@ def test_ddp_gloo_two_processes(tmp_path: Path) -> None:
             "--no-progress",
             "--device",
             "cpu",
+            "--deep-supervision",
+            deep_supervision,
         ],
         cwd=ROOT,
         capture_output=True,
@@ -304,6 +307,7 @@ def test_ddp_gloo_two_processes(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     _, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
     assert meta.provenance["world_size"] == 2
+    assert meta.provenance["train_config"]["deep_supervision"] == int(deep_supervision)
 
 
 def test_memory_format_choice() -> None:
