@@ -385,9 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="LEVELS",
-        help="also train the LEVELS decoder outputs above the full-resolution one (at 1/2, 1/4, ...) "
-        "with their own 1x1 heads, loss weights 1, 1/2, 1/4, ... as nnU-Net; the heads are not saved in "
-        "checkpoints (0: off; at most depth - 2)",
+        help="also train the decoder's outputs at 1/2, 1/4, ... resolution (LEVELS of them) through their "
+        "own 1x1 heads, with loss weights 1, 1/2, 1/4, ... as nnU-Net does; the heads are not saved in "
+        "checkpoints (0: off; at most depth - 2; the patch must be a multiple of 2**(depth-1))",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto|cpu|cuda")

@@ -140,8 +140,9 @@ def dice_ce_loss(
 
 
 class DeepSupervision(nn.Module):
-    """A U-Net with extra 1x1 heads on its ``levels`` coarsest-but-one decoder outputs, as nnU-Net
-    trains (the lowest-resolution decoder output is not supervised there either).
+    """A U-Net with extra 1x1 heads on the ``levels`` decoder outputs next to the full-resolution
+    one (at 1/2, 1/4, ...), as nnU-Net trains; the coarsest decoder output is never supervised,
+    as in nnU-Net.
 
     The heads exist only during training: checkpoints hold :attr:`net` alone, so inference, the
     service and the checkpoint format don't change. ``forward`` returns the logits at full,
@@ -423,6 +424,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ``best.safetensors``, ``last.safetensors``, ``last.state.pt``, ``metrics.jsonl``, ``curves.png``.
     """
     t_start = time.perf_counter()
+    if cfg.deep_supervision:
+        # Checked before any preprocessing, so a wrong flag fails at once.
+        if not 1 <= cfg.deep_supervision <= cfg.depth - 2:
+            raise ValueError(
+                f"deep supervision levels must be 0 or 1..depth-2 = {cfg.depth - 2}, got {cfg.deep_supervision}"
+            )
+        if cfg.patch % 2 ** (cfg.depth - 1):
+            raise ValueError(
+                f"deep supervision needs a patch that is a multiple of {2 ** (cfg.depth - 1)}, got {cfg.patch}"
+            )
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

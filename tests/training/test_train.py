@@ -228,6 +228,11 @@ def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_pat
     assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     with pytest.raises(ValueError, match="with deep supervision"):
         main([*args[:6], "3", *args[7:-2], "--resume", str(run / "last.state.pt")])
+    # Wrong settings fail before any preprocessing.
+    with pytest.raises(ValueError, match=r"levels must be 0 or 1\.\.depth-2 = 2, got 3"):
+        main([*args[:-1], "3"])
+    with pytest.raises(ValueError, match="multiple of 8, got 36"):
+        main([*args[:12], "36", *args[13:]])
 
 
 @pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate"])
