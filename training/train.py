@@ -150,11 +150,18 @@ class DeepSupervision(nn.Module):
     patches are).
     """
 
+    @staticmethod
+    def check(levels: int, depth: int, patch: int | None = None) -> None:
+        """Raise ValueError unless ``levels`` (and ``patch``, when given) suit a U-Net of ``depth``."""
+        if not 1 <= levels <= depth - 2:
+            raise ValueError(f"deep supervision levels must be 0 or 1..depth-2 = {depth - 2}, got {levels}")
+        if patch is not None and patch % 2 ** (depth - 1):
+            raise ValueError(f"deep supervision needs a patch that is a multiple of {2 ** (depth - 1)}, got {patch}")
+
     def __init__(self, net: UNet, levels: int) -> None:
         super().__init__()
         depth = net.config.depth
-        if not 1 <= levels <= depth - 2:
-            raise ValueError(f"deep supervision needs 1 <= levels <= depth - 2 = {depth - 2}, got {levels}")
+        self.check(levels, depth)
         self.net = net
         widths = [net.config.base_width * 2**i for i in range(depth - 1)]  # decoder widths, finest first
         self.aux = nn.ModuleList(nn.Conv2d(widths[k], net.config.num_classes, 1) for k in range(1, levels + 1))
@@ -177,19 +184,15 @@ def deep_supervision_loss(
     1/4, ... and normalised to sum to 1 (nnU-Net's weights). The labels at 1/s are the label at
     the centre of each s x s block. Returns (total loss, full-resolution Dice term)."""
     weights = [0.5**k for k in range(len(outputs))]
-    total = sum(weights)
-    loss = torch.zeros((), device=target.device)
-    full_dice = torch.zeros((), device=target.device)
-    for k, (logits, w) in enumerate(zip(outputs, weights, strict=True)):
+    terms = []
+    for k, logits in enumerate(outputs):
         s = 2**k
-        y = target[:, s // 2 :: s, s // 2 :: s] if s > 1 else target
+        y = target[:, s // 2 :: s, s // 2 :: s]  # the whole target for s = 1
         if y.shape[-2:] != logits.shape[-2:]:
             raise ValueError(f"output {k} has shape {tuple(logits.shape[-2:])}, labels at 1/{s} {tuple(y.shape[-2:])}")
-        lk, dk = dice_ce_loss(logits, y, dice=dice)
-        loss = loss + (w / total) * lk
-        if k == 0:
-            full_dice = dk
-    return loss, full_dice
+        terms.append(dice_ce_loss(logits, y, dice=dice))
+    loss = torch.stack([w * lk for w, (lk, _) in zip(weights, terms, strict=True)]).sum() / sum(weights)
+    return loss, terms[0][1]
 
 
 def plain_unet(model: nn.Module) -> UNet:
@@ -426,14 +429,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     if cfg.deep_supervision:
         # Checked before any preprocessing, so a wrong flag fails at once.
-        if not 1 <= cfg.deep_supervision <= cfg.depth - 2:
-            raise ValueError(
-                f"deep supervision levels must be 0 or 1..depth-2 = {cfg.depth - 2}, got {cfg.deep_supervision}"
-            )
-        if cfg.patch % 2 ** (cfg.depth - 1):
-            raise ValueError(
-                f"deep supervision needs a patch that is a multiple of {2 ** (cfg.depth - 1)}, got {cfg.patch}"
-            )
+        DeepSupervision.check(cfg.deep_supervision, cfg.depth, cfg.patch)
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

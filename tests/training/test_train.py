@@ -191,17 +191,24 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_train_under_autocast_with_deep_supervision(amp: str, tmp_path: Path) -> None:
-    # CUDA trains under autocast (bf16 by default); CPU autocast runs the same code path here:
-    # the list of outputs, the float32 loss and, for fp16, the gradient scaler.
+def _tiny_depth4_run(tmp_path: Path, memory_format: str) -> tuple[list[str], Path]:
+    """Three 48x48 phantoms and the arguments of a 1-epoch, depth-4 training run on them."""
     data = tmp_path / "data"
     for i in range(3):
         _one_phantom((i, str(data), 48, False, 0))
     run = tmp_path / "run"
     args = ["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--iters", "2", "--batch-size", "2"]
     args += ["--patch", "32", "--base-width", "4", "--depth", "4", "--val-fraction", "0.34", "--no-progress"]
-    args += ["--device", "cpu", "--memory-format", "channels_last", "--no-tune-malloc", "--amp", amp]
+    args += ["--device", "cpu", "--memory-format", memory_format, "--no-tune-malloc"]
+    return args, run
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_train_under_autocast_with_deep_supervision(amp: str, tmp_path: Path) -> None:
+    # CUDA trains under autocast (bf16 by default); CPU autocast runs the same code path here:
+    # the list of outputs, the float32 loss and, for fp16, the gradient scaler.
+    args, run = _tiny_depth4_run(tmp_path, "channels_last")
+    args += ["--amp", amp]
     assert main([*args, "--deep-supervision", "1"]) == 0
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert np.isfinite(row["train_loss"]) and row["train_loss"] > 0
@@ -210,13 +217,8 @@ def test_train_under_autocast_with_deep_supervision(amp: str, tmp_path: Path) ->
 
 
 def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for i in range(3):
-        _one_phantom((i, str(data), 48, False, 0))
-    run = tmp_path / "run"
-    args = ["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--iters", "2", "--batch-size", "2"]
-    args += ["--patch", "32", "--base-width", "4", "--depth", "4", "--val-fraction", "0.34", "--no-progress"]
-    args += ["--device", "cpu", "--memory-format", "contiguous", "--no-tune-malloc", "--deep-supervision", "2"]
+    args, run = _tiny_depth4_run(tmp_path, "contiguous")
+    args += ["--deep-supervision", "2"]
     assert main(args) == 0
     model, meta = load_checkpoint(run / "last.safetensors")
     # Only the U-Net is saved: its keys and nothing else, so inference and the service load it as before.
