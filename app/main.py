@@ -42,6 +42,7 @@ def _load(settings: Settings) -> Engine:
         precision=settings.precision,
         mirror=settings.mirror,
         backend=settings.backend,
+        body_crop=settings.body_crop,
     )
     if settings.warmup:
         engine.warmup()

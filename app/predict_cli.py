@@ -58,13 +58,26 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="test-time mirroring: average with the left-right flipped input (2x model time)",
     )
+    ap.add_argument(
+        "--body-crop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the network only on the box around the body (above the checkpoint's lower HU clip) plus a "
+        "margin; outside it is background",
+    )
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     ckpt = a.checkpoint or DEMO_CHECKPOINT
     if a.checkpoint is None:
         print("using the bundled demo model (synthetic phantoms; not for clinical use)", file=sys.stderr)
     engine = Engine.from_checkpoint(
-        str(ckpt), device=a.device, batch_size=a.batch_size, precision=a.precision, mirror=a.mirror, backend=a.backend
+        str(ckpt),
+        device=a.device,
+        batch_size=a.batch_size,
+        precision=a.precision,
+        mirror=a.mirror,
+        backend=a.backend,
+        body_crop=a.body_crop,
     )
     files = _inputs(a.input)
     if not files:

@@ -242,6 +242,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         precision=a.precision,
         mirror=a.mirror,
         backend=a.backend,
+        body_crop=a.body_crop,
     )
     cases = find_cases(a.data)
     if a.cases:
@@ -282,6 +283,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                     "backend": engine.backend,
                     "precision": engine.precision,
                     "mirror": engine.mirror,
+                    "body_crop": engine.body_crop,
                 },
                 indent=2,
             )
@@ -450,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="test-time mirroring, as the service does by default: average the logits with those of the "
         "left-right flipped input (2x model time)",
+    )
+    ev.add_argument(
+        "--body-crop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="as the service does by default: run the network only on the box around the body (above the "
+        "checkpoint's lower HU clip) plus a margin, background outside; --no-body-crop for whole slices (the "
+        "tables in docs/ before session 12)",
     )
     ev.add_argument("--dry-run", action="store_true", help="train a tiny model on tiny phantoms and evaluate it")
     ev.set_defaults(func=cmd_evaluate)

@@ -56,6 +56,7 @@ async def model_card(worker: WorkerDep) -> dict[str, Any]:
         "backend": worker.engine.backend,
         "precision": worker.engine.precision,
         "mirror": worker.engine.mirror,
+        "body_crop": worker.engine.body_crop,
         "batch_size": worker.engine.batch_size,
     }
     if worker.settings.is_demo:

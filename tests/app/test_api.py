@@ -42,20 +42,22 @@ def test_health_ready_model(tiny_client: TestClient) -> None:
     assert card["demo"] is False and len(card["sha256"]) == 64
     assert card["preprocessing"]["orientation"] == "RAS"
     assert card["mirror"] is True  # nnU-Net-style test-time mirroring is the default
+    assert card["body_crop"] is True
     # auto: ONNX Runtime on CPU when the onnx extra is installed (setup.sh installs it)
     assert card["backend"] == ("onnxruntime" if onnxruntime_available() else "torch")
 
 
-def test_mirror_and_backend_settings_reach_the_engine(
+def test_mirror_backend_and_body_crop_settings_reach_the_engine(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KITSEG_MIRROR", "false")
     monkeypatch.setenv("KITSEG_BACKEND", "torch")
+    monkeypatch.setenv("KITSEG_BODY_CROP", "false")
     settings = make_settings(tmp_path, checkpoint=tiny_checkpoint)
-    assert settings.mirror is False
+    assert settings.mirror is False and settings.body_crop is False
     with TestClient(create_app(settings)) as c:
         card = c.get("/model").json()
-        assert card["mirror"] is False and card["backend"] == "torch"
+        assert card["mirror"] is False and card["backend"] == "torch" and card["body_crop"] is False
         assert c.post("/segment", files={"file": ("a.nii.gz", _nifti_bytes(tmp_path))}).status_code == 200
 
 

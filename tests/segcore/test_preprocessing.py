@@ -26,7 +26,7 @@ from segcore.preprocessing import (
     preprocess_case,
 )
 from segcore.unet import UNet, UNetConfig
-from tests.conftest import GEOM_PP, ORIENTATIONS, IntensityModel, make_volume
+from tests.conftest import GEOM_PP, ORIENTATIONS, IntensityModel, make_volume, voxel_world
 
 
 @pytest.mark.parametrize("codes", list(ORIENTATIONS.values()))
@@ -94,9 +94,12 @@ class _MirrorAveraged(torch.nn.Module):
         return (self.net(x) + self.net(x.flip(-1)).flip(-1)) * 0.5
 
 
-def test_engine_mirror_averages_left_right_flipped_logits() -> None:
+@pytest.mark.parametrize("air", [False, True])
+def test_engine_mirror_averages_left_right_flipped_logits(air: bool) -> None:
     hu, aff, _ = make_volume(ORIENTATIONS["LPS"])
     hu = hu + np.random.default_rng(0).normal(0, 40, hu.shape).astype(np.float32)  # no symmetry
+    if air:  # the body crop is on: both passes run on the same window
+        hu = _with_air(hu, aff, rx=25.0, ry=22.0)
     vol = Volume(hu, aff, nib.Nifti1Header(), (1.0, 1.0, 1.0))
     cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
     torch.manual_seed(1)
@@ -229,3 +232,102 @@ def test_model_slices_layouts_agree(layout: str) -> None:
     ref = normalize(F.interpolate(ref_in, size=(20, 31), mode="bilinear", align_corners=False), pp)[:, 0]
     assert got.shape == (12, 20, 31) and got.is_contiguous()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+AIR_HU = -1000.0
+
+
+def _with_air(hu: np.ndarray, aff: np.ndarray, rx: float = 48.0, ry: float = 34.0) -> np.ndarray:
+    """Air outside an elliptic body around the test kidney (world x, y), as in a CT."""
+    w = voxel_world(aff, hu.shape)  # type: ignore[arg-type]
+    out = (w[..., 0] / rx) ** 2 + ((w[..., 1] + 6.0) / ry) ** 2 > 1.0
+    hu = hu.copy()
+    hu[out] = AIR_HU
+    return hu
+
+
+class _Spy(IntensityModel):
+    """The intensity model, recording the height and width of every input it is given."""
+
+    def __init__(self, config: UNetConfig, pp: PreprocessConfig) -> None:
+        super().__init__(config, pp)
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((int(x.shape[-2]), int(x.shape[-1])))
+        return super().forward(x)
+
+
+def _spy_engine(pp: PreprocessConfig, body_crop: bool, mirror: bool = False) -> Engine:
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
+    meta = CheckpointMeta(cfg, pp, dict(KITS19_LABELS))
+    return Engine(
+        _Spy(cfg, pp),  # type: ignore[arg-type]
+        meta,
+        torch.device("cpu"),
+        batch_size=4,
+        precision="fp32",
+        backend="torch",
+        body_crop=body_crop,
+        mirror=mirror,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "oblique", "spacing"),
+    [("IPL", 0.0, None), ("RAS", 0.0, None), ("PSR", 0.0, None), ("LPS", 0.0, 1.6), ("IPL", 33.0, 1.6)],
+)
+def test_body_crop_runs_the_network_on_the_body_and_keeps_the_mask(
+    name: str, oblique: float, spacing: float | None
+) -> None:
+    # A pointwise network gives the same logits inside the window whatever is cut away, so any
+    # difference in the mask is a window placed in the wrong place on the way back.
+    hu, aff, truth = make_volume(ORIENTATIONS[name], shape_ras=(160, 140, 12), oblique_deg=oblique)
+    hu = _with_air(hu, aff)
+    vol = Volume(hu, aff, nib.Nifti1Header(), (1.0, 1.0, 1.0))
+    pp = dataclasses.replace(GEOM_PP, target_spacing_mm=(spacing, spacing) if spacing else None)
+    masks, seen = {}, {}
+    for crop in (False, True):
+        eng = _spy_engine(pp, crop, mirror=True)
+        masks[crop] = eng.predict(vol).mask
+        seen[crop] = eng.model.seen  # type: ignore[attr-defined]  # the engine's own copy of the spy
+    np.testing.assert_array_equal(masks[True], masks[False])
+    if spacing is None and not oblique:
+        np.testing.assert_array_equal(masks[True], truth)
+    else:
+        assert dice(masks[True] > 0, truth > 0) > 0.95
+    full = max(h * w for h, w in seen[False])
+    cropped = max(h * w for h, w in seen[True])
+    assert cropped < 0.75 * full, (seen[True][:2], seen[False][:2])
+    assert len(seen[True]) == len(seen[False])  # every batch still runs, mirrored too
+
+
+def test_body_crop_window_is_aligned_and_covers_the_body_with_a_margin() -> None:
+    eng = _spy_engine(GEOM_PP, True)
+    m, mult = Engine.BODY_MARGIN, eng.meta.model.multiple
+    floor = (GEOM_PP.clip_hu[0] - GEOM_PP.mean) / GEOM_PP.std
+    slab = torch.full((5, 90, 70), floor)
+    slab[2, 30:41, 25:33] = 0.5  # body in one slice only
+    slab[4, 38, 50] = floor + 0.01  # barely above the floor still counts
+    (y0, y1), (x0, x1) = eng._window(slab)  # type: ignore[misc]
+    assert y0 % mult == 0 and x0 % mult == 0
+    assert y1 % mult == 0 or y1 == 90
+    assert x1 % mult == 0 or x1 == 70
+    assert y0 <= 30 - m and y1 >= 41 + m and x0 <= 25 - m and x1 >= 51 + m
+    assert y0 > 30 - m - mult and x0 > 25 - m - mult and y1 < 41 + m + mult and x1 < 51 + m + mult
+    slab[0, 2, 68] = 1.0  # near two edges: clamped to the grid
+    (y0, y1), (x0, x1) = eng._window(slab)  # type: ignore[misc]
+    assert y0 == 0 and x1 == 70
+    assert eng._window(torch.full((3, 20, 20), floor)) is None
+
+
+def test_all_air_is_background_without_running_the_network() -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    vol = Volume(np.full_like(hu, AIR_HU), aff, nib.Nifti1Header(), (1.0, 1.0, 1.0))
+    eng = _spy_engine(GEOM_PP, True)
+    seen_progress: list[tuple[int, int]] = []
+    pred = eng.predict(vol, progress=lambda d, t: seen_progress.append((d, t)))
+    assert not pred.mask.any()
+    assert eng.model.seen == []  # type: ignore[attr-defined]
+    assert seen_progress[-1] == (hu.shape[0], hu.shape[0])  # IPL: slices are the first axis
+    assert pred.confidence == {1: 0.0, 2: 0.0}
