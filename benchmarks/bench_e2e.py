@@ -22,7 +22,7 @@ CHILD = r"""
 import json, os, resource, sys, tempfile, time
 from pathlib import Path
 import numpy as np, nibabel as nib
-n = int(sys.argv[1]); precision = sys.argv[2]; device = sys.argv[3]; mirror = sys.argv[4] == "1"; backend = sys.argv[5]
+n = int(sys.argv[1]); precision = sys.argv[2]; device = sys.argv[3]; mirror = sys.argv[4] == "1"; backend = sys.argv[5]; body_crop = sys.argv[6] == "1"
 tmp = Path(tempfile.mkdtemp(prefix="kitseg-bench-"))
 # A phantom-like 512x512xN int16 CT in the KiTS IPL layout, written before the server starts.
 from training.synth import make_phantom
@@ -42,7 +42,7 @@ def rss_mb():
 from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
-app = create_app(Settings(result_dir=tmp / "results", device=device, precision=precision, mirror=mirror, backend=backend, log_level="WARNING"))
+app = create_app(Settings(result_dir=tmp / "results", device=device, precision=precision, mirror=mirror, backend=backend, body_crop=body_crop, log_level="WARNING"))
 with TestClient(app) as c:
     c.get("/ready")
     backend = app.state.worker.engine.backend  # what "auto" resolved to
@@ -57,7 +57,7 @@ with TestClient(app) as c:
     res = r.json()
 import shutil; shutil.rmtree(tmp, ignore_errors=True)  # the phantom, the spool and the result
 print(json.dumps({"slices": n, "voxels": 512 * 512 * n, "upload_mb": len(payload) / 2**20, "wall_s": wall,
-                  "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "precision": precision, "mirror": mirror, "backend": backend}))
+                  "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "precision": precision, "mirror": mirror, "backend": backend, "body_crop": body_crop}))
 """
 
 
@@ -92,16 +92,35 @@ def main() -> int:
         choices=["auto", "torch", "onnxruntime"],  # segcore.ort.BACKENDS; literal to keep torch out of start-up
         help="KITSEG_BACKEND; a non-auto choice gets its own section (auto: onnxruntime on CPU when installed)",
     )
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/e2e[-mirror][-BACKEND].json")
+    ap.add_argument(
+        "--body-crop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="KITSEG_BODY_CROP (on by default, as in the service); --no-body-crop gets its own section",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/e2e[-mirror][-BACKEND][-whole-slices].json"
+    )
     ap.add_argument("--no-docs", action="store_true", help="write the JSON only, leave docs/benchmarks.md alone")
     a = ap.parse_args()
     if a.out is None:
         suffix = ("-mirror" if a.mirror else "") + ("" if a.backend == "auto" else f"-{a.backend}")
+        suffix += "" if a.body_crop else "-whole-slices"
         a.out = ROOT / "benchmarks" / "results" / f"e2e{suffix}.json"
     rows = []
     for n in a.slices:
         r = subprocess.run(
-            [sys.executable, "-c", CHILD, str(n), a.precision, a.device, str(int(a.mirror)), a.backend],
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(n),
+                a.precision,
+                a.device,
+                str(int(a.mirror)),
+                a.backend,
+                str(int(a.body_crop)),
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -133,11 +152,13 @@ def main() -> int:
     heading = "## Mirrored end to end" if a.mirror else "## End to end"
     if a.backend != "auto":
         heading = f"## Backend {a.backend}: " + heading.removeprefix("## ").lower()
+    if not a.body_crop:
+        heading = "## Whole slices (no body crop): " + heading.removeprefix("## ").lower()
     if a.device != "cpu":
         heading += f" on {a.device}"
     backends = ", ".join(sorted({r["backend"] for r in rows}))
     md = [
-        f"{heading} (POST /segment, {a.device}, precision {a.precision}, backend {a.backend} = {backends}, mirror {'on' if a.mirror else 'off'})",
+        f"{heading} (POST /segment, {a.device}, precision {a.precision}, backend {a.backend} = {backends}, mirror {'on' if a.mirror else 'off'}, body crop {'on' if a.body_crop else 'off'})",
         "",
         "| slices | upload MB | "
         + " | ".join(f"{s} ms" for s in stages)
