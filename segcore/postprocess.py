@@ -81,15 +81,18 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
 def foreground_bbox(mask: npt.NDArray[np.generic]) -> tuple[slice, slice, slice] | None:
     """Bounding box of the non-zero voxels as slices, or None when there are none.
 
-    Reduces one axis at a time over the non-zero test, without a volume-sized temporary
-    beyond one boolean map.
+    One pass over the whole array finds the range along the axis with the largest stride; the
+    other two ranges are found inside that slab only, which for a small foreground is a small
+    part of the array. The only volume-sized temporary is the first pass's boolean map.
     """
-    nz = mask if mask.dtype == np.bool_ else mask != 0
-    out = []
-    for axis in range(3):
+    order = sorted(range(3), key=lambda a: -abs(mask.strides[a]))
+    box = [slice(0, n) for n in mask.shape]
+    for axis in order:
+        part = mask[tuple(box)]
+        nz = part if part.dtype == np.bool_ else part != 0
         other = tuple(a for a in range(3) if a != axis)
         idx = np.flatnonzero(nz.any(axis=other))
         if idx.size == 0:
             return None
-        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return (out[0], out[1], out[2])
+        box[axis] = slice(int(idx[0]), int(idx[-1]) + 1)  # each axis is narrowed once, from 0
+    return (box[0], box[1], box[2])

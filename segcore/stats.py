@@ -4,6 +4,9 @@ Volumes come from the header's voxel size (mL = mm^3 / 1000); positions are worl
 the affine. Connected components use ``connected-components-3d`` (26-connectivity) inside each
 class's bounding box. Kidney gets a left/right split (patient left = world -x in RAS+), with the
 tumor volume inside each side; tumor gets its largest axial diameter.
+
+:func:`compute_statistics` scans the whole mask once, for the box that holds all its foreground,
+and works inside that box from then on: every class lies in it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ def max_axial_diameter_mm(mask: npt.NDArray[np.bool_], volume: Volume) -> float:
     return best
 
 
+def _box_of(mask: npt.NDArray[np.generic], box: tuple[slice, slice, slice] | None) -> tuple[slice, slice, slice]:
+    if box is None:
+        return (slice(0, mask.shape[0]), slice(0, mask.shape[1]), slice(0, mask.shape[2]))
+    return box
+
+
 def class_statistics(
     mask: npt.NDArray[np.uint8],
     volume: Volume,
@@ -54,10 +63,16 @@ def class_statistics(
     name: str,
     confidence: float | None,
     region: tuple[int, ...] | None = None,
+    box: tuple[slice, slice, slice] | None = None,
 ) -> dict[str, Any]:
-    """Statistics of ``label`` (or of the union ``region``) in ``mask`` on ``volume``'s grid."""
+    """Statistics of ``label`` (or of the union ``region``) in ``mask`` on ``volume``'s grid.
+
+    ``box``: a box of ``mask`` known to hold every voxel of the label; only it is read.
+    """
     voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
-    sel = np.isin(mask, region) if region else mask == label
+    box = _box_of(mask, box)
+    part = mask[box]
+    sel = np.isin(part, region) if region else part == label
     n = int(np.count_nonzero(sel))
     out: dict[str, Any] = {
         "label": label,
@@ -84,6 +99,8 @@ def class_statistics(
     sizes = np.bincount(cc.ravel())[1:]
     out["components"] = int(ncomp)
     out["largest_component_ml"] = float(sizes.max()) * voxel_ml if sizes.size else 0.0
+    # From here on in the whole mask's voxel indices.
+    bb = tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(bb, box, strict=True))  # type: ignore[assignment]
     lo = [s.start for s in bb]
     hi = [s.stop - 1 for s in bb]
     out["bbox_voxels"] = {"min": lo, "max": hi}
@@ -103,20 +120,28 @@ def class_statistics(
     return out
 
 
-def kidney_sides(mask: npt.NDArray[np.uint8], volume: Volume, tumor_label: int = 2) -> dict[str, Any]:
+def kidney_sides(
+    mask: npt.NDArray[np.uint8],
+    volume: Volume,
+    tumor_label: int = 2,
+    box: tuple[slice, slice, slice] | None = None,
+) -> dict[str, Any]:
     """Left/right split of the kidney region (labels > 0) with the tumor volume in each side.
 
     The midline is halfway between the two largest components' centroids when there are two,
     else the centre of the field of view; each voxel goes to the side of the midline it lies on.
+    ``box``: a box of ``mask`` known to hold all its foreground; only it is read.
     """
     voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
-    region = mask > 0
+    box = _box_of(mask, box)
+    part = mask[box]
+    region = part > 0
     empty = {"kidney_ml": 0.0, "tumor_ml": 0.0, "total_ml": 0.0, "present": False}
     bb = foreground_bbox(region)
     if bb is None:
         return {"left": dict(empty), "right": dict(empty), "midline_x_mm": None}
     crop = np.ascontiguousarray(region[bb])
-    lo = np.array([s.start for s in bb], dtype=np.float64)
+    lo = np.array([s.start + b.start for s, b in zip(bb, box, strict=True)], dtype=np.float64)
     cc, n = cc3d.connected_components(crop, connectivity=26, return_N=True)
     idx = np.nonzero(crop)
     world_x = _world(volume.affine, np.stack(idx, axis=1).astype(np.float64) + lo)[:, 0]
@@ -129,7 +154,7 @@ def kidney_sides(mask: npt.NDArray[np.uint8], volume: Volume, tumor_label: int =
     else:
         centre = (np.array(volume.shape, dtype=np.float64) - 1) / 2
         midline = float(_world(volume.affine, centre[None])[0, 0])
-    labels = mask[bb][idx]
+    labels = part[bb][idx]
     out: dict[str, Any] = {"midline_x_mm": midline}
     for side, sel in (("right", world_x > midline), ("left", world_x <= midline)):  # RAS+: +x is patient right
         tumor_n = int(np.count_nonzero(labels[sel] == tumor_label))
@@ -151,17 +176,20 @@ def compute_statistics(
 ) -> list[dict[str, Any]]:
     """One entry per non-background class of the model, in label order."""
     conf = confidence or {}
+    # One pass over the whole mask; every class lies inside the foreground's box.
+    box = foreground_bbox(mask) or (slice(0, 0), slice(0, 0), slice(0, 0))
+    part = mask[box]
     out = []
     for lab, name in sorted(labels.items()):
         if lab == 0:
             continue
-        entry = class_statistics(mask, volume, lab, name, conf.get(lab))
+        entry = class_statistics(mask, volume, lab, name, conf.get(lab), box=box)
         if name == "kidney":
-            entry["sides"] = kidney_sides(mask, volume)
+            entry["sides"] = kidney_sides(mask, volume, box=box)
         if name == "tumor":
             diameter = 0.0
             if entry["present"]:
-                sel = mask == lab
+                sel = part == lab
                 bb = foreground_bbox(sel)
                 assert bb is not None
                 largest = np.ascontiguousarray(sel[bb])

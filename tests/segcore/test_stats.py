@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from segcore.io import Volume
-from segcore.postprocess import PostprocessConfig, keep_largest_components
-from segcore.stats import compute_statistics, kidney_sides, max_axial_diameter_mm
+from segcore.postprocess import PostprocessConfig, foreground_bbox, keep_largest_components
+from segcore.stats import class_statistics, compute_statistics, kidney_sides, max_axial_diameter_mm
 
 LABELS = {0: "background", 1: "kidney", 2: "tumor"}
 
@@ -73,3 +73,42 @@ def test_keep_largest_components_drops_far_blobs() -> None:
     assert keep_largest_components(mask.copy(), PostprocessConfig(keep_largest=False))[0, 39, 0] == 2
     with pytest.raises(ValueError):
         PostprocessConfig(max_components=0)
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "flipped", "transposed"])
+def test_foreground_bbox_matches_argwhere_in_any_memory_layout(layout: str) -> None:
+    rng = np.random.default_rng(3)
+    base = np.zeros((30, 41, 52), np.uint8)
+    base[7:19, 12:14, 30:45] = rng.integers(0, 3, size=(12, 2, 15))
+    base[25, 40, 3] = 2
+    arr = {
+        "C": base,
+        "F": np.asfortranarray(base),
+        "flipped": np.asfortranarray(base[::-1, :, ::-1])[::-1, :, ::-1],
+        "transposed": np.ascontiguousarray(base.transpose(2, 0, 1)).transpose(1, 2, 0),
+    }[layout]
+    np.testing.assert_array_equal(arr, base)
+    pts = np.argwhere(base)
+    want = tuple(slice(int(a), int(b) + 1) for a, b in zip(pts.min(0), pts.max(0), strict=True))
+    assert foreground_bbox(arr) == want
+    assert foreground_bbox(arr > 0) == want
+    assert foreground_bbox(np.zeros_like(arr)) is None
+
+
+def test_statistics_inside_the_foreground_box_equal_the_whole_mask_scan() -> None:
+    vol = _vol(shape=(50, 40, 30), zooms=(0.8, 0.8, 3.0))
+    rng = np.random.default_rng(5)
+    vol.stored[:] = rng.normal(80, 30, vol.shape).astype(np.float32)
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[4:14, 20:30, 5:12] = 1
+    mask[35:46, 18:31, 8:20] = 1
+    mask[37:41, 20:24, 10:13] = 2
+    mask[9, 33, 25] = 2  # a stray tumor voxel: two components, a wider box
+    got = compute_statistics(mask, vol, LABELS, {1: 0.8, 2: 0.6})
+    for entry in got:
+        lab, name = entry["label"], entry["name"]
+        whole = class_statistics(mask, vol, lab, name, entry["mean_confidence"])  # box=None: the whole mask
+        assert {k: v for k, v in entry.items() if k not in ("sides", "max_axial_diameter_mm")} == whole
+    assert got[0]["sides"] == kidney_sides(mask, vol)
+    assert got[1]["components"] == 2 and got[1]["bbox_voxels"] == {"min": [9, 20, 10], "max": [40, 33, 25]}
+    assert got[1]["max_axial_diameter_mm"] == pytest.approx(max_axial_diameter_mm(mask[37:41, 20:24, 10:13] == 2, vol))
