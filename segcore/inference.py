@@ -237,13 +237,16 @@ class Engine:
         # per chunk): long contiguous runs make the strided copy out of the stored layout cheap,
         # and the chunk bounds the float32 temporary (CHUNK_VOXELS * 4 bytes).
         chunk = max(bs, (self.chunk_voxels // max(1, y * x)) // bs * bs)
+        buf = torch.empty((min(z, chunk + 2 * ctx), y, x), dtype=torch.float32)  # reused by every chunk
         try:
             with torch.inference_mode():
                 for c0 in range(0, z, chunk):
                     c1 = min(z, c0 + chunk)
                     ta = time.perf_counter()
                     lo, hi = max(0, c0 - ctx), min(z, c1 + ctx)
-                    slab = model_slices(view[lo:hi], grid, cfg, volume.slope, volume.inter, self.device)  # (S, h, w)
+                    slab = model_slices(
+                        view[lo:hi], grid, cfg, volume.slope, volume.inter, self.device, buf
+                    )  # (S, h, w)
                     win = self._window(slab) if self.body_crop else ((0, grid[0]), (0, grid[1]))
                     t_pre += time.perf_counter() - ta
                     if win is None:  # nothing above the lower clip: background, as the mask already is

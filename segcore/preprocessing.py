@@ -177,26 +177,45 @@ def model_slices(
     slope: float = 1.0,
     inter: float = 0.0,
     device: torch.device | None = None,
+    buffer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Canonical slices ``(S, Y, X)`` of any dtype and strides -> ``(S, h, w)`` float32 on the
     model grid, scaled to HU (``value * slope + inter``), resampled and normalised.
+
+    ``buffer``: a float32 CPU tensor of at least ``S * Y * X`` elements to convert into, so that a
+    caller going chunk by chunk doesn't map and page-fault a fresh one each time; the result
+    never shares its memory.
 
     The one place where intensities reach the model's grid, for training and inference alike.
     The slices are copied to float32 in the memory order of the source: a KiTS19 file (IPL,
     array ``(slices, H, W)``) stores the slice axis fastest, so its slab is read into a
     ``(Y, X, S)`` buffer and resampled as channels-last, which is several times faster than
-    gathering a strided ``(S, Y, X)`` copy. The arithmetic is the same either way.
+    gathering a strided ``(S, Y, X)`` copy. Flipped axes are read in stored order and the result
+    flipped back. The arithmetic is the same either way, up to float rounding of the resampling
+    coordinates (about 1e-6 of the value).
     """
     s, y, x = view.shape
+    # Read the source in its stored direction and flip the (much smaller) result instead: a copy
+    # that walks memory backwards is slow, and torch can't view negative strides. Bilinear
+    # resampling (align_corners=False, size given) commutes with flips up to float rounding.
+    flips = tuple(a for a in range(3) if view.strides[a] < 0)
+    if flips:
+        view = view[tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(3))]
     strides = [abs(v) for v in view.strides]
-    if strides[0] < min(strides[1], strides[2]):
-        buf = np.empty((y, x, s), dtype=np.float32)
-        _copy(buf, view.transpose(1, 2, 0))
-        t = torch.from_numpy(buf).permute(2, 0, 1)[None]  # (1, S, Y, X), channels-last
-    else:
-        buf = np.empty((s, y, x), dtype=np.float32)
-        _copy(buf, view)
-        t = torch.from_numpy(buf)[None]
+    slices_fastest = strides[0] < min(strides[1], strides[2])
+    shape = (y, x, s) if slices_fastest else (s, y, x)
+    src = view.transpose(1, 2, 0) if slices_fastest else view
+    if view.dtype.isnative and view.dtype in _TORCH_COPYABLE:
+        # torch converts and copies strided memory with vectorised, multi-threaded loops.
+        n = s * y * x
+        fits = buffer is not None and buffer.dtype == torch.float32 and buffer.numel() >= n and not buffer.is_cuda
+        t = buffer.view(-1)[:n].view(shape) if fits else torch.empty(shape, dtype=torch.float32)  # type: ignore[union-attr]
+        t.copy_(torch.from_numpy(src))
+    else:  # byte-swapped or unusual dtypes: numpy converts them
+        buf = np.empty(shape, dtype=np.float32)
+        _copy(buf, src)
+        t = torch.from_numpy(buf)
+    t = (t.permute(2, 0, 1) if slices_fastest else t)[None]  # (1, S, Y, X); channels-last when slices fastest
     if device is not None and device.type != "cpu":
         t = t.pin_memory().to(device, non_blocking=True)
     if slope != 1.0:
@@ -205,8 +224,11 @@ def model_slices(
         t = t.add_(inter)
     # The S slices ride as channels of one image: one resampling call for the whole slab.
     out = normalize(resample_slices(t, size), cfg)[0]
-    return out.contiguous()
+    return out.flip(flips) if flips else out.contiguous()
 
+
+#: source dtypes that :func:`model_slices` converts with torch (native byte order only)
+_TORCH_COPYABLE = tuple(np.dtype(d) for d in (np.int8, np.uint8, np.int16, np.int32, np.float32, np.float64))
 
 _copy_pools: dict[int, ThreadPoolExecutor] = {}
 

@@ -212,14 +212,24 @@ def test_cropped_label_upsampling_all_background() -> None:
     assert found is not None and int((found[2] == 2).sum()) > 0
 
 
-@pytest.mark.parametrize("layout", ["kits_ipl_fortran", "ras_fortran", "c_order"])
+@pytest.mark.parametrize(
+    "layout", ["kits_ipl_fortran", "ras_fortran", "c_order", "big_endian_flipped", "uint16_flipped", "float64"]
+)
 def test_model_slices_layouts_agree(layout: str) -> None:
-    """The slab reaches the model grid the same way whatever the stored memory order."""
+    """The slab reaches the model grid the same way whatever the stored memory order and dtype
+    (torch converts native int and float dtypes, numpy the rest)."""
     rng = np.random.default_rng(0)
     base = rng.integers(-1024, 1500, size=(12, 40, 50)).astype(np.int16)  # canonical (Z, Y, X)
     if layout == "kits_ipl_fortran":  # slices fastest in memory, every axis flipped
         stored = np.asfortranarray(base[::-1, ::-1, ::-1])
         view = stored[::-1, ::-1, ::-1]
+    elif layout in ("big_endian_flipped", "uint16_flipped"):  # as nibabel maps such files
+        dtype = ">i2" if layout == "big_endian_flipped" else np.uint16
+        stored = np.asfortranarray((base if dtype == ">i2" else base + 1024)[::-1, :, ::-1]).astype(dtype)
+        view = stored[::-1, :, ::-1]
+        base = view.astype(np.int32)  # type: ignore[assignment]
+    elif layout == "float64":
+        view = base.astype(np.float64).transpose(2, 1, 0).copy().transpose(2, 1, 0)
     elif layout == "ras_fortran":  # (X, Y, Z) Fortran: X fastest
         stored = np.asfortranarray(base.transpose(2, 1, 0))
         view = stored.transpose(2, 1, 0)
@@ -231,7 +241,17 @@ def test_model_slices_layouts_agree(layout: str) -> None:
     ref_in = torch.from_numpy(base.astype(np.float32) * 2.0 - 10.0)[:, None]
     ref = normalize(F.interpolate(ref_in, size=(20, 31), mode="bilinear", align_corners=False), pp)[:, 0]
     assert got.shape == (12, 20, 31) and got.is_contiguous()
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # A flipped source is read in stored order and the result flipped back: the same up to the
+    # float rounding of the resampling coordinates (1e-4 here is 0.008 HU).
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+    # Converting into a caller's buffer gives the same slab, which doesn't share the buffer.
+    buf = torch.full((view.size + 7,), float("nan"))
+    again = model_slices(view, (20, 31), pp, slope=2.0, inter=-10.0, buffer=buf)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+    buf.fill_(1e9)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+    small = model_slices(view, (20, 31), pp, slope=2.0, inter=-10.0, buffer=torch.empty(10))  # too small: ignored
+    torch.testing.assert_close(small, got, atol=0, rtol=0)
 
 
 AIR_HU = -1000.0
