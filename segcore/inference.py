@@ -272,14 +272,10 @@ class Engine:
                             torch.cuda.synchronize()
                         tc = time.perf_counter()
                         logits = logits.float()
+                        origin = (0, 0)
                         if cropped:
-                            # Outside the window: background by a wide margin (finite, so the
-                            # resampling's zero weights can't make NaNs).
-                            full = logits.new_full((logits.shape[0], ncls, *grid), -1e4)
-                            full[:, 0] = 0.0
-                            full[..., wy0:wy1, wx0:wx1] = logits
-                            logits = full
-                        found = up.labels(logits, conf_sum, conf_cnt)
+                            logits, origin = _ring_of_background(logits, win, grid)
+                        found = up.labels(logits, conf_sum, conf_cnt, origin)
                         if found is not None:
                             (r0, r1), (q0, q1), lab8 = found
                             mask_zyx[k0:k1, r0:r1, q0:q1] = lab8.cpu().numpy()
@@ -313,6 +309,23 @@ class Engine:
         )
 
 
+def _ring_of_background(
+    logits: torch.Tensor, win: tuple[tuple[int, int], tuple[int, int]], grid: tuple[int, int]
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The logits of a window, with one pixel of certain background around it where the grid has
+    room (the resampling back to the input grid reads at most one pixel beyond a foreground
+    candidate), and the model-grid position of their first pixel. Background by a wide margin,
+    but finite, so the resampling's zero weights can't make NaNs."""
+    (wy0, wy1), (wx0, wx1) = win
+    top, left = min(1, wy0), min(1, wx0)
+    bottom, right = min(1, grid[0] - wy1), min(1, grid[1] - wx1)
+    b, k, h, w = logits.shape
+    ext = logits.new_full((b, k, h + top + bottom, w + left + right), -1e4)
+    ext[:, 0] = 0.0
+    ext[..., top : top + h, left : left + w] = logits
+    return ext, (wy0 - top, wx0 - left)
+
+
 def _grow(box: list[tuple[int, int]], new: list[tuple[int, int]]) -> list[tuple[int, int]]:
     if not box:
         return new
@@ -340,9 +353,10 @@ class _Upsampler:
         self.mx = bilinear_matrix(grid[1], size[1], device)  # (X, w)
 
     @staticmethod
-    def _span(m: torch.Tensor, cand: torch.Tensor) -> tuple[int, int, int, int] | None:
-        """Output range that depends on candidate inputs, and the input range it reads."""
-        idx = torch.nonzero(cand).flatten()
+    def _span(m: torch.Tensor, cand: torch.Tensor, offset: int = 0) -> tuple[int, int, int, int] | None:
+        """Output range that depends on candidate inputs (``cand[i]`` is input ``offset + i``), and
+        the input range it reads."""
+        idx = torch.nonzero(cand).flatten() + offset
         if idx.numel() == 0:
             return None
         need = torch.nonzero((m[:, int(idx[0]) : int(idx[-1]) + 1] != 0).any(dim=1)).flatten()
@@ -351,29 +365,40 @@ class _Upsampler:
         return o0, o1, int(reads[0]), int(reads[-1]) + 1
 
     def labels(
-        self, logits: torch.Tensor, conf_sum: torch.Tensor, conf_cnt: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        conf_sum: torch.Tensor,
+        conf_cnt: torch.Tensor,
+        origin: tuple[int, int] = (0, 0),
     ) -> tuple[tuple[int, int], tuple[int, int], torch.Tensor] | None:
         """``(row range, column range, uint8 labels (B, rows, cols))``, or None when the batch is
         all background.
+
+        ``logits`` may be a window of the model grid whose first pixel is at ``origin``; it must
+        include one pixel beyond any foreground candidate where the grid has one (the engine's
+        body crop surrounds its window with a ring of background for this).
 
         Also adds each foreground model-grid pixel's softmax probability of its label to
         ``conf_sum`` / ``conf_cnt`` (background is not scored; those pixels all lie in the box).
         """
         margin = logits[:, 1:] - logits[:, :1]  # (B, K-1, h, w)
         cand = margin.amax(dim=1) > -self.EPS  # (B, h, w)
-        rows = self._span(self.my, cand.any(dim=2).any(dim=0))
+        oy, ox = origin
+        rows = self._span(self.my, cand.any(dim=2).any(dim=0), oy)
         if rows is None:
             return None
-        cols = self._span(self.mx, cand.any(dim=1).any(dim=0))
+        cols = self._span(self.mx, cand.any(dim=1).any(dim=0), ox)
         assert cols is not None
-        r0, r1, a0, a1 = rows
+        r0, r1, a0, a1 = rows  # model-grid ranges a, b are in whole-grid coordinates ...
         q0, q1, b0, b1 = cols
-        prob, plab = torch.softmax(logits[:, :, a0:a1, b0:b1], dim=1).max(dim=1)
+        la, lb = slice(a0 - oy, a1 - oy), slice(b0 - ox, b1 - ox)  # ... la, lb in the window's
+        assert 0 <= la.start and la.stop <= logits.shape[-2] and 0 <= lb.start and lb.stop <= logits.shape[-1]
+        prob, plab = torch.softmax(logits[:, :, la, lb], dim=1).max(dim=1)
         fg = plab > 0
         ncls = logits.shape[1]
         conf_sum += torch.bincount(plab[fg], weights=prob[fg].double(), minlength=ncls).cpu()
         conf_cnt += torch.bincount(plab[fg], minlength=ncls).double().cpu()
-        crop = self.my[r0:r1, a0:a1] @ margin[:, :, a0:a1, b0:b1] @ self.mx[q0:q1, b0:b1].T  # (B, K-1, R, Q)
+        crop = self.my[r0:r1, a0:a1] @ margin[:, :, la, lb] @ self.mx[q0:q1, b0:b1].T  # (B, K-1, R, Q)
         best, which = crop.max(dim=1)
         lab = torch.where(best > 0, which + 1, 0).to(torch.uint8)
         return (r0, r1), (q0, q1), lab

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from segcore.checkpoint import KITS19_LABELS, CheckpointMeta
-from segcore.inference import Engine, _Upsampler
+from segcore.inference import Engine, _ring_of_background, _Upsampler
 from segcore.io import Volume
 from segcore.metrics import dice
 from segcore.postprocess import PostprocessConfig
@@ -200,6 +200,36 @@ def test_cropped_label_upsampling_equals_full_argmax(size: tuple[int, int]) -> N
         assert conf_cnt[c] == int(plab.eq(c).sum())
         assert float(conf_sum[c]) == pytest.approx(float(prob[plab == c].double().sum()))
     assert conf_cnt[0] == 0
+
+
+@pytest.mark.parametrize("win", [((8, 40), (16, 48)), ((0, 24), (40, 64))])
+def test_label_upsampling_of_a_window_equals_the_whole_grid(win: tuple[tuple[int, int], tuple[int, int]]) -> None:
+    """The body crop's path: logits of a window plus a ring of background give the labels that the
+    whole grid, background outside the window, gives; foreground up to the window's edge too."""
+    (y0, y1), (x0, x1) = win
+    gen = torch.Generator().manual_seed(2)
+    full = torch.full((3, 3, 64, 64), -1e4)
+    full[:, 0] = 0.0
+    inner = torch.randn(3, 3, y1 - y0, x1 - x0, generator=gen)
+    inner[:, 0] += 4.0
+    inner[0, 1, 2:9, 3:12] += 9.0
+    inner[2, 2, -3:, -4:] += 12.0  # foreground in the window's last rows and columns
+    inner[1, 1, 0, 0] += 12.0  # and in its first pixel
+    full[..., y0:y1, x0:x1] = inner
+    up = _Upsampler((64, 64), (150, 170), torch.device("cpu"))
+    z = torch.zeros(3, dtype=torch.float64)
+    want = up.labels(full, z.clone(), z.clone())
+    sums, cnts = z.clone(), z.clone()
+    ext, origin = _ring_of_background(inner, win, (64, 64))
+    assert ext.shape[-2:] == (y1 - y0 + (y0 > 0) + (y1 < 64), x1 - x0 + (x0 > 0) + (x1 < 64))
+    got = up.labels(ext, sums, cnts, origin)
+    assert want is not None and got is not None
+    assert got[:2] == want[:2]
+    assert torch.equal(got[2], want[2]) and int((got[2] == 2).sum()) > 0
+    want_sums, want_cnts = z.clone(), z.clone()
+    up.labels(full, want_sums, want_cnts)
+    torch.testing.assert_close(sums, want_sums)
+    assert torch.equal(cnts, want_cnts)
 
 
 def test_cropped_label_upsampling_all_background() -> None:
