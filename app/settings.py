@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     body_crop: bool = Field(
         True,
         description="run the network only on the box around the body (what is above the checkpoint's lower HU "
-        "clip) plus a margin; outside it is background. 1.9x faster model stage on the phantoms",
+        "clip) plus a margin; outside it is background. About 2x faster model stage on the phantoms",
     )
     batch_size: int = Field(8, ge=1, le=256, description="slices per forward pass; bounds activation memory")
     result_dir: Path = Field(
