@@ -392,7 +392,8 @@ class _Upsampler:
         r0, r1, a0, a1 = rows  # model-grid ranges a, b are in whole-grid coordinates ...
         q0, q1, b0, b1 = cols
         la, lb = slice(a0 - oy, a1 - oy), slice(b0 - ox, b1 - ox)  # ... la, lb in the window's
-        assert 0 <= la.start and la.stop <= logits.shape[-2] and 0 <= lb.start and lb.stop <= logits.shape[-1]
+        h, w = logits.shape[-2:]
+        assert la.start >= 0 and lb.start >= 0 and la.stop <= h and lb.stop <= w, (la, lb, logits.shape)
         prob, plab = torch.softmax(logits[:, :, la, lb], dim=1).max(dim=1)
         fg = plab > 0
         ncls = logits.shape[1]
