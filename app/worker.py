@@ -176,7 +176,6 @@ class InferenceWorker:
         s = self.settings
         t0 = time.perf_counter()
         vol = load_volume(job.upload, max_decompressed_bytes=s.max_decompressed_bytes, max_voxels=s.max_voxels)
-        t_load = time.perf_counter()
         warnings = list(vol.warnings)
         lo, hi = vol.intensity_range()
         if not (CT_AIR_HU[0] <= lo <= CT_AIR_HU[1]) or hi < CT_MIN_MAX_HU:
@@ -184,6 +183,7 @@ class InferenceWorker:
                 f"intensities span [{lo:.0f}, {hi:.0f}], which does not look like CT in HU (no air near "
                 "-1000 HU, or no soft tissue above 0 HU); results on non-CT or unscaled data are meaningless"
             )
+        t_load = time.perf_counter()  # the parse stage includes the intensity check
         pred = self._predict_with_oom_retry(vol, job)
         t_pred = time.perf_counter()
         classes = compute_statistics(pred.mask, vol, self.meta.labels, pred.confidence)

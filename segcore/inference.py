@@ -289,7 +289,9 @@ class Engine:
         finally:
             if self.ort is not None:
                 # Even when the job is cancelled between batches: the arena goes back either way.
+                ta = time.perf_counter()
                 self.ort.release()
+                t_post += time.perf_counter() - ta
         ts = time.perf_counter()
         if box:
             # Only the box that holds all the foreground is scanned; writes go through the view.
