@@ -88,6 +88,8 @@ class Engine:
             outside the box are background. Like MONAI's ``CropForeground``; on the phantoms
             it runs the network on about half the pixels. Masks differ from the uncropped
             run only where the network's own border padding reaches (docs/benchmarks.md).
+            Networks with instance or group norm normalise over the whole input, so the crop
+            would change every pixel: for them it stays off (``self.body_crop`` says which).
     """
 
     #: model-grid pixels of clipped background kept around the body on each side
@@ -132,7 +134,7 @@ class Engine:
         self.precision = precision
         self.chunk_voxels = chunk_voxels
         self.mirror = mirror
-        self.body_crop = body_crop
+        self.body_crop = body_crop and meta.model.norm in ("batch", "none")
         net = fold_batch_norm(copy.deepcopy(model).eval()).to(device)
         self.ort: OrtModel | None = None
         if backend == "onnxruntime":

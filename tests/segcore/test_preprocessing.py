@@ -371,6 +371,15 @@ def test_body_crop_window_is_aligned_and_covers_the_body_with_a_margin() -> None
     assert eng._window(torch.full((3, 20, 20), floor)) is None
 
 
+@pytest.mark.parametrize(("norm", "crops"), [("batch", True), ("none", True), ("instance", False), ("group", False)])
+def test_body_crop_only_for_networks_without_per_image_statistics(norm: str, crops: bool) -> None:
+    cfg = UNetConfig(in_slices=3, base_width=8, depth=3, norm=norm)
+    meta = CheckpointMeta(cfg, GEOM_PP, dict(KITS19_LABELS))
+    eng = Engine(UNet(cfg), meta, torch.device("cpu"), precision="fp32", backend="torch", body_crop=True)
+    assert eng.body_crop is crops
+    assert Engine(UNet(cfg), meta, torch.device("cpu"), backend="torch", body_crop=False).body_crop is False
+
+
 def test_all_air_is_background_without_running_the_network() -> None:
     hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
     vol = Volume(np.full_like(hu, AIR_HU), aff, nib.Nifti1Header(), (1.0, 1.0, 1.0))
