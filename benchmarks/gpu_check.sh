@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA checks issues 2 and 5 ask for, as one short script for a lent GPU machine
-# (about 5 minutes on an H100/H200; needs the project installed with CUDA torch):
+# (about 6 minutes on an H100/H200; needs the project installed with CUDA torch):
 #   1. the GPU tests: a checkpoint written on CUDA loads on CPU and back (pytest -m gpu);
 #   2. a short CUDA training smoke with AMP (bf16) on 512x512 phantoms at native spacing,
 #      base 32, batch 16: the training log reports slices/s (target >= 400);
 #   3. POST /segment for a 200x512x512 .nii.gz on CUDA: server time = total - receive
-#      (target <= 0.75 s);
+#      (target <= 0.75 s); the fastest of 3 requests, each in a fresh process (about 1 minute);
 #   4. training throughput against the naive loop, on CUDA.
 # Results go to $OUT (the device tool's output folder) or runs/gpu-check; docs/benchmarks.md is left
 # alone (the device machine's copy does not come back), so record them by hand.
