@@ -82,17 +82,22 @@ def _one_render(args: tuple[str, str, int]) -> str:
 
 
 def cmd_synth_ct(a: argparse.Namespace) -> int:
+    if not a.dry_run:
+        return _synth_ct(a, Path(a.labels))
+    # Tiny and independent of ../shared: a label-only folder made from a 64x64 phantom, removed
+    # afterwards (the rendered case goes to --out).
+    from training.datasets import write_kits_case
+    from training.synth import make_phantom
+
+    with tempfile.TemporaryDirectory(prefix="kitseg-labels-") as tmp:
+        _, seg, sp = make_phantom(np.random.default_rng(0), inplane=64)
+        write_kits_case(Path(tmp) / "case_00000", None, seg, sp)
+        return _synth_ct(a, Path(tmp))
+
+
+def _synth_ct(a: argparse.Namespace, src: Path) -> int:
     from training.datasets import find_cases
 
-    src = Path(a.labels)
-    if a.dry_run:
-        # Tiny and independent of ../shared: a label-only folder made from a 64x64 phantom.
-        from training.datasets import write_kits_case
-        from training.synth import make_phantom
-
-        src = Path(tempfile.mkdtemp(prefix="kitseg-labels-"))
-        _, seg, sp = make_phantom(np.random.default_rng(0), inplane=64)
-        write_kits_case(src / "case_00000", None, seg, sp)
     cases = [
         c for c in find_cases(src, need_image=False) if c.label is not None and c.label.parent.name.startswith("case_")
     ]
@@ -123,14 +128,20 @@ def cmd_train(a: argparse.Namespace) -> int:
     from training.train import TrainConfig, train
 
     extra: dict[str, Any] = {"name": a.name}
+    if a.dry_run and not a.out:
+        # Nothing to keep: the phantoms and the run go to a temporary folder, removed afterwards.
+        with tempfile.TemporaryDirectory(prefix="kitseg-dry-") as tmp:
+            rc = cmd_train(argparse.Namespace(**{**vars(a), "out": str(Path(tmp) / "run")}))
+        print("dry run: its temporary folder is removed again (--out keeps the run)")
+        return rc
     if a.dry_run:
-        # Data goes beside --out when one is given, so a caller (evaluate's dry run) finds it.
-        tmp = Path(a.out).parent if a.out else Path(tempfile.mkdtemp(prefix="kitseg-dry-"))
+        # Data goes beside --out, so a caller (evaluate's dry run) finds it.
+        tmp = Path(a.out).parent
         for i in range(3):
             _one_phantom((i, str(tmp / "data"), 64, a.kits23, 0))
         cfg = TrainConfig(
             data=str(tmp / "data"),
-            out=a.out or str(tmp / "run"),
+            out=a.out,
             epochs=2,
             iters_per_epoch=2,
             batch_size=2,
@@ -209,13 +220,11 @@ def kits_table(rows: list[dict[str, Any]], summary: dict[str, float]) -> str:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from segcore.inference import Engine
-    from segcore.metrics import summarize, tumor_dice_by_size
-    from training.datasets import find_cases
-    from training.train import evaluate_cases
-
-    if a.dry_run:
-        tmp = Path(tempfile.mkdtemp(prefix="kitseg-dry-"))
+    if not a.dry_run:
+        return _evaluate(a)
+    # A tiny model trained on tiny phantoms in a temporary folder, removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="kitseg-dry-") as tmp_name:
+        tmp = Path(tmp_name)
         cmd_train(
             argparse.Namespace(
                 **{
@@ -230,8 +239,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                 }
             )
         )
-        a.checkpoint = str(tmp / "run" / "best.safetensors")
-        a.data = str(tmp / "data")
+        run = {"checkpoint": str(tmp / "run" / "best.safetensors"), "data": str(tmp / "data")}
+        return _evaluate(argparse.Namespace(**{**vars(a), **run}))
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from segcore.inference import Engine
+    from segcore.metrics import summarize, tumor_dice_by_size
+    from training.datasets import find_cases
+    from training.train import evaluate_cases
+
     if not a.checkpoint or not a.data:
         print("evaluate needs --checkpoint and --data (or --dry-run)", file=sys.stderr)
         return 2

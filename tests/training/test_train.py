@@ -250,6 +250,10 @@ def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # The dry run's own temporary folders are removed (libraries' caches, such as torch's
+    # torchinductor_<user>, may stay); what --out asked for is kept.
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("kitseg-")]
+    assert (tmp_path / "o").is_dir() == bool(extra)
     if cmd == "train" and platform.libc_ver()[0] == "glibc":
         assert "glibc malloc tuning on" in r.stderr
     if cmd == "evaluate":
