@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -131,6 +133,25 @@ def make_tiny_checkpoint(folder: Path) -> Path:
     path = folder / "tiny.safetensors"
     save_checkpoint(path, model, meta)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Temporary files of the whole run, including child processes' (torchrun's rendezvous
+    folders, chromium's profile), go under pytest's own temporary folder, which pytest prunes,
+    instead of being left behind in /tmp."""
+    folder = tmp_path_factory.mktemp("tmpdir")
+    old_env, old_default = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = old_default
+        if old_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_env
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

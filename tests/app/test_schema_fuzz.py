@@ -30,7 +30,8 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 # The schema is the app's own, taken without starting it; the requests go to the live server.
-schema = schemathesis.openapi.from_dict(create_app(make_settings(Path(tempfile.mkdtemp()))).openapi())
+with tempfile.TemporaryDirectory() as _folder:
+    schema = schemathesis.openapi.from_dict(create_app(make_settings(Path(_folder))).openapi())
 
 
 @schema.parametrize()
