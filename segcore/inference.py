@@ -23,7 +23,9 @@ from segcore.io import Volume
 from segcore.ort import BACKENDS, OrtModel, onnxruntime_available
 from segcore.postprocess import keep_largest_components
 from segcore.preprocessing import (
-    bilinear_matrix,
+    Window,
+    bilinear_taps,
+    body_box,
     canonical_info,
     canonical_view,
     context_indices,
@@ -177,27 +179,22 @@ class Engine:
         if self.ort is not None:
             self.ort.release()
 
-    def _window(self, slab: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
-        """In-plane box of ``slab`` (``(S, h, w)``, normalised) where any slice is above the lower
-        clip, grown by :attr:`BODY_MARGIN` and out to multiples of the network's pooling factor
-        (so pooling windows fall where they would on the whole slice); None when there is none."""
-        cfg = self.meta.preprocessing
-        floor = (cfg.clip_hu[0] - cfg.mean) / cfg.std
-        # Resampling comes before the clip, so the clipped background is exactly the floor.
-        above = (slab > floor + 1e-3).any(dim=0)  # (h, w)
-        rows = torch.nonzero(above.any(dim=1)).flatten()
-        if rows.numel() == 0:
-            return None
-        cols = torch.nonzero(above.any(dim=0)).flatten()
+    def _window(self, box: Window, shape_yx: tuple[int, int], grid: tuple[int, int]) -> Window:
+        """The model-grid window for a body ``box`` on the input grid (canonical ``(Y, X)`` of
+        ``shape_yx``, see :func:`body_box`): every model-grid pixel whose resampling reads a
+        pixel of the box, grown by :attr:`BODY_MARGIN` and out to multiples of the network's
+        pooling factor (so pooling windows fall where they would on the whole slice). Outside
+        it, every model-grid pixel is resampled from clipped background alone, so it is exactly
+        the clip's floor."""
         m, mult = self.BODY_MARGIN, self.meta.model.multiple
-        h, w = above.shape
-
-        def span(lo: int, hi: int, n: int) -> tuple[int, int]:
-            a = max(0, (lo - m) // mult * mult)
-            b = min(n, -(-(hi + 1 + m) // mult) * mult)
-            return a, b
-
-        return span(int(rows[0]), int(rows[-1]), h), span(int(cols[0]), int(cols[-1]), w)
+        out = []
+        for (lo, hi), n_in, n in zip(box, shape_yx, grid, strict=True):
+            i0, i1, _ = bilinear_taps(n_in, n)
+            reads = torch.nonzero((i1 >= lo) & (i0 < hi)).flatten()  # contiguous: taps only grow
+            a = max(0, (int(reads[0]) - m) // mult * mult)
+            b = min(n, -(-(int(reads[-1]) + 1 + m) // mult) * mult)
+            out.append((a, b))
+        return (out[0], out[1])
 
     def _batches(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int]]:
         for k0 in range(start, stop, batch_size):
@@ -240,29 +237,40 @@ class Engine:
         # and the chunk bounds the float32 temporary (CHUNK_VOXELS * 4 bytes).
         chunk = max(bs, (self.chunk_voxels // max(1, y * x)) // bs * bs)
         buf = torch.empty((min(z, chunk + 2 * ctx), y, x), dtype=torch.float32)  # reused by every chunk
+        whole: Window = ((0, grid[0]), (0, grid[1]))
         try:
             with torch.inference_mode():
                 for c0 in range(0, z, chunk):
                     c1 = min(z, c0 + chunk)
                     ta = time.perf_counter()
                     lo, hi = max(0, c0 - ctx), min(z, c1 + ctx)
-                    slab = model_slices(
-                        view[lo:hi], grid, cfg, volume.slope, volume.inter, self.device, buf
-                    )  # (S, h, w)
-                    win = self._window(slab) if self.body_crop else ((0, grid[0]), (0, grid[1]))
-                    t_pre += time.perf_counter() - ta
+                    win: Window | None = whole
+                    if self.body_crop:
+                        # The body's box first, on the input grid: only what the window's
+                        # resampling reads is converted and brought to the model grid.
+                        body = body_box(view[lo:hi], cfg.clip_hu[0], volume.slope, volume.inter)
+                        win = None if body is None else self._window(body, (y, x), grid)
                     if win is None:  # nothing above the lower clip: background, as the mask already is
+                        t_pre += time.perf_counter() - ta
                         if progress is not None:
                             progress(c1, z)
                         continue
-                    (wy0, wy1), (wx0, wx1) = win
-                    cropped = (wy1 - wy0, wx1 - wx0) != grid
+                    cropped = win != whole
+                    slab = model_slices(
+                        view[lo:hi],
+                        grid,
+                        cfg,
+                        volume.slope,
+                        volume.inter,
+                        self.device,
+                        buf,
+                        window=win if cropped else None,
+                    )  # (S, window h, window w)
+                    t_pre += time.perf_counter() - ta
                     for k0, k1 in self._batches(c0, c1, bs):
                         ta = time.perf_counter()
                         idx = torch.from_numpy(context_indices(np.arange(k0, k1), ctx, z) - lo).to(self.device)
-                        t = slab[idx]  # (B, C, h, w)
-                        if cropped:
-                            t = t[..., wy0:wy1, wx0:wx1]
+                        t = slab[idx]  # (B, C, h, w) of the window
                         if self.channels_last:
                             t = t.contiguous(memory_format=torch.channels_last)
                         tb = time.perf_counter()
@@ -344,8 +352,9 @@ class _Upsampler:
     that is the sign and argmax of the resampled margins ``logit_c - logit_0``; and a bilinear
     value is a convex combination of at most four model-grid pixels, so an input pixel can only
     be foreground if one of its source pixels has a margin above zero. The margins are therefore
-    resampled (with :func:`bilinear_matrix`, the same weights as ``F.interpolate``) only on the
-    box of input rows and columns that depend on such pixels; everything else stays background.
+    resampled (with :func:`bilinear_taps`, the source pixels and weights of ``F.interpolate``)
+    only on the box of input rows and columns that read such pixels; everything else stays
+    background.
     """
 
     #: source pixels count as candidates down to this margin, so float rounding in the
@@ -353,20 +362,29 @@ class _Upsampler:
     EPS = 1e-3
 
     def __init__(self, grid: tuple[int, int], size: tuple[int, int], device: torch.device) -> None:
-        self.my = bilinear_matrix(grid[0], size[0], device)  # (Y, h)
-        self.mx = bilinear_matrix(grid[1], size[1], device)  # (X, w)
+        self.ty = tuple(t.to(device) for t in bilinear_taps(grid[0], size[0]))  # per input row
+        self.tx = tuple(t.to(device) for t in bilinear_taps(grid[1], size[1]))  # per input column
 
     @staticmethod
-    def _span(m: torch.Tensor, cand: torch.Tensor, offset: int = 0) -> tuple[int, int, int, int] | None:
-        """Output range that depends on candidate inputs (``cand[i]`` is input ``offset + i``), and
-        the input range it reads."""
-        idx = torch.nonzero(cand).flatten() + offset
+    def _span(taps: tuple[torch.Tensor, ...], cand: torch.Tensor, offset: int = 0) -> tuple[int, int, int, int] | None:
+        """Output range that reads candidate inputs (``cand[i]`` is input ``offset + i``), and the
+        input range it reads: at most one input beyond the candidates on either side."""
+        idx = torch.nonzero(cand).flatten()
         if idx.numel() == 0:
             return None
-        need = torch.nonzero((m[:, int(idx[0]) : int(idx[-1]) + 1] != 0).any(dim=1)).flatten()
+        c0, c1 = int(idx[0]) + offset, int(idx[-1]) + offset
+        i0, i1 = taps[0], taps[1]
+        need = torch.nonzero((i1 >= c0) & (i0 <= c1)).flatten()  # contiguous: taps only grow
         o0, o1 = int(need[0]), int(need[-1]) + 1
-        reads = torch.nonzero((m[o0:o1] != 0).any(dim=0)).flatten()
-        return o0, o1, int(reads[0]), int(reads[-1]) + 1
+        return o0, o1, int(i0[o0]), int(i1[o1 - 1]) + 1
+
+    @staticmethod
+    def _resample(x: torch.Tensor, dim: int, taps: tuple[torch.Tensor, ...], o0: int, o1: int, a0: int) -> torch.Tensor:
+        """``x`` (whose index 0 along ``dim`` is input ``a0``) resampled to outputs ``o0:o1``."""
+        i0, i1, w1 = (t[o0:o1] for t in taps)
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        return x.index_select(dim, i0 - a0).lerp_(x.index_select(dim, i1 - a0), w1.view(shape))
 
     def labels(
         self,
@@ -388,10 +406,10 @@ class _Upsampler:
         margin = logits[:, 1:] - logits[:, :1]  # (B, K-1, h, w)
         cand = margin.amax(dim=1) > -self.EPS  # (B, h, w)
         oy, ox = origin
-        rows = self._span(self.my, cand.any(dim=2).any(dim=0), oy)
+        rows = self._span(self.ty, cand.any(dim=2).any(dim=0), oy)
         if rows is None:
             return None
-        cols = self._span(self.mx, cand.any(dim=1).any(dim=0), ox)
+        cols = self._span(self.tx, cand.any(dim=1).any(dim=0), ox)
         assert cols is not None
         r0, r1, a0, a1 = rows  # model-grid ranges a, b are in whole-grid coordinates ...
         q0, q1, b0, b1 = cols
@@ -403,7 +421,8 @@ class _Upsampler:
         ncls = logits.shape[1]
         conf_sum += torch.bincount(plab[fg], weights=prob[fg].double(), minlength=ncls).cpu()
         conf_cnt += torch.bincount(plab[fg], minlength=ncls).double().cpu()
-        crop = self.my[r0:r1, a0:a1] @ margin[:, :, la, lb] @ self.mx[q0:q1, b0:b1].T  # (B, K-1, R, Q)
+        crop = self._resample(margin[:, :, la, lb], 2, self.ty, r0, r1, a0)  # (B, K-1, R, b)
+        crop = self._resample(crop, 3, self.tx, q0, q1, b0)  # (B, K-1, R, Q)
         best, which = crop.max(dim=1)
         lab = torch.where(best > 0, which + 1, 0).to(torch.uint8)
         return (r0, r1), (q0, q1), lab

@@ -143,31 +143,27 @@ def resample_slices(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinea
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=False)
 
 
-def bilinear_matrix(n_in: int, n_out: int, device: torch.device | None = None) -> torch.Tensor:
-    """``(n_out, n_in)`` matrix ``M`` such that ``M @ v`` resamples ``v`` along one axis exactly
-    as ``F.interpolate(mode="bilinear", align_corners=False)`` does: the same source coordinates
-    and weights, up to float32 rounding of the coordinate (~1e-5); at most two non-zeros per
-    row, summing to 1.
-
-    Used to map logits back to the input grid on a crop: rows and columns of ``M`` select which
-    model-grid pixels an input-grid pixel depends on.
-    """
+def bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(i0, i1, w1)``, each of length ``n_out``: output ``o`` of a resampling along one axis is
+    ``(1 - w1[o]) * v[i0[o]] + w1[o] * v[i1[o]]``, with the source coordinates and weights of
+    ``F.interpolate(mode="bilinear", align_corners=False)`` (up to float32 rounding of the
+    coordinate, ~1e-5)."""
     o = torch.arange(n_out, dtype=torch.float32)
     src = ((o + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
     i0 = src.floor().long().clamp_max(n_in - 1)
     w1 = (src - i0).clamp(0.0, 1.0)
     i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
-    m = torch.zeros(n_out, n_in, dtype=torch.float32)
-    rows = torch.arange(n_out)
-    m.index_put_((rows, i0), 1.0 - w1, accumulate=True)
-    m.index_put_((rows, i1), w1, accumulate=True)
-    return m.to(device) if device is not None else m
+    return i0, i1, w1
 
 
 def normalize(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """Clip to ``cfg.clip_hu`` and z-score with ``cfg.mean`` / ``cfg.std`` (works in place on a copy)."""
     lo, hi = cfg.clip_hu
     return x.clamp(lo, hi).sub_(cfg.mean).div_(cfg.std)
+
+
+Window = tuple[tuple[int, int], tuple[int, int]]
+"""An in-plane box ``((y0, y1), (x0, x1))``, half-open, in canonical coordinates."""
 
 
 def model_slices(
@@ -178,6 +174,7 @@ def model_slices(
     inter: float = 0.0,
     device: torch.device | None = None,
     buffer: torch.Tensor | None = None,
+    window: Window | None = None,
 ) -> torch.Tensor:
     """Canonical slices ``(S, Y, X)`` of any dtype and strides -> ``(S, h, w)`` float32 on the
     model grid, scaled to HU (``value * slope + inter``), resampled and normalised.
@@ -185,6 +182,12 @@ def model_slices(
     ``buffer``: a float32 CPU tensor of at least ``S * Y * X`` elements to convert into, so that a
     caller going chunk by chunk doesn't map and page-fault a fresh one each time; the result
     never shares its memory.
+
+    ``window``: only this box of the model grid ``size`` (the engine's body crop), as
+    ``(S, y1 - y0, x1 - x0)``. Only the input pixels that the box's resampling reads are
+    converted, and the box is resampled with the whole grid's source coordinates and weights
+    (:func:`bilinear_taps`), so it equals the same box cut from the whole grid up to float
+    rounding (about 1e-6 of the value).
 
     The one place where intensities reach the model's grid, for training and inference alike.
     The slices are copied to float32 in the memory order of the source: a KiTS19 file (IPL,
@@ -194,13 +197,32 @@ def model_slices(
     flipped back. The arithmetic is the same either way, up to float rounding of the resampling
     coordinates (about 1e-6 of the value).
     """
-    s, y, x = view.shape
     # Read the source in its stored direction and flip the (much smaller) result instead: a copy
     # that walks memory backwards is slow, and torch can't view negative strides. Bilinear
     # resampling (align_corners=False, size given) commutes with flips up to float rounding.
     flips = tuple(a for a in range(3) if view.strides[a] < 0)
     if flips:
         view = view[tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(3))]
+    taps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    if window is not None:
+        # Each in-plane axis: the window's taps, shifted to the range of input pixels they read,
+        # which is all that is converted. On a flipped axis the range is cut from the unflipped
+        # source and the taps count from its far end, so the gather itself flips the result.
+        cut = [slice(None), slice(None), slice(None)]
+        for axis, (lo, hi) in ((1, window[0]), (2, window[1])):
+            n_in = view.shape[axis]
+            i0, i1, w1 = (t[lo:hi] for t in bilinear_taps(n_in, size[axis - 1]))
+            a0, a1 = int(i0.min()), int(i1.max()) + 1
+            if axis in flips:
+                cut[axis] = slice(n_in - a1, n_in - a0)
+                i0, i1 = a1 - 1 - i0, a1 - 1 - i1
+            else:
+                cut[axis] = slice(a0, a1)
+                i0, i1 = i0 - a0, i1 - a0
+            taps.append((i0, i1, w1))
+        view = view[tuple(cut)]
+        flips = tuple(a for a in flips if a == 0)
+    s, y, x = view.shape
     strides = [abs(v) for v in view.strides]
     slices_fastest = strides[0] < min(strides[1], strides[2])
     shape = (y, x, s) if slices_fastest else (s, y, x)
@@ -215,16 +237,84 @@ def model_slices(
         buf = np.empty(shape, dtype=np.float32)
         _copy(buf, src)
         t = torch.from_numpy(buf)
-    t = (t.permute(2, 0, 1) if slices_fastest else t)[None]  # (1, S, Y, X); channels-last when slices fastest
     if device is not None and device.type != "cpu":
         t = t.pin_memory().to(device, non_blocking=True)
     if slope != 1.0:
         t = t.mul_(slope)
     if inter != 0.0:
         t = t.add_(inter)
-    # The S slices ride as channels of one image: one resampling call for the whole slab.
-    out = normalize(resample_slices(t, size), cfg)[0]
-    return out.flip(flips) if flips else out.contiguous()
+    if taps:
+        # Gather and blend the two taps along Y, then along X, in the buffer's own layout.
+        ydim, xdim = (0, 1) if slices_fastest else (1, 2)
+        for dim, (i0, i1, w1) in zip((ydim, xdim), taps, strict=True):
+            dev = t.device
+            bshape = [1, 1, 1]
+            bshape[dim] = -1
+            t = t.index_select(dim, i0.to(dev)).lerp_(t.index_select(dim, i1.to(dev)), w1.to(dev).view(bshape))
+        out = normalize(t.permute(2, 0, 1) if slices_fastest else t, cfg)
+    else:
+        t = (t.permute(2, 0, 1) if slices_fastest else t)[None]  # (1, S, Y, X); channels-last when slices fastest
+        # The S slices ride as channels of one image: one resampling call for the whole slab.
+        out = normalize(resample_slices(t, size), cfg)[0]
+    return (out.flip(flips) if flips else out).contiguous()
+
+
+def body_box(view: npt.NDArray[Any], floor_hu: float, slope: float = 1.0, inter: float = 0.0) -> Window | None:
+    """In-plane box of the canonical slices ``view`` (``(S, Y, X)``, any dtype and strides) where
+    any slice is above ``floor_hu`` once scaled (``value * slope + inter``); None when no pixel is.
+
+    One reduction over the slices, in stored order and without a float copy: the engine asks
+    this before it brings anything to the model grid, so that it converts only the body.
+    """
+    flips = tuple(a for a in range(3) if view.strides[a] < 0)
+    if flips:
+        view = view[tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(3))]
+
+    def above(t: npt.NDArray[Any] | torch.Tensor) -> npt.NDArray[np.bool_]:
+        top = np.asarray(t, dtype=np.float64)
+        return np.asarray(top * slope + inter > floor_hu)
+
+    if view.dtype.isnative and view.dtype in _TORCH_COPYABLE:
+        # Reductions walk memory in order (slowest axis first, results laid out the same way):
+        # each is then an elementwise max over contiguous runs, which vectorises. Reducing along
+        # the fastest axis, or into a differently ordered result, is 10-30x slower. Unless the
+        # slices are slowest (one plane then gives both ranges), one in-plane range is found
+        # first and the other is reduced only inside it.
+        order = sorted(range(3), key=lambda d: -view.strides[d])  # canonical axes, slowest first
+        t = torch.from_numpy(view).permute(order)
+
+        def top(x: torch.Tensor, axes: list[int], keep: tuple[int, ...]) -> npt.NDArray[np.bool_]:
+            axes = list(axes)
+            while len(axes) > len(keep):
+                j = next(i for i, d in enumerate(axes) if d not in keep)
+                x = x.amax(dim=j) if slope > 0 else x.amin(dim=j)
+                del axes[j]
+            hit = above(x)
+            return hit if axes == list(keep) else hit.T
+
+        if order[0] == 0:
+            plane = top(t, order, (1, 2))
+            rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+        else:
+            first, second = order[0], 3 - order[0]  # the slowest in-plane axis, then the other
+            found = np.flatnonzero(top(t, order, (first,)))
+            other = np.empty(0, dtype=np.intp)
+            if found.size:
+                cut = [slice(None)] * 3
+                cut[order.index(first)] = slice(int(found[0]), int(found[-1]) + 1)
+                other = np.flatnonzero(top(t[tuple(cut)], order, (second,)))
+            rows, cols = (found, other) if first == 1 else (other, found)
+    else:  # byte-swapped or unusual dtypes: numpy, slower and rare
+        plane = above(view.max(axis=0) if slope > 0 else view.min(axis=0))
+        rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if rows.size == 0:
+        return None
+    out = []
+    for a, idx in ((1, rows), (2, cols)):
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        n = view.shape[a]
+        out.append((n - hi, n - lo) if a in flips else (lo, hi))
+    return (out[0], out[1])
 
 
 #: source dtypes that :func:`model_slices` converts with torch (native byte order only)

@@ -16,7 +16,8 @@ from segcore.metrics import dice
 from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import (
     PreprocessConfig,
-    bilinear_matrix,
+    bilinear_taps,
+    body_box,
     canonical_info,
     canonical_view,
     from_canonical,
@@ -153,15 +154,19 @@ def test_bad_preprocess_config(kwargs: dict) -> None:
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(250, 512), (256, 796), (300, 301), (64, 64), (512, 250), (7, 19)])
-def test_bilinear_matrix_matches_interpolate(n_in: int, n_out: int) -> None:
+def test_bilinear_taps_match_interpolate(n_in: int, n_out: int) -> None:
     v = torch.randn(3, 5, n_in, 4)
     ref = F.interpolate(v, size=(n_out, 4), mode="bilinear", align_corners=False)
-    m = bilinear_matrix(n_in, n_out)
-    assert m.shape == (n_out, n_in)
-    assert int((m != 0).sum(dim=1).max()) <= 2
-    torch.testing.assert_close(m.sum(dim=1), torch.ones(n_out))
+    i0, i1, w1 = bilinear_taps(n_in, n_out)
+    assert i0.shape == i1.shape == w1.shape == (n_out,)
+    d = i1 - i0
+    assert bool(((d == 0) | (d == 1)).all()) and bool(((w1 >= 0) & (w1 <= 1)).all())
+    # Monotone: the input range an output range reads is contiguous (the engine relies on it).
+    assert bool((i0.diff() >= 0).all()) and bool((i1.diff() >= 0).all())
+    assert int(i0.min()) >= 0 and int(i1.max()) <= n_in - 1
+    got = v[:, :, i0] * (1 - w1)[:, None] + v[:, :, i1] * w1[:, None]
     # Same source coordinates and weights up to float32 rounding of the coordinate (~1e-5).
-    torch.testing.assert_close(torch.einsum("oi,bcij->bcoj", m, v), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def _reference_labels(logits: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,23 +357,88 @@ def test_body_crop_runs_the_network_on_the_body_and_keeps_the_mask(
     assert len(seen[True]) == len(seen[False])  # every batch still runs, mirrored too
 
 
-def test_body_crop_window_is_aligned_and_covers_the_body_with_a_margin() -> None:
+@pytest.mark.parametrize("layout", ["c_order", "kits_ipl_fortran"])
+def test_body_box_finds_every_slice_above_the_floor(layout: str) -> None:
+    lo = GEOM_PP.clip_hu[0]
+    hu = np.full((5, 90, 70), -1000, dtype=np.int16)  # canonical (Z, Y, X)
+    hu[2, 30:41, 25:33] = 40  # body in one slice only
+    hu[4, 38, 50] = lo + 1  # barely above the floor still counts ...
+    hu[1, 80, 3] = lo  # ... the floor itself does not
+
+    def stored(a: np.ndarray) -> np.ndarray:  # the same canonical view, stored the KiTS way or plainly
+        return np.asfortranarray(a[::-1, ::-1, ::-1])[::-1, ::-1, ::-1] if layout == "kits_ipl_fortran" else a
+
+    assert body_box(stored(hu), lo) == ((30, 41), (25, 51))
+    # Stored values are scaled first: 2 * v - 10 > -200 means v > -95.
+    assert body_box(stored(hu), lo, slope=2.0, inter=-10.0) == ((30, 41), (25, 33))
+    assert body_box(stored(-hu), lo, slope=-1.0) == ((30, 41), (25, 51))  # a negative slope
+    assert body_box(stored(np.full((3, 20, 20), -1000, dtype=np.int16)), lo) is None
+    assert body_box(stored(hu.astype(">i2")), lo) == ((30, 41), (25, 51))  # numpy's path
+
+
+@pytest.mark.parametrize("size", [(90, 70), (45, 33), (131, 97)])
+def test_body_crop_window_is_aligned_and_leaves_only_the_floor_outside(size: tuple[int, int]) -> None:
+    """Outside the window every model-grid pixel must be exactly the clip's floor (what the
+    network sees there is then the same as on the whole slice, and it is background), whatever
+    the resampling; the body keeps BODY_MARGIN pixels of it inside the window."""
     eng = _spy_engine(GEOM_PP, True)
     m, mult = Engine.BODY_MARGIN, eng.meta.model.multiple
     floor = (GEOM_PP.clip_hu[0] - GEOM_PP.mean) / GEOM_PP.std
-    slab = torch.full((5, 90, 70), floor)
-    slab[2, 30:41, 25:33] = 0.5  # body in one slice only
-    slab[4, 38, 50] = floor + 0.01  # barely above the floor still counts
-    (y0, y1), (x0, x1) = eng._window(slab)  # type: ignore[misc]
-    assert y0 % mult == 0 and x0 % mult == 0
-    assert y1 % mult == 0 or y1 == 90
-    assert x1 % mult == 0 or x1 == 70
-    assert y0 <= 30 - m and y1 >= 41 + m and x0 <= 25 - m and x1 >= 51 + m
-    assert y0 > 30 - m - mult and x0 > 25 - m - mult and y1 < 41 + m + mult and x1 < 51 + m + mult
-    slab[0, 2, 68] = 1.0  # near two edges: clamped to the grid
-    (y0, y1), (x0, x1) = eng._window(slab)  # type: ignore[misc]
-    assert y0 == 0 and x1 == 70
-    assert eng._window(torch.full((3, 20, 20), floor)) is None
+    hu = np.full((5, 90, 70), -1000, dtype=np.int16)
+    hu[2, 30:41, 25:33] = 40
+    hu[4, 38, 50] = GEOM_PP.clip_hu[0] + 1
+    for near_edges in (False, True):
+        if near_edges:
+            hu[0, 2, 68] = 100
+        body = body_box(hu, GEOM_PP.clip_hu[0])
+        assert body is not None
+        (y0, y1), (x0, x1) = eng._window(body, (90, 70), size)
+        assert y0 % mult == 0 and x0 % mult == 0
+        assert y1 % mult == 0 or y1 == size[0]
+        assert x1 % mult == 0 or x1 == size[1]
+        slab = model_slices(hu, size, GEOM_PP)
+        outside = torch.ones(size, dtype=torch.bool)
+        outside[y0:y1, x0:x1] = False
+        assert bool((slab[:, outside] == floor).all())
+        above = (slab > floor).any(dim=0)
+        rows, cols = torch.nonzero(above.any(dim=1)).flatten(), torch.nonzero(above.any(dim=0)).flatten()
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        assert r0 - y0 >= m or y0 == 0
+        assert c0 - x0 >= m or x0 == 0
+        assert y1 - r1 >= m or y1 == size[0]
+        assert x1 - c1 >= m or x1 == size[1]
+        if not near_edges:  # ... and not much more than that (one tap either side, then the pooling grid)
+            assert r0 - y0 < m + mult + 2 and c0 - x0 < m + mult + 2 and y1 - r1 < m + mult + 2
+        if size == (90, 70) and not near_edges:  # native: the box itself, grown and aligned
+            assert (r0, r1, c0, c1) == (30, 41, 25, 51)
+            assert y0 > 30 - m - mult and x0 > 25 - m - mult and y1 < 41 + m + mult and x1 < 51 + m + mult
+        if near_edges:
+            assert y0 == 0 and x1 == size[1]
+
+
+@pytest.mark.parametrize("layout", ["kits_ipl_fortran", "ras_fortran", "c_order", "big_endian_flipped"])
+@pytest.mark.parametrize("size", [(20, 31), (40, 50), (77, 93)])
+def test_model_slices_of_a_window_equal_the_whole_grid_cut(layout: str, size: tuple[int, int]) -> None:
+    """The body crop converts and resamples only a window; it must equal the same window of the
+    whole slices, down- and upsampled, on flipped and unflipped axes."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(-1024, 1500, size=(6, 40, 50)).astype(np.int16)  # canonical (Z, Y, X)
+    if layout == "kits_ipl_fortran":
+        view = np.asfortranarray(base[::-1, ::-1, ::-1])[::-1, ::-1, ::-1]
+    elif layout == "ras_fortran":
+        view = np.asfortranarray(base.transpose(2, 1, 0)).transpose(2, 1, 0)
+    elif layout == "big_endian_flipped":
+        view = np.asfortranarray(base[::-1, :, ::-1]).astype(">i2")[::-1, :, ::-1]
+    else:
+        view = base
+    pp = PreprocessConfig(target_spacing_mm=(1.6, 1.6), clip_hu=(-900.0, 1400.0), mean=50.0, std=80.0)
+    ref_in = torch.from_numpy(base.astype(np.float32) * 2.0 - 10.0)[:, None]
+    ref = normalize(F.interpolate(ref_in, size=size, mode="bilinear", align_corners=False), pp)[:, 0]
+    h, w = size
+    for (y0, y1), (x0, x1) in [((0, h), (0, w)), ((3, 11), (5, 17)), ((h - 4, h), (0, 3)), ((1, 2), (w - 1, w))]:
+        got = model_slices(view, size, pp, slope=2.0, inter=-10.0, window=((y0, y1), (x0, x1)))
+        assert got.shape == (6, y1 - y0, x1 - x0) and got.is_contiguous()
+        torch.testing.assert_close(got, ref[:, y0:y1, x0:x1], atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("norm", "crops"), [("batch", True), ("none", True), ("instance", False), ("group", False)])
