@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, cast
 import nibabel as nib
 import numpy as np
 import numpy.typing as npt
+import torch
 from isal import igzip, isal_zlib
 
 from segcore.errors import CorruptData, InvalidVolume, NotNifti, VolumeTooLarge
@@ -86,11 +87,28 @@ class Volume:
         """The whole image as float32 intensities (computed once; 4 bytes per voxel)."""
         return self.to_hu(self.stored)
 
+    @cached_property
+    def stored_range(self) -> tuple[float, float]:
+        """``(min, max)`` of :attr:`stored`, found once (the reader's checks and the service's
+        CT check both need it) in one pass without a float copy."""
+        return _min_max(self.stored)
+
     def intensity_range(self) -> tuple[float, float]:
         """``(min, max)`` intensity without a float copy of the volume."""
-        lo, hi = float(self.stored.min()), float(self.stored.max())
+        lo, hi = self.stored_range
         a, b = lo * self.slope + self.inter, hi * self.slope + self.inter
         return (min(a, b), max(a, b))
+
+
+#: dtypes whose min and max torch finds in one multi-threaded pass (native byte order only)
+_TORCH_DTYPES = tuple(np.dtype(d) for d in (np.int8, np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64))
+
+
+def _min_max(a: npt.NDArray[Any]) -> tuple[float, float]:
+    if a.size and a.dtype.isnative and a.dtype in _TORCH_DTYPES:
+        lo, hi = torch.aminmax(torch.from_numpy(a))  # numpy needs two passes, each on one core
+        return float(lo), float(hi)
+    return float(a.min()), float(a.max())
 
 
 def _open_stream(path: str | os.PathLike[str]) -> tuple[BinaryIO, bool]:
@@ -269,7 +287,8 @@ def _check_geometry(affine: npt.NDArray[np.float64]) -> tuple[float, float, floa
     return (float(zooms[0]), float(zooms[1]), float(zooms[2]))
 
 
-def _check_values(stored: npt.NDArray[Any], slope: float, inter: float) -> None:
+def _check_values(vol: Volume) -> None:
+    stored, slope, inter = vol.stored, vol.slope, vol.inter
     f32 = float(np.finfo(np.float32).max)
     if stored.dtype.kind == "f":
         # One slab at a time along the last (slowest, F-order) axis: no volume-sized temporary.
@@ -277,7 +296,7 @@ def _check_values(stored: npt.NDArray[Any], slope: float, inter: float) -> None:
         for k0 in range(0, stored.shape[2], step):
             if not np.isfinite(stored[:, :, k0 : k0 + step]).all():
                 raise InvalidVolume("volume contains NaN or Inf voxels")
-    lo, hi = float(stored.min()), float(stored.max())
+    lo, hi = vol.stored_range
     ends = (lo * slope + inter, hi * slope + inter)
     if not all(np.isfinite(v) and abs(v) <= f32 for v in ends):
         raise InvalidVolume(
@@ -316,8 +335,9 @@ def load_volume(
         warnings.append(f"scl_slope is {float(hdr['scl_slope'])}: ignored, as nibabel and ITK do (no scaling)")
     slope = 1.0 if slope is None else float(slope)
     inter = 0.0 if inter is None else float(inter)
-    _check_values(stored, slope, inter)
-    return Volume(stored=stored, affine=affine, header=hdr, zooms=zooms, slope=slope, inter=inter, warnings=warnings)
+    vol = Volume(stored=stored, affine=affine, header=hdr, zooms=zooms, slope=slope, inter=inter, warnings=warnings)
+    _check_values(vol)
+    return vol
 
 
 def load_labels(path: str | os.PathLike[str]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:

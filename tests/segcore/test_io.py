@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from segcore.errors import CorruptData, InvalidVolume, NotNifti, VolumeTooLarge
-from segcore.io import load_labels, load_volume, save_mask
+from segcore.io import Volume, load_labels, load_volume, save_mask
 from tests.conftest import ORIENTATIONS, make_volume, write_nifti
 
 
@@ -50,6 +50,24 @@ def test_nifti2_and_scaling(tmp_path: Path) -> None:
     mask_p = tmp_path / "m.nii.gz"
     save_mask((hu > 0).astype(np.uint8), vol, mask_p)
     assert isinstance(nib.load(str(mask_p)), nib.Nifti2Image)
+
+
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", "<i4", "<f4", ">f8", "<i8", "u1"])
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_intensity_range_in_one_pass_matches_numpy(dtype: str, order: str) -> None:
+    rng = np.random.default_rng(5)
+    raw = rng.integers(2, 249, size=(21, 17, 9)).astype(dtype, order=order)
+    raw[3, 4, 0], raw[20, 16, 8] = 1, 249  # the extremes at either end of the last axis
+    vol = Volume(stored=raw, affine=np.eye(4), header=None, zooms=(1.0, 1.0, 1.0), slope=-2.0, inter=10.0)
+    assert vol.stored_range == (1.0, 249.0)
+    assert vol.intensity_range() == (249.0 * -2.0 + 10.0, 1.0 * -2.0 + 10.0)  # a negative slope swaps them
+
+
+def test_reader_checks_intensities_once(tmp_path: Path) -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    vol = load_volume(write_nifti(tmp_path / "ct.nii.gz", hu, aff))
+    assert "stored_range" in vars(vol)  # found by the reader's checks, kept for the service's
+    assert vol.intensity_range() == (float(hu.min()), float(hu.max()))
 
 
 def test_uint16_labels_read_as_uint8(tmp_path: Path) -> None:
