@@ -53,10 +53,12 @@ def test_nifti2_and_scaling(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", "<i4", "<f4", ">f8", "<i8", "u1"])
-@pytest.mark.parametrize("order", ["F", "C"])
+@pytest.mark.parametrize("order", ["F", "C", "strided"])
 def test_intensity_range_in_one_pass_matches_numpy(dtype: str, order: str) -> None:
     rng = np.random.default_rng(5)
-    raw = rng.integers(2, 249, size=(21, 17, 9)).astype(dtype, order=order)
+    raw = rng.integers(2, 249, size=(21, 17, 9)).astype(dtype, order="F" if order == "F" else "C")
+    if order == "strided":  # neither C- nor F-contiguous
+        raw = np.repeat(raw, 2, axis=1)[:, ::2]
     raw[3, 4, 0], raw[20, 16, 8] = 1, 249  # the extremes at either end of the last axis
     vol = Volume(stored=raw, affine=np.eye(4), header=None, zooms=(1.0, 1.0, 1.0), slope=-2.0, inter=10.0)
     assert vol.stored_range == (1.0, 249.0)
