@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         stem = _stem(f)
         mask_path = a.out / f"{stem}_mask.nii.gz"
         save_mask(pred.mask, vol, mask_path)
-        classes = compute_statistics(pred.mask, vol, engine.meta.labels, pred.confidence)
+        classes = compute_statistics(pred.mask, vol, engine.meta.labels, pred.confidence, pred.box)
         results.append(
             {"input": str(f), "mask": str(mask_path), "seconds": time.perf_counter() - t0, "classes": classes}
         )

@@ -186,7 +186,7 @@ class InferenceWorker:
         t_load = time.perf_counter()  # the parse stage includes the intensity check
         pred = self._predict_with_oom_retry(vol, job)
         t_pred = time.perf_counter()
-        classes = compute_statistics(pred.mask, vol, self.meta.labels, pred.confidence)
+        classes = compute_statistics(pred.mask, vol, self.meta.labels, pred.confidence, pred.box)
         t_stats = time.perf_counter()
         mask_gz = encode_mask(pred.mask, vol, compresslevel=s.mask_compresslevel)
         t_enc = time.perf_counter()

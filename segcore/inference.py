@@ -26,6 +26,7 @@ from segcore.preprocessing import (
     Window,
     bilinear_taps,
     body_box,
+    box_from_canonical,
     canonical_info,
     canonical_view,
     context_indices,
@@ -55,11 +56,14 @@ class Prediction:
         confidence: foreground label -> mean softmax probability of the pixels predicted as
             that label, on the model's grid.
         timings_ms: stage -> milliseconds.
+        box: slices of the input grid that hold every foreground voxel of ``mask`` (empty when
+            there is none; None when unknown), so that statistics need not scan the whole mask.
     """
 
     mask: npt.NDArray[np.uint8]
     confidence: dict[int, float]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    box: tuple[slice, slice, slice] | None = None
 
 
 class Engine:
@@ -312,6 +316,7 @@ class Engine:
         return Prediction(
             mask=mask,
             confidence=confidence,
+            box=box_from_canonical(box, canon) if box else (slice(0, 0), slice(0, 0), slice(0, 0)),
             timings_ms={
                 "preprocess": 1000 * t_pre,
                 "model": 1000 * t_model,

@@ -123,6 +123,18 @@ def from_canonical(arr_zyx: npt.NDArray[Any], canon: Canonical) -> npt.NDArray[A
     return np.asarray(out)
 
 
+def box_from_canonical(box_zyx: list[tuple[int, int]], canon: Canonical) -> tuple[slice, slice, slice]:
+    """A half-open box of the canonical ``(Z, Y, X)`` layout as slices of the input's ``(i, j, k)``
+    grid: the same voxels, whatever the input's orientation."""
+    ras = (box_zyx[2], box_zyx[1], box_zyx[0])
+    out = []
+    for i in range(3):
+        lo, hi = ras[int(canon.ornt[i, 0])]
+        n = canon.input_shape[i]
+        out.append(slice(n - hi, n - lo) if canon.ornt[i, 1] < 0 else slice(lo, hi))
+    return (out[0], out[1], out[2])
+
+
 def model_grid(shape_yx: tuple[int, int], spacing_yx: tuple[float, float], cfg: PreprocessConfig) -> tuple[int, int]:
     """In-plane size the model sees for a slice of ``shape_yx`` at ``spacing_yx`` mm."""
     if cfg.target_spacing_mm is None:

@@ -5,8 +5,8 @@ the affine. Connected components use ``connected-components-3d`` (26-connectivit
 class's bounding box. Kidney gets a left/right split (patient left = world -x in RAS+), with the
 tumor volume inside each side; tumor gets its largest axial diameter.
 
-:func:`compute_statistics` scans the whole mask once, for the box that holds all its foreground,
-and works inside that box from then on: every class lies in it.
+:func:`compute_statistics` works inside the box that holds all the foreground (every class lies
+in it): the engine's, or one scan of the whole mask finds it.
 """
 
 from __future__ import annotations
@@ -173,11 +173,17 @@ def compute_statistics(
     volume: Volume,
     labels: dict[int, str],
     confidence: dict[int, float] | None = None,
+    box: tuple[slice, slice, slice] | None = None,
 ) -> list[dict[str, Any]]:
-    """One entry per non-background class of the model, in label order."""
+    """One entry per non-background class of the model, in label order.
+
+    ``box``: slices known to hold all the foreground (the engine's ``Prediction.box``); without
+    it, one pass over the whole mask finds them.
+    """
     conf = confidence or {}
-    # One pass over the whole mask; every class lies inside the foreground's box.
-    box = foreground_bbox(mask) or (slice(0, 0), slice(0, 0), slice(0, 0))
+    # Every class lies inside the foreground's box.
+    if box is None:
+        box = foreground_bbox(mask) or (slice(0, 0), slice(0, 0), slice(0, 0))
     part = mask[box]
     out = []
     for lab, name in sorted(labels.items()):

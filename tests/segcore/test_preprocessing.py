@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from segcore.checkpoint import KITS19_LABELS, CheckpointMeta
-from segcore.inference import Engine, _ring_of_background, _Upsampler
+from segcore.inference import Engine, Prediction, _ring_of_background, _Upsampler
 from segcore.io import Volume
 from segcore.metrics import dice
-from segcore.postprocess import PostprocessConfig
+from segcore.postprocess import PostprocessConfig, foreground_bbox
 from segcore.preprocessing import (
     PreprocessConfig,
     bilinear_taps,
     body_box,
+    box_from_canonical,
     canonical_info,
     canonical_view,
     from_canonical,
@@ -64,6 +65,28 @@ def test_engine_mask_is_exact_on_input_grid_native_spacing(name: str) -> None:
     pred = _engine(GEOM_PP).predict(vol)
     assert pred.mask.shape == hu.shape and pred.mask.dtype == np.uint8
     np.testing.assert_array_equal(pred.mask, truth)
+    _assert_box_holds_the_foreground(pred)
+
+
+def _assert_box_holds_the_foreground(pred: Prediction) -> None:
+    """The engine's box (handed to the statistics) holds every foreground voxel, and not much more."""
+    assert pred.box is not None
+    inside = np.zeros(pred.mask.shape, dtype=bool)
+    inside[pred.box] = True
+    assert not bool((pred.mask[~inside] > 0).any())
+    assert int(inside.sum()) < 0.6 * inside.size
+
+
+@pytest.mark.parametrize("name", list(ORIENTATIONS))
+def test_box_from_canonical_selects_the_same_voxels(name: str) -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS[name])
+    canon = canonical_info(aff, hu.shape)
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        box = [tuple(sorted(rng.choice(n + 1, size=2, replace=False).tolist())) for n in canon.shape_zyx]
+        mask = np.zeros(hu.shape, dtype=np.uint8)
+        canonical_view(mask, canon)[box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]] = 1
+        assert foreground_bbox(mask) == box_from_canonical(box, canon)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -78,6 +101,7 @@ def test_engine_mask_aligns_in_world_space_with_resampling(name: str, oblique: f
     pred = _engine(pp).predict(vol)
     assert pred.mask.shape == hu.shape
     assert dice(pred.mask > 0, truth > 0) > 0.95
+    _assert_box_holds_the_foreground(pred)
     assert dice(pred.mask == 2, truth == 2) > 0.9
     # A mirrored mask (a classic orientation bug) must score far lower.
     assert dice(pred.mask[::-1, ::-1, ::-1] == 2, truth == 2) < 0.2
