@@ -426,8 +426,14 @@ class _Upsampler:
         ncls = logits.shape[1]
         conf_sum += torch.bincount(plab[fg], weights=prob[fg].double(), minlength=ncls).cpu()
         conf_cnt += torch.bincount(plab[fg], minlength=ncls).double().cpu()
-        crop = self._resample(margin[:, :, la, lb], 2, self.ty, r0, r1, a0)  # (B, K-1, R, b)
-        crop = self._resample(crop, 3, self.tx, q0, q1, b0)  # (B, K-1, R, Q)
-        best, which = crop.max(dim=1)
-        lab = torch.where(best > 0, which + 1, 0).to(torch.uint8)
-        return (r0, r1), (q0, q1), lab
+        # Columns first, on the small model-grid rows; then rows, which gathers whole rows.
+        crop = self._resample(margin[:, :, la, lb], 3, self.tx, q0, q1, b0)  # (B, K-1, a, Q)
+        crop = self._resample(crop, 2, self.ty, r0, r1, a0)  # (B, K-1, R, Q)
+        # Argmax over the margins, straight into uint8 (the first of equal margins wins, as in
+        # torch.max); no margin above zero is background.
+        best = crop[:, 0]
+        lab = torch.ones(best.shape, dtype=torch.uint8, device=best.device)
+        for c in range(1, crop.shape[1]):
+            lab.masked_fill_(crop[:, c] > best, c + 1)
+            torch.maximum(best, crop[:, c], out=best)
+        return (r0, r1), (q0, q1), lab.masked_fill_(best <= 0, 0)
