@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 
 from segcore.checkpoint import CheckpointMeta, load_checkpoint
 from segcore.io import Volume
@@ -300,11 +301,7 @@ class Engine:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         tc = time.perf_counter()
-                        logits = logits.float()
-                        origin = (0, 0)
-                        if cropped:
-                            logits, origin = _ring_of_background(logits, win, grid)
-                        found = up.labels(logits, conf_sum, conf_cnt, origin)
+                        found = up.labels(logits.float(), conf_sum, conf_cnt, (win[0][0], win[1][0]))
                         if found is not None:
                             (r0, r1), (q0, q1), lab8 = found
                             mask_zyx[k0:k1, r0:r1, q0:q1] = lab8.cpu().numpy()
@@ -339,23 +336,6 @@ class Engine:
                 "engine_total": 1000 * (time.perf_counter() - t0),
             },
         )
-
-
-def _ring_of_background(
-    logits: torch.Tensor, win: tuple[tuple[int, int], tuple[int, int]], grid: tuple[int, int]
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The logits of a window, with one pixel of certain background around it where the grid has
-    room (the resampling back to the input grid reads at most one pixel beyond a foreground
-    candidate), and the model-grid position of their first pixel. Background by a wide margin,
-    but finite, so the resampling's zero weights can't make NaNs."""
-    (wy0, wy1), (wx0, wx1) = win
-    top, left = min(1, wy0), min(1, wx0)
-    bottom, right = min(1, grid[0] - wy1), min(1, grid[1] - wx1)
-    b, k, h, w = logits.shape
-    ext = logits.new_full((b, k, h + top + bottom, w + left + right), -1e4)
-    ext[:, 0] = 0.0
-    ext[..., top : top + h, left : left + w] = logits
-    return ext, (wy0 - top, wx0 - left)
 
 
 def _grow(box: list[tuple[int, int]], new: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -416,9 +396,9 @@ class _Upsampler:
         """``(row range, column range, uint8 labels (B, rows, cols))``, or None when the batch is
         all background.
 
-        ``logits`` may be a window of the model grid whose first pixel is at ``origin``; it must
-        include one pixel beyond any foreground candidate where the grid has one (the engine's
-        body crop surrounds its window with a ring of background for this).
+        ``logits`` may be a window of the model grid whose first pixel is at ``origin`` (the
+        engine's body crop): everything outside it is background, and the resampling reads the
+        pixels just beyond it as such.
 
         Also adds each foreground model-grid pixel's softmax probability of its label to
         ``conf_sum`` / ``conf_cnt`` (background is not scored; those pixels all lie in the box).
@@ -433,16 +413,23 @@ class _Upsampler:
         assert cols is not None
         r0, r1, a0, a1 = rows  # model-grid ranges a, b are in whole-grid coordinates ...
         q0, q1, b0, b1 = cols
-        la, lb = slice(a0 - oy, a1 - oy), slice(b0 - ox, b1 - ox)  # ... la, lb in the window's
         h, w = logits.shape[-2:]
-        assert la.start >= 0 and lb.start >= 0 and la.stop <= h and lb.stop <= w, (la, lb, logits.shape)
+        la = slice(max(0, a0 - oy), min(h, a1 - oy))  # ... la, lb in the window's
+        lb = slice(max(0, b0 - ox), min(w, b1 - ox))
+        # Taps read at most one pixel beyond a candidate, so at most one beyond the window: there
+        # the margins are those of certain background.
+        pad = (lb.start - (b0 - ox), (b1 - ox) - lb.stop, la.start - (a0 - oy), (a1 - oy) - la.stop)
+        assert max(pad) <= 1, (pad, origin, logits.shape)
+        margin = margin[:, :, la, lb]
+        if any(pad):
+            margin = F.pad(margin, pad, value=-1e4)
         prob, plab = torch.softmax(logits[:, :, la, lb], dim=1).max(dim=1)
         fg = plab > 0
         ncls = logits.shape[1]
         conf_sum += torch.bincount(plab[fg], weights=prob[fg].double(), minlength=ncls).cpu()
         conf_cnt += torch.bincount(plab[fg], minlength=ncls).double().cpu()
         # Columns first, on the small model-grid rows; then rows, which gathers whole rows.
-        crop = self._resample(margin[:, :, la, lb], 3, self.tx, q0, q1, b0)  # (B, K-1, a, Q)
+        crop = self._resample(margin, 3, self.tx, q0, q1, b0)  # (B, K-1, a, Q)
         crop = self._resample(crop, 2, self.ty, r0, r1, a0)  # (B, K-1, R, Q)
         # Argmax over the margins, straight into uint8 (the first of equal margins wins, as in
         # torch.max); no margin above zero is background.
