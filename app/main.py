@@ -100,7 +100,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker = InferenceWorker(engine, s, store)
         worker.start()
         app.state.worker = worker
-        await run_in_threadpool(worker.warm.wait)  # a whole prediction on the worker's own thread
         sweeper = asyncio.create_task(_sweeper(store, max(5.0, min(60.0, s.result_ttl_s / 4))))
         app.state.ready = True
         log.info(

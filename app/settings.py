@@ -64,9 +64,7 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated keys; empty = no auth"
     )
     log_level: str = Field("INFO", description="logging level")
-    warmup: bool = Field(
-        True, description="before reporting ready, run one forward pass, then one whole prediction on a synthetic CT"
-    )
+    warmup: bool = Field(True, description="run one forward pass before reporting ready")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -85,7 +85,6 @@ class InferenceWorker:
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=settings.queue_size)
         self.thread = threading.Thread(target=self._run, name="kitseg-worker", daemon=True)
         self.busy = threading.Event()
-        self.warm = threading.Event()  # set once the worker thread has warmed up (or skipped it)
         self.accepting = True
         self.processed = 0
 
@@ -117,21 +116,7 @@ class InferenceWorker:
         self.queue.put(None)
         self.thread.join(timeout)
 
-    def _warm_up(self) -> None:
-        """A whole prediction on a synthetic CT, on this thread, before the first request (see
-        :meth:`Engine.warmup_volume`). A failure is logged, not fatal: requests will show it."""
-        try:
-            if self.settings.warmup:
-                t0 = time.perf_counter()
-                self.engine.warmup_volume()
-                log.info("worker warmed up in %.2f s", time.perf_counter() - t0)
-        except Exception:
-            log.warning("worker warm-up failed", exc_info=True)
-        finally:
-            self.warm.set()
-
     def _run(self) -> None:
-        self._warm_up()
         while True:
             job = self.queue.get()
             if job is None:

@@ -184,21 +184,6 @@ class Engine:
         if self.ort is not None:
             self.ort.release()
 
-    def warmup_volume(self, slices: int = 32, inplane: int = 512) -> None:
-        """One whole prediction on a synthetic CT: an elliptic body of soft tissue in air, 0.8 mm
-        in-plane and 3 mm slices, stored the KiTS way. The first request then finds the backend's
-        kernels planned for realistic shapes and the allocator's thresholds raised by buffers of
-        realistic sizes, instead of paying for both (on this CPU the first request's non-model
-        stages took about 80 ms more than the second's). Call it from the thread that will
-        serve requests: glibc's malloc keeps one arena per thread."""
-        yy, xx = np.mgrid[:inplane, :inplane] / inplane - 0.5
-        plane = np.where((yy / 0.38) ** 2 + (xx / 0.45) ** 2 < 1, 40, -1000).astype(np.int16)
-        stored = np.empty((slices, inplane, inplane), dtype=np.int16, order="F")
-        stored[:] = plane
-        # KiTS19's axes: slices towards inferior, rows towards posterior, columns towards left.
-        affine = np.array([[0, 0, -0.8, 0], [0, -0.8, 0, 0], [-3.0, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
-        self.predict(Volume(stored, affine, None, (3.0, 0.8, 0.8)))
-
     def _window(self, box: Window, shape_yx: tuple[int, int], grid: tuple[int, int]) -> Window:
         """The model-grid window for a body ``box`` on the input grid (canonical ``(Y, X)`` of
         ``shape_yx``, see :func:`body_box`): every model-grid pixel whose resampling reads a

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -14,8 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from segcore.inference import Engine, Prediction
-from segcore.io import Volume
 from segcore.ort import onnxruntime_available
 from tests.app.conftest import make_settings
 from tests.conftest import ORIENTATIONS, make_volume, write_nifti
@@ -62,25 +59,6 @@ def test_mirror_backend_and_body_crop_settings_reach_the_engine(
         card = c.get("/model").json()
         assert card["mirror"] is False and card["backend"] == "torch" and card["body_crop"] is False
         assert c.post("/segment", files={"file": ("a.nii.gz", _nifti_bytes(tmp_path))}).status_code == 200
-
-
-def test_warmup_runs_a_whole_prediction_on_the_worker_thread_before_ready(
-    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[tuple[str, tuple[int, int, int]]] = []
-    predict = Engine.predict
-
-    def spy(self: Engine, volume: Volume, *a: object, **k: object) -> Prediction:
-        seen.append((threading.current_thread().name, volume.shape))
-        return predict(self, volume, *a, **k)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Engine, "predict", spy)
-    with TestClient(create_app(make_settings(tmp_path, checkpoint=tiny_checkpoint, warmup=True))) as c:
-        assert c.get("/ready").status_code == 200
-        assert seen == [("kitseg-worker", (32, 512, 512))]  # before any request, on the worker's thread
-        assert c.app.state.worker.processed == 0  # type: ignore[attr-defined]  # not a job
-        assert c.post("/segment", files={"file": ("a.nii.gz", _nifti_bytes(tmp_path))}).status_code == 200
-    assert [name for name, _ in seen] == ["kitseg-worker"] * 2
 
 
 def test_segment_fetch_again_download_and_delete(tiny_client: TestClient, tmp_path: Path) -> None:
