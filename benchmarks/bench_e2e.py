@@ -178,12 +178,15 @@ def main() -> int:
         + " | server ms | non-model share | peak RSS growth (bytes/voxel) |",
         "|---" * (len(stages) + 5) + "|",
     ]
+
+    def cells(t: dict[str, float]) -> str:
+        """The stage columns, server ms and non-model share of one request's timings."""
+        stage_ms = " | ".join(f"{t.get(s, 0):.0f}" for s in stages)
+        return f"{stage_ms} | {t['total'] - t.get('receive', 0):.0f} | {1 - t['model'] / t['total']:.0%}"
+
     for r in rows:
-        t = r["timings_ms"]
         md.append(
-            f"| {r['slices']} | {r['upload_mb']:.1f} | "
-            + " | ".join(f"{t.get(s, 0):.0f}" for s in stages)
-            + f" | {t['total'] - t.get('receive', 0):.0f} | {r['non_model_fraction']:.0%} | {r['rss_growth_bytes_per_voxel']:.1f} |"
+            f"| {r['slices']} | {r['upload_mb']:.1f} | {cells(r['timings_ms'])} | {r['rss_growth_bytes_per_voxel']:.1f} |"
         )
     md += [
         "",
@@ -201,12 +204,7 @@ def main() -> int:
             "|---" * (len(stages) + 3) + "|",
         ]
         for r in warm:
-            t = r["warm_timings_ms"]
-            md.append(
-                f"| {r['slices']} | "
-                + " | ".join(f"{t.get(s, 0):.0f}" for s in stages)
-                + f" | {t['total'] - t.get('receive', 0):.0f} | {1 - t['model'] / t['total']:.0%} |"
-            )
+            md.append(f"| {r['slices']} | {cells(r['warm_timings_ms'])} |")
         md += [
             "",
             "Each row is the fastest of those requests (server ms of each: "

@@ -33,6 +33,7 @@ from segcore.preprocessing import (
     context_indices,
     model_grid,
     model_slices,
+    outputs_reading,
 )
 from segcore.unet import UNet, fold_batch_norm
 
@@ -194,10 +195,10 @@ class Engine:
         m, mult = self.BODY_MARGIN, self.meta.model.multiple
         out = []
         for (lo, hi), n_in, n in zip(box, shape_yx, grid, strict=True):
-            i0, i1, _ = bilinear_taps(n_in, n)
-            reads = torch.nonzero((i1 >= lo) & (i0 < hi)).flatten()  # contiguous: taps only grow
-            a = max(0, (int(reads[0]) - m) // mult * mult)
-            b = min(n, -(-(int(reads[-1]) + 1 + m) // mult) * mult)
+            reads = outputs_reading(bilinear_taps(n_in, n), lo, hi)
+            assert reads is not None  # every input pixel is read by some output
+            a = max(0, (reads[0] - m) // mult * mult)
+            b = min(n, -(-(reads[1] + m) // mult) * mult)
             out.append((a, b))
         return (out[0], out[1])
 
@@ -357,11 +358,10 @@ class _Upsampler:
         idx = torch.nonzero(cand).flatten()
         if idx.numel() == 0:
             return None
-        c0, c1 = int(idx[0]) + offset, int(idx[-1]) + offset
-        i0, i1 = taps[0], taps[1]
-        need = torch.nonzero((i1 >= c0) & (i0 <= c1)).flatten()  # contiguous: taps only grow
-        o0, o1 = int(need[0]), int(need[-1]) + 1
-        return o0, o1, int(i0[o0]), int(i1[o1 - 1]) + 1
+        need = outputs_reading(taps, int(idx[0]) + offset, int(idx[-1]) + offset + 1)
+        assert need is not None  # every input pixel is read by some output
+        o0, o1 = need
+        return o0, o1, int(taps[0][o0]), int(taps[1][o1 - 1]) + 1
 
     @staticmethod
     def _resample(x: torch.Tensor, dim: int, taps: tuple[torch.Tensor, ...], o0: int, o1: int, a0: int) -> torch.Tensor:

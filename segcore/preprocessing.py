@@ -174,6 +174,24 @@ def normalize(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     return x.clamp(lo, hi).sub_(cfg.mean).div_(cfg.std)
 
 
+def _unflipped(view: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], tuple[int, ...]]:
+    """``view`` with every axis that runs backwards in memory reversed (still a view), and those axes."""
+    flips = tuple(a for a in range(view.ndim) if view.strides[a] < 0)
+    if flips:
+        view = view[tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(view.ndim))]
+    return view, flips
+
+
+def outputs_reading(taps: tuple[torch.Tensor, ...], lo: int, hi: int) -> tuple[int, int] | None:
+    """The range of outputs of :func:`bilinear_taps` ``taps`` that read any input in ``[lo, hi)``
+    (contiguous, because the taps only grow), or None when none does."""
+    i0, i1 = taps[0], taps[1]
+    reads = torch.nonzero((i1 >= lo) & (i0 < hi)).flatten()
+    if reads.numel() == 0:
+        return None
+    return int(reads[0]), int(reads[-1]) + 1
+
+
 Window = tuple[tuple[int, int], tuple[int, int]]
 """An in-plane box ``((y0, y1), (x0, x1))``, half-open, in canonical coordinates."""
 
@@ -212,9 +230,7 @@ def model_slices(
     # Read the source in its stored direction and flip the (much smaller) result instead: a copy
     # that walks memory backwards is slow, and torch can't view negative strides. Bilinear
     # resampling (align_corners=False, size given) commutes with flips up to float rounding.
-    flips = tuple(a for a in range(3) if view.strides[a] < 0)
-    if flips:
-        view = view[tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(3))]
+    view, flips = _unflipped(view)
     taps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if window is not None:
         # Each in-plane axis: the window's taps, shifted to the range of input pixels they read,
@@ -278,9 +294,7 @@ def body_box(view: npt.NDArray[Any], floor_hu: float, slope: float = 1.0, inter:
     One reduction over the slices, in stored order and without a float copy: the engine asks
     this before it brings anything to the model grid, so that it converts only the body.
     """
-    flips = tuple(a for a in range(3) if view.strides[a] < 0)
-    if flips:
-        view = view[tuple(slice(None, None, -1) if a in flips else slice(None) for a in range(3))]
+    view, flips = _unflipped(view)
 
     def above(t: npt.NDArray[Any] | torch.Tensor) -> npt.NDArray[np.bool_]:
         top = np.asarray(t, dtype=np.float64)
