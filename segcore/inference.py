@@ -185,18 +185,20 @@ class Engine:
         if self.ort is not None:
             self.ort.release()
 
-    def _window(self, box: Window, shape_yx: tuple[int, int], grid: tuple[int, int]) -> Window:
+    def _window(self, box: Window, shape_yx: tuple[int, int], grid: tuple[int, int]) -> Window | None:
         """The model-grid window for a body ``box`` on the input grid (canonical ``(Y, X)`` of
         ``shape_yx``, see :func:`body_box`): every model-grid pixel whose resampling reads a
         pixel of the box, grown by :attr:`BODY_MARGIN` and out to multiples of the network's
         pooling factor (so pooling windows fall where they would on the whole slice). Outside
         it, every model-grid pixel is resampled from clipped background alone, so it is exactly
-        the clip's floor."""
+        the clip's floor. None when no model-grid pixel reads the box (downsampling skips input
+        rows and columns: 112 of 512 at 0.78 -> 2 mm), so that every one of them is the floor."""
         m, mult = self.BODY_MARGIN, self.meta.model.multiple
         out = []
         for (lo, hi), n_in, n in zip(box, shape_yx, grid, strict=True):
             reads = outputs_reading(bilinear_taps(n_in, n), lo, hi)
-            assert reads is not None  # every input pixel is read by some output
+            if reads is None:
+                return None
             a = max(0, (reads[0] - m) // mult * mult)
             b = min(n, -(-(reads[1] + m) // mult) * mult)
             out.append((a, b))
@@ -354,12 +356,14 @@ class _Upsampler:
     @staticmethod
     def _span(taps: tuple[torch.Tensor, ...], cand: torch.Tensor, offset: int = 0) -> tuple[int, int, int, int] | None:
         """Output range that reads candidate inputs (``cand[i]`` is input ``offset + i``), and the
-        input range it reads: at most one input beyond the candidates on either side."""
+        input range it reads: at most one input beyond the candidates on either side. None when
+        there are no candidates or no output reads them."""
         idx = torch.nonzero(cand).flatten()
         if idx.numel() == 0:
             return None
         need = outputs_reading(taps, int(idx[0]) + offset, int(idx[-1]) + offset + 1)
-        assert need is not None  # every input pixel is read by some output
+        if need is None:  # the input grid is coarser and skips every candidate
+            return None
         o0, o1 = need
         return o0, o1, int(taps[0][o0]), int(taps[1][o1 - 1]) + 1
 
@@ -395,7 +399,8 @@ class _Upsampler:
         if rows is None:
             return None
         cols = self._span(self.tx, cand.any(dim=1).any(dim=0), ox)
-        assert cols is not None
+        if cols is None:
+            return None
         r0, r1, a0, a1 = rows  # model-grid ranges a, b are in whole-grid coordinates ...
         q0, q1, b0, b1 = cols
         h, w = logits.shape[-2:]

@@ -463,6 +463,44 @@ def test_model_slices_of_a_window_equal_the_whole_grid_cut(layout: str, size: tu
         torch.testing.assert_close(got, ref[:, y0:y1, x0:x1], atol=1e-4, rtol=1e-5)
 
 
+def _unread(n_in: int, n_out: int) -> int:
+    """The first input index that resampling ``n_in`` -> ``n_out`` pixels never reads."""
+    i0, i1, _ = bilinear_taps(n_in, n_out)
+    return min(set(range(n_in)) - set(i0.tolist()) - set(i1.tolist()))
+
+
+def test_body_crop_of_a_body_no_model_pixel_reads_is_background() -> None:
+    # 0.78 -> 2.0 mm skips some input rows: a chunk whose only tissue lies in such a row is read
+    # by no model pixel, so the model grid is all floor there, and the chunk is background.
+    pp = dataclasses.replace(GEOM_PP, target_spacing_mm=(2.0, 2.0))
+    n = 128
+    u = _unread(n, model_grid((n, n), (0.78, 0.78), pp)[0])
+    hu = np.full((n, n, 4), -1000, dtype=np.int16)  # RAS: (X, Y, Z)
+    hu[:, u, :] = 100  # canonical row u of every slice
+    aff = np.diag([0.78, 0.78, 3.0, 1.0])
+    eng = _spy_engine(pp, True)
+    pred = eng.predict(Volume(hu, aff, nib.Nifti1Header(), (0.78, 0.78, 3.0)))
+    assert not pred.mask.any()
+    assert eng.model.seen == []  # type: ignore[attr-defined]
+    whole = _spy_engine(pp, False).predict(Volume(hu, aff, nib.Nifti1Header(), (0.78, 0.78, 3.0)))
+    np.testing.assert_array_equal(whole.mask, pred.mask)
+
+
+@pytest.mark.parametrize("axis", [2, 3])
+def test_label_upsampling_onto_a_coarser_grid_that_reads_no_candidate(axis: int) -> None:
+    # Mapping back onto a coarser input grid skips some model pixels; a candidate only there
+    # is read by no input pixel, which is background.
+    u = _unread(128, 50)
+    logits = torch.zeros(2, 3, 128, 128)
+    logits[:, 0] = 5.0
+    if axis == 2:
+        logits[1, 2, u, 40] = 20.0
+    else:
+        logits[1, 2, 40, u] = 20.0
+    z = torch.zeros(3, dtype=torch.float64)
+    assert _Upsampler((128, 128), (50, 50), torch.device("cpu")).labels(logits, z, z.clone()) is None
+
+
 @pytest.mark.parametrize(("norm", "crops"), [("batch", True), ("none", True), ("instance", False), ("group", False)])
 def test_body_crop_only_for_networks_without_per_image_statistics(norm: str, crops: bool) -> None:
     cfg = UNetConfig(in_slices=3, base_width=8, depth=3, norm=norm)
