@@ -64,6 +64,20 @@ class CheckpointMeta:
                 f"labels {sorted(self.labels)} must be exactly 0..{self.model.num_classes - 1} "
                 f"for a model with {self.model.num_classes} classes"
             )
+        if self.postprocessing.min_tumor_ml > 0:
+            missing = {"kidney", "tumor"} - set(self.labels.values())
+            if missing:
+                raise ValueError(
+                    f"postprocessing min_tumor_ml={self.postprocessing.min_tumor_ml} needs labels named 'kidney' "
+                    f"and 'tumor'; {sorted(missing)} not in {self.labels}"
+                )
+
+    def label_value(self, name: str) -> int:
+        """The label value called ``name`` (KeyError if none is)."""
+        for value, n in self.labels.items():
+            if n == name:
+                return value
+        raise KeyError(f"no label named {name!r} in {self.labels}")
 
     def to_json(self) -> str:
         return json.dumps(

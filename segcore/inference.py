@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from segcore.checkpoint import CheckpointMeta, load_checkpoint
 from segcore.io import Volume
 from segcore.ort import BACKENDS, OrtModel, onnxruntime_available
-from segcore.postprocess import keep_largest_components
+from segcore.postprocess import keep_largest_components, relabel_small_tumors
 from segcore.preprocessing import (
     Window,
     bilinear_taps,
@@ -310,7 +310,16 @@ class Engine:
         if box:
             # Only the box that holds all the foreground is scanned; writes go through the view.
             (z0, z1), (y0, y1), (x0, x1) = box
-            keep_largest_components(mask_zyx[z0:z1, y0:y1, x0:x1], self.meta.postprocessing)
+            post = self.meta.postprocessing
+            keep_largest_components(mask_zyx[z0:z1, y0:y1, x0:x1], post)
+            if post.min_tumor_ml > 0:
+                relabel_small_tumors(
+                    mask_zyx[z0:z1, y0:y1, x0:x1],
+                    post.min_tumor_ml,
+                    voxel_ml=float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0,  # as the statistics
+                    tumor=self.meta.label_value("tumor"),
+                    kidney=self.meta.label_value("kidney"),
+                )
         t_inv = time.perf_counter() - ts
         confidence = {c: float(conf_sum[c] / conf_cnt[c]) if conf_cnt[c] > 0 else 0.0 for c in range(1, ncls)}
         return Prediction(

@@ -4,10 +4,17 @@ A 2D network sees one slice at a time and can fire on bowel or spleen far from a
 KiTS, tumors and cysts are part of the kidney region (labels > 0), so, as nnU-Net does, we keep
 only the largest connected components of that region: at most ``max_components`` (two kidneys),
 and only those at least ``min_fraction`` of the largest.
+
+A checkpoint may also set ``min_tumor_ml``: tumor components smaller than that many millilitres
+become kidney. The network leaves specks of a few voxels of "tumor" on the kidney, and under the
+KiTS19 definition one such speck in a tumor-free case costs that case's whole tumor Dice (it
+scores 0 instead of 1). The value is chosen on development data after training, as nnU-Net
+chooses its post-processing; docs/training.md records how the phantom recipes' 0.5 mL was.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,17 +29,21 @@ class PostprocessConfig:
     keep_largest: apply the component filter at all.
     max_components: how many foreground components may survive (2 kidneys).
     min_fraction: smallest surviving component, as a fraction of the largest.
+    min_tumor_ml: tumor components (26-connected) smaller than this become kidney; 0 turns it off.
     """
 
     keep_largest: bool = True
     max_components: int = 2
     min_fraction: float = 0.1
+    min_tumor_ml: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_components < 1:
             raise ValueError(f"max_components must be >= 1, got {self.max_components}")
         if not 0.0 <= self.min_fraction <= 1.0:
             raise ValueError(f"min_fraction must be in [0, 1], got {self.min_fraction}")
+        if not (math.isfinite(self.min_tumor_ml) and self.min_tumor_ml >= 0.0):
+            raise ValueError(f"min_tumor_ml must be a finite volume >= 0 mL, got {self.min_tumor_ml}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,3 +107,25 @@ def foreground_bbox(mask: npt.NDArray[np.generic]) -> tuple[slice, slice, slice]
             return None
         box[axis] = slice(int(idx[0]), int(idx[-1]) + 1)  # each axis is narrowed once, from 0
     return (box[0], box[1], box[2])
+
+
+def relabel_small_tumors(
+    mask: npt.NDArray[np.uint8], min_ml: float, voxel_ml: float, tumor: int = 2, kidney: int = 1
+) -> npt.NDArray[np.uint8]:
+    """Turn every ``tumor`` component smaller than ``min_ml`` into ``kidney`` (in place; returns ``mask``).
+
+    ``mask`` may be any 3D view (a box holding all the foreground); ``voxel_ml`` is one voxel's
+    volume in millilitres. The kidney region (labels > 0) doesn't change, so neither does kidney Dice.
+    """
+    if min_ml <= 0.0:
+        return mask
+    if voxel_ml <= 0.0:
+        raise ValueError(f"voxel volume must be > 0 mL, got {voxel_ml}")
+    is_tumor = mask == tumor
+    if not is_tumor.any():
+        return mask
+    # A component of n voxels is below min_ml exactly when n < ceil(min_ml / voxel_ml).
+    min_voxels = math.ceil(min_ml / voxel_ml)
+    kept = cc3d.dust(np.ascontiguousarray(is_tumor), threshold=min_voxels, connectivity=26)
+    mask[is_tumor & ~kept] = kidney
+    return mask

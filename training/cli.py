@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -191,6 +192,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             tumor_sampling=a.tumor_sampling,
             dice=a.dice,
             deep_supervision=a.deep_supervision,
+            min_tumor_ml=a.min_tumor_ml,
             val_precision=a.val_precision,
             memory_format=a.memory_format,
             tune_malloc=not a.no_tune_malloc,
@@ -203,6 +205,57 @@ def cmd_train(a: argparse.Namespace) -> int:
             f"{best.get('val_tumor_dice', float('nan')):.4f}  composite {best.get('val_composite', float('nan')):.4f}  "
             f"(epoch {best.get('epoch')}, {res['elapsed_s']:.0f}s); checkpoints in {cfg.out}"
         )
+    return 0
+
+
+# ---------------------------------------------------------------- postprocess
+def cmd_postprocess(a: argparse.Namespace) -> int:
+    if a.dry_run:
+        # A tiny checkpoint in a temporary folder, rewritten there and loaded back; all removed afterwards.
+        with tempfile.TemporaryDirectory(prefix="kitseg-dry-") as tmp_name:
+            run = Path(tmp_name) / "run"
+            cmd_train(
+                argparse.Namespace(
+                    **{
+                        **vars(a),
+                        "out": str(run),
+                        "name": "dry-run",
+                        "in_slices": 1,
+                        "kits23": False,
+                        "spacing": 0,
+                        "device": "cpu",
+                    }
+                )
+            )
+            src, dst = run / "best.safetensors", run / "post.safetensors"
+            min_ml = 0.5 if a.min_tumor_ml is None else a.min_tumor_ml
+            return _postprocess(argparse.Namespace(checkpoint=str(src), out=str(dst), min_tumor_ml=min_ml))
+    if not a.checkpoint or not a.out or a.min_tumor_ml is None:
+        print("postprocess needs --checkpoint, --out and --min-tumor-ml (or --dry-run)", file=sys.stderr)
+        return 2
+    return _postprocess(a)
+
+
+def _postprocess(a: argparse.Namespace) -> int:
+    from segcore.checkpoint import load_checkpoint, read_meta, save_checkpoint
+
+    model, meta = load_checkpoint(a.checkpoint)  # verifies the weights' sha256
+    before = meta.postprocessing
+    post = dataclasses.replace(before, min_tumor_ml=a.min_tumor_ml)
+    history = [
+        *meta.provenance.get("postprocessing_changes", []),
+        {"from": before.to_dict(), "to": post.to_dict(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    ]
+    meta = dataclasses.replace(
+        meta, postprocessing=post, provenance={**meta.provenance, "postprocessing_changes": history}
+    )
+    digest = save_checkpoint(a.out, model, meta)
+    if read_meta(a.out).postprocessing != post:
+        raise RuntimeError(f"{a.out} does not read back with the new post-processing")
+    print(
+        f"wrote {a.out}: post-processing {post.to_dict()} (was {before.to_dict()}); weights sha256 {digest[:12]}... "
+        "unchanged"
+    )
     return 0
 
 
@@ -261,6 +314,9 @@ def _evaluate(a: argparse.Namespace) -> int:
         backend=a.backend,
         body_crop=a.body_crop,
     )
+    if a.min_tumor_ml is not None:
+        post = dataclasses.replace(engine.meta.postprocessing, min_tumor_ml=a.min_tumor_ml)
+        engine.meta = dataclasses.replace(engine.meta, postprocessing=post)
     cases = find_cases(a.data)
     if a.cases:
         wanted = set(a.cases.split(","))
@@ -278,6 +334,7 @@ def _evaluate(a: argparse.Namespace) -> int:
         f"({engine.backend}, precision {engine.precision}{', mirrored' if engine.mirror else ''}; pixel accuracy {summary['pixel_accuracy']:.4f} vs "
         f"{summary['all_background_accuracy']:.4f} for all-background)"
     )
+    print(f"post-processing: {engine.meta.postprocessing.to_dict()}")
     by_size = tumor_dice_by_size(rows)
     print(
         "tumor Dice by the reference's tumors: "
@@ -301,6 +358,7 @@ def _evaluate(a: argparse.Namespace) -> int:
                     "precision": engine.precision,
                     "mirror": engine.mirror,
                     "body_crop": engine.body_crop,
+                    "postprocessing": engine.meta.postprocessing.to_dict(),
                 },
                 indent=2,
             )
@@ -408,6 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
         "own 1x1 heads, with loss weights 1, 1/2, 1/4, ... as nnU-Net does; the heads are not saved in "
         "checkpoints (0: off; at most depth - 2; the patch must be a multiple of 2**(depth-1))",
     )
+    tr.add_argument(
+        "--min-tumor-ml",
+        type=float,
+        default=0.0,
+        metavar="ML",
+        help="post-processing recorded in the checkpoint (and used by validation): tumor components smaller than "
+        "ML millilitres become kidney; 0 turns it off. The phantom recipes use 0.5 (docs/training.md)",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto|cpu|cuda")
     tr.add_argument(
@@ -437,6 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true")
     tr.add_argument("--dry-run", action="store_true", help="2 epochs x 2 iterations of a tiny model on 3 tiny phantoms")
     tr.set_defaults(func=cmd_train)
+
+    po = sub.add_parser(
+        "postprocess",
+        help="change a checkpoint's post-processing (the weights stay as they are)",
+        description=(
+            "Write a copy of a checkpoint with another post-processing, as chosen on development data after "
+            "training (nnU-Net chooses its own the same way). The weights and their sha256 are unchanged; the change "
+            "is recorded in the provenance. Today: --min-tumor-ml, tumor components smaller than that many "
+            "millilitres become kidney (0: off)."
+        ),
+    )
+    po.add_argument("--checkpoint", help="the checkpoint to read")
+    po.add_argument("--out", help="where to write the new checkpoint (may be the same path)")
+    po.add_argument("--min-tumor-ml", type=float, metavar="ML")
+    po.add_argument(
+        "--dry-run", action="store_true", help="train a tiny checkpoint, rewrite it with 0.5 mL and read it back"
+    )
+    po.set_defaults(func=cmd_postprocess)
 
     ev = sub.add_parser(
         "evaluate",
@@ -477,6 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="as the service does by default: run the network only on the box around the body (above the "
         "checkpoint's lower HU clip) plus a margin, background outside; --no-body-crop for whole slices (the "
         "tables in docs/ before session 12)",
+    )
+    ev.add_argument(
+        "--min-tumor-ml",
+        type=float,
+        metavar="ML",
+        help="override the checkpoint's post-processing: tumor components smaller than ML millilitres become "
+        "kidney (0: off; default: what the checkpoint records)",
     )
     ev.add_argument("--dry-run", action="store_true", help="train a tiny model on tiny phantoms and evaluate it")
     ev.set_defaults(func=cmd_evaluate)

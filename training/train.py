@@ -36,6 +36,7 @@ from segcore.checkpoint import KITS19_LABELS, KITS23_LABELS, CheckpointMeta, sav
 from segcore.inference import Engine
 from segcore.io import load_labels, load_volume
 from segcore.metrics import kits19, kits23, pixel_accuracy, summarize, tumor_sizes
+from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
 from training.datasets import Augment, Case, CaseCache, SliceDataset, find_cases, split_cases
@@ -77,6 +78,8 @@ class TrainConfig:
     dice: str = "batch"
     #: extra decoder levels trained with their own 1x1 heads (0: off; see DeepSupervision).
     deep_supervision: int = 0
+    #: recorded in the checkpoint's post-processing: tumor components below this become kidney.
+    min_tumor_ml: float = 0.0
     val_batch_size: int = 16
     val_precision: str = "fp32"
     max_train_cases: int | None = None
@@ -479,6 +482,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     mcfg = UNetConfig(
         in_slices=cfg.in_slices, num_classes=num_classes, base_width=cfg.base_width, depth=cfg.depth, norm=cfg.norm
     )
+    # Validation applies it too, so the best epoch is picked on what the checkpoint will produce.
+    post = PostprocessConfig(min_tumor_ml=cfg.min_tumor_ml)
     cache = CaseCache(cache_dir, pp, num_classes)
     if ddp.main:
         for c in tqdm(train_cases, desc="preprocess", disable=not cfg.progress):
@@ -635,7 +640,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             plain = plain_unet(model)
             engine = Engine(
                 plain,
-                CheckpointMeta(mcfg, pp, labels),
+                CheckpointMeta(mcfg, pp, labels, postprocessing=post),
                 device,
                 batch_size=cfg.val_batch_size,
                 precision=cfg.val_precision,
@@ -667,6 +672,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 metrics=metrics,
                 provenance=provenance,
                 name=cfg.extra.get("name", "kitseg-unet"),
+                postprocessing=post,
             )
             save_checkpoint(out / "last.safetensors", plain, meta)
             if row["val_composite"] > best:

@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from segcore.checkpoint import KITS19_LABELS, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
 from segcore.errors import CheckpointError
+from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
 
@@ -109,6 +110,30 @@ def test_version_mismatch_and_foreign_files(tmp_path: Path) -> None:
 def test_labels_must_match_classes() -> None:
     with pytest.raises(ValueError, match="labels"):
         CheckpointMeta(UNetConfig(num_classes=4), PreprocessConfig(), dict(KITS19_LABELS))
+
+
+def test_postprocessing_roundtrip_and_older_checkpoints(tmp_path: Path) -> None:
+    import dataclasses
+
+    cfg = UNetConfig(base_width=4, depth=3)
+    meta = dataclasses.replace(_meta(cfg), postprocessing=PostprocessConfig(min_tumor_ml=0.5))
+    assert CheckpointMeta.from_json(meta.to_json()).postprocessing.min_tumor_ml == 0.5
+    assert meta.label_value("tumor") == 2 and meta.label_value("kidney") == 1
+    # A checkpoint written before the field existed reads as "off".
+    d = json.loads(meta.to_json())
+    del d["postprocessing"]["min_tumor_ml"]
+    assert CheckpointMeta.from_json(json.dumps(d)).postprocessing.min_tumor_ml == 0.0
+    # Code that doesn't know a field says so instead of ignoring it.
+    d["postprocessing"]["min_cyst_ml"] = 1.0
+    with pytest.raises(CheckpointError, match="min_cyst_ml"):
+        CheckpointMeta.from_json(json.dumps(d))
+    with pytest.raises(ValueError, match="needs labels named"):
+        CheckpointMeta(
+            UNetConfig(num_classes=2),
+            PreprocessConfig(),
+            {0: "background", 1: "organ"},
+            postprocessing=PostprocessConfig(min_tumor_ml=0.5),
+        )
 
 
 @pytest.mark.gpu

@@ -520,3 +520,35 @@ def test_all_air_is_background_without_running_the_network() -> None:
     assert eng.model.seen == []  # type: ignore[attr-defined]
     assert seen_progress[-1] == (hu.shape[0], hu.shape[0])  # IPL: slices are the first axis
     assert pred.confidence == {1: 0.0, 2: 0.0}
+
+
+def _interior_kidney_voxels(truth: np.ndarray, r: int = 2) -> list[tuple[int, int, int]]:
+    """Kidney voxels whose whole (2r+1)^3 neighbourhood is kidney (no tumor, no background)."""
+    out = []
+    for i, j, k in np.argwhere(truth == 1):
+        if min(i, j, k) >= r and (truth[i - r : i + r + 2, j - r : j + r + 1, k - r : k + r + 1] == 1).all():
+            out.append((int(i), int(j), int(k)))
+    return out
+
+
+@pytest.mark.parametrize("name, oblique", [("IPL", 0.0), ("RAS", 0.0), ("LPS", 0.0), ("PSR", 0.0), ("IPL", 33.0)])
+def test_engine_turns_tumor_specks_below_min_tumor_ml_into_kidney(name: str, oblique: float) -> None:
+    hu, aff, truth = make_volume(ORIENTATIONS[name], oblique_deg=oblique)
+    inner = _interior_kidney_voxels(truth)
+    a = inner[0]
+    b = next(v for v in inner if max(abs(p - q) for p, q in zip(v, a, strict=True)) >= 4)
+    b2 = (b[0] + 1, b[1], b[2])
+    for v in (a, b, b2):
+        hu[v] = 320.0  # TUMOR_HU: a 1-voxel speck at a, a 2-voxel one at b
+    vol = Volume(hu, aff, nib.Nifti1Header(), (1.0, 1.0, 1.0))  # header zooms are wrong on purpose
+    voxel_ml = 1.0 * 1.2 * 2.5 / 1000  # make_volume's spacing; the engine must take it from the affine
+    engine = _engine(GEOM_PP)
+    before = engine.predict(vol).mask
+    assert before[a] == 2 and before[b] == 2 and before[b2] == 2
+    engine.meta = dataclasses.replace(engine.meta, postprocessing=PostprocessConfig(min_tumor_ml=1.5 * voxel_ml))
+    after = engine.predict(vol).mask
+    expected = truth.copy()
+    expected[a] = 1  # below 1.5 voxels: kidney
+    expected[b] = expected[b2] = 2  # 2 voxels: stays
+    np.testing.assert_array_equal(after, expected)
+    np.testing.assert_array_equal(after > 0, before > 0)  # the kidney region, and kidney Dice, don't change

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from segcore.io import Volume
-from segcore.postprocess import PostprocessConfig, foreground_bbox, keep_largest_components
+from segcore.postprocess import PostprocessConfig, foreground_bbox, keep_largest_components, relabel_small_tumors
 from segcore.stats import class_statistics, compute_statistics, kidney_sides, max_axial_diameter_mm
 
 LABELS = {0: "background", 1: "kidney", 2: "tumor"}
@@ -73,6 +73,33 @@ def test_keep_largest_components_drops_far_blobs() -> None:
     assert keep_largest_components(mask.copy(), PostprocessConfig(keep_largest=False))[0, 39, 0] == 2
     with pytest.raises(ValueError):
         PostprocessConfig(max_components=0)
+
+
+def test_relabel_small_tumors_by_volume_with_26_connectivity() -> None:
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[2:18, 2:18, 2:18] = 1
+    mask[4, 4, 4] = mask[5, 5, 5] = mask[6, 6, 6] = 2  # 3 voxels, corner to corner: one 26-component
+    mask[10, 10, 10:14] = 2  # 4 voxels
+    mask[14:16, 14:16, 14:16] = 2  # 8 voxels
+    before = mask.copy()
+    # 0.125 mL a voxel, 0.5 mL = 4 voxels: components of fewer than 4 voxels become kidney.
+    out = relabel_small_tumors(mask, 0.5, voxel_ml=0.125)
+    assert out is mask
+    assert (mask[4, 4, 4], mask[5, 5, 5], mask[6, 6, 6]) == (1, 1, 1)
+    assert (mask[10, 10, 10:14] == 2).all() and (mask[14:16, 14:16, 14:16] == 2).all()
+    np.testing.assert_array_equal(mask > 0, before > 0)
+    assert (mask == 2).sum() == 12
+    # Just above 4 voxels' volume, the 4-voxel one goes too; 0 turns it off; a view is written through.
+    assert (relabel_small_tumors(before.copy(), 0.51, voxel_ml=0.125) == 2).sum() == 8
+    np.testing.assert_array_equal(relabel_small_tumors(before.copy(), 0.0, voxel_ml=0.125), before)
+    view = before.copy()
+    relabel_small_tumors(view[::-1, :, ::-1].transpose(2, 0, 1), 0.5, voxel_ml=0.125)
+    np.testing.assert_array_equal(view, mask)
+    with pytest.raises(ValueError, match="voxel volume"):
+        relabel_small_tumors(before.copy(), 0.5, voxel_ml=0.0)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="min_tumor_ml"):
+            PostprocessConfig(min_tumor_ml=bad)
 
 
 @pytest.mark.parametrize("layout", ["C", "F", "flipped", "transposed"])

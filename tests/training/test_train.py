@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from segcore.checkpoint import load_checkpoint
+from segcore.checkpoint import load_checkpoint, read_meta
 from segcore.unet import UNet, UNetConfig
 from training.cli import _one_phantom, main
 from training.datasets import CaseCache, SliceDataset, find_cases, split_cases, tumor_components
@@ -174,6 +174,8 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
         "contiguous",
         # mallopt is process-wide; this test runs inside pytest (the CLI dry runs cover it).
         "--no-tune-malloc",
+        "--min-tumor-ml",
+        "0.25",
     ]
     assert main(args) == 0
     run = tmp_path / "run"
@@ -185,6 +187,17 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     _, meta = load_checkpoint(run / "best.safetensors")
     assert meta.provenance["val_cases"] and not set(meta.provenance["val_cases"]) & set(meta.provenance["train_cases"])
     assert meta.provenance["memory_format"] == "contiguous" and meta.provenance["malloc_tuned"] is False
+    assert meta.postprocessing.min_tumor_ml == 0.25
+    # `postprocess` rewrites only the post-processing; the weights and their hash stay.
+    new = tmp_path / "post.safetensors"
+    assert (
+        main(["postprocess", "--checkpoint", str(run / "best.safetensors"), "--out", str(new), "--min-tumor-ml", "0"])
+        == 0
+    )
+    meta2 = read_meta(new)
+    assert meta2.postprocessing.min_tumor_ml == 0.0 and meta2.weights_sha256 == meta.weights_sha256
+    assert [c["to"]["min_tumor_ml"] for c in meta2.provenance["postprocessing_changes"]] == [0.0]
+    assert main(["postprocess", "--checkpoint", str(run / "best.safetensors"), "--out", str(new)]) == 2
     # Resume continues at epoch 3 with the saved history.
     assert main([*args[:6], "3", *args[7:], "--resume", str(run / "last.state.pt")]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -237,7 +250,7 @@ def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_pat
         main([*args[:12], "36", *args[13:]])
 
 
-@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate"])
+@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess"])
 def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     extra = ["--out", str(tmp_path / "o")] if cmd in ("phantoms", "synth-ct") else []
@@ -259,9 +272,11 @@ def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
     if cmd == "evaluate":
         assert "KiTS19: kidney Dice" in r.stdout and "all-background" in r.stdout
         assert "tumor Dice by the reference's tumors: a tumor < 10 mL" in r.stdout
+    if cmd == "postprocess":
+        assert "'min_tumor_ml': 0.5" in r.stdout and "unchanged" in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate"])
+@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess"])
 def test_cli_help(cmd: str) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "training", cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
