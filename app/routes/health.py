@@ -48,6 +48,7 @@ async def model_card(worker: WorkerDep) -> dict[str, Any]:
         "labels": {str(k): v for k, v in m.labels.items()},
         "architecture": m.model.to_dict(),
         "preprocessing": m.preprocessing.to_dict(),
+        "postprocessing": m.postprocessing.to_dict(),
         "training_metrics": m.metrics,
         "provenance": {k: v for k, v in m.provenance.items() if k not in ("train_cases", "val_cases")},
         "format_version": m.format_version,

@@ -41,6 +41,12 @@ def test_health_ready_model(tiny_client: TestClient) -> None:
     assert card["labels"] == {"0": "background", "1": "kidney", "2": "tumor"}
     assert card["demo"] is False and len(card["sha256"]) == 64
     assert card["preprocessing"]["orientation"] == "RAS"
+    assert card["postprocessing"] == {
+        "keep_largest": True,
+        "max_components": 2,
+        "min_fraction": 0.1,
+        "min_tumor_ml": 0.0,
+    }
     assert card["mirror"] is True  # nnU-Net-style test-time mirroring is the default
     assert card["body_crop"] is True
     # auto: ONNX Runtime on CPU when the onnx extra is installed (setup.sh installs it)
