@@ -26,6 +26,17 @@ log = logging.getLogger("kitseg.train")
 _SPAWN = multiprocessing.get_context("spawn")
 
 
+def _volume_ml(text: str) -> float:
+    """argparse type for a volume in millilitres: a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v >= 0.0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite volume >= 0 mL, got {text}")
+    return v
+
+
 # ---------------------------------------------------------------- phantoms
 def _one_phantom(args: tuple[int, str, int, bool, int]) -> str:
     from training.datasets import write_kits_case
@@ -468,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--min-tumor-ml",
-        type=float,
+        type=_volume_ml,
         default=0.0,
         metavar="ML",
         help="post-processing recorded in the checkpoint (and used by validation): tumor components smaller than "
@@ -516,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     po.add_argument("--checkpoint", help="the checkpoint to read")
     po.add_argument("--out", help="where to write the new checkpoint (may be the same path)")
-    po.add_argument("--min-tumor-ml", type=float, metavar="ML")
+    po.add_argument("--min-tumor-ml", type=_volume_ml, metavar="ML")
     po.add_argument(
         "--dry-run", action="store_true", help="train a tiny checkpoint, rewrite it with 0.5 mL and read it back"
     )
@@ -564,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--min-tumor-ml",
-        type=float,
+        type=_volume_ml,
         metavar="ML",
         help="override the checkpoint's post-processing: tumor components smaller than ML millilitres become "
         "kidney (0: off; default: what the checkpoint records)",
@@ -579,7 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return int(args.func(args))
+    from segcore.errors import CheckpointError
+
+    try:
+        return int(args.func(args))
+    except CheckpointError as e:  # missing, tampered or mismatched: the message says which
+        print(f"kitseg-train {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

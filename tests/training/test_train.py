@@ -198,6 +198,30 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     assert meta2.postprocessing.min_tumor_ml == 0.0 and meta2.weights_sha256 == meta.weights_sha256
     assert [c["to"]["min_tumor_ml"] for c in meta2.provenance["postprocessing_changes"]] == [0.0]
     assert main(["postprocess", "--checkpoint", str(run / "best.safetensors"), "--out", str(new)]) == 2
+    for bad in ("-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit) as exc:
+            main(["postprocess", "--checkpoint", str(new), "--out", str(new), "--min-tumor-ml", bad])
+        assert exc.value.code == 2
+    # A missing or tampered checkpoint is a clear error with status 2, not a traceback.
+    assert (
+        main(
+            [
+                "postprocess",
+                "--checkpoint",
+                str(tmp_path / "nope.safetensors"),
+                "--out",
+                str(new),
+                "--min-tumor-ml",
+                "1",
+            ]
+        )
+        == 2
+    )
+    raw = bytearray(new.read_bytes())
+    raw[-1] ^= 0xFF
+    (tmp_path / "tampered.safetensors").write_bytes(bytes(raw))
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "tampered.safetensors"), "--data", str(data)]) == 2
+    assert read_meta(new).postprocessing.min_tumor_ml == 0.0  # nothing was written over it
     # Resume continues at epoch 3 with the saved history.
     assert main([*args[:6], "3", *args[7:], "--resume", str(run / "last.state.pt")]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
