@@ -126,6 +126,6 @@ def relabel_small_tumors(
         return mask
     # A component of n voxels is below min_ml exactly when n < ceil(min_ml / voxel_ml).
     min_voxels = math.ceil(min_ml / voxel_ml)
-    kept = cc3d.dust(np.ascontiguousarray(is_tumor), threshold=min_voxels, connectivity=26)
+    kept = cc3d.dust(np.ascontiguousarray(is_tumor), threshold=min_voxels, connectivity=26).astype(bool, copy=False)
     mask[is_tumor & ~kept] = kidney
     return mask

@@ -483,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="ML",
         help="post-processing recorded in the checkpoint (and used by validation): tumor components smaller than "
-        "ML millilitres become kidney; 0 turns it off. The phantom recipes use 0.5 (docs/training.md)",
+        "ML millilitres become kidney; 0 turns it off. The 15-minute phantom recipe instead applies 0.5 after "
+        "training with `postprocess` (docs/training.md)",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto|cpu|cuda")
