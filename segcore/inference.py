@@ -310,13 +310,13 @@ class Engine:
         if box:
             # Only the box that holds all the foreground is scanned; writes go through the view.
             (z0, z1), (y0, y1), (x0, x1) = box
-            post = self.meta.postprocessing
-            keep_largest_components(mask_zyx[z0:z1, y0:y1, x0:x1], post)
+            part, post = mask_zyx[z0:z1, y0:y1, x0:x1], self.meta.postprocessing
+            keep_largest_components(part, post)
             if post.min_tumor_ml > 0:
                 relabel_small_tumors(
-                    mask_zyx[z0:z1, y0:y1, x0:x1],
+                    part,
                     post.min_tumor_ml,
-                    voxel_ml=float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0,  # as the statistics
+                    voxel_ml=volume.voxel_ml,
                     tumor=self.meta.label_value("tumor"),
                     kidney=self.meta.label_value("kidney"),
                 )

@@ -69,6 +69,11 @@ class Volume:
         return (int(s[0]), int(s[1]), int(s[2]))
 
     @property
+    def voxel_ml(self) -> float:
+        """One voxel's volume in millilitres, from the affine (right for oblique and sheared grids too)."""
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    @property
     def axcodes(self) -> tuple[str, str, str]:
         codes = nib.orientations.aff2axcodes(self.affine)
         return (str(codes[0]), str(codes[1]), str(codes[2]))

@@ -69,7 +69,7 @@ def class_statistics(
 
     ``box``: a box of ``mask`` known to hold every voxel of the label; only it is read.
     """
-    voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    voxel_ml = volume.voxel_ml
     box = _box_of(mask, box)
     part = mask[box]
     sel = np.isin(part, region) if region else part == label
@@ -132,7 +132,7 @@ def kidney_sides(
     else the centre of the field of view; each voxel goes to the side of the midline it lies on.
     ``box``: a box of ``mask`` known to hold all its foreground; only it is read.
     """
-    voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    voxel_ml = volume.voxel_ml
     box = _box_of(mask, box)
     part = mask[box]
     region = part > 0

@@ -220,24 +220,32 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- postprocess
+def _train_tiny(a: argparse.Namespace, folder: Path) -> Path:
+    """The dry-run training (a tiny model on tiny phantoms written to ``folder / "data"``) for the
+    subcommands that need a checkpoint; returns its run folder, ``folder / "run"``."""
+    run = folder / "run"
+    cmd_train(
+        argparse.Namespace(
+            **{
+                **vars(a),
+                "dry_run": True,
+                "out": str(run),
+                "name": "dry-run",
+                "in_slices": 1,
+                "kits23": False,
+                "spacing": 0,
+                "device": "cpu",
+            }
+        )
+    )
+    return run
+
+
 def cmd_postprocess(a: argparse.Namespace) -> int:
     if a.dry_run:
         # A tiny checkpoint in a temporary folder, rewritten there and loaded back; all removed afterwards.
         with tempfile.TemporaryDirectory(prefix="kitseg-dry-") as tmp_name:
-            run = Path(tmp_name) / "run"
-            cmd_train(
-                argparse.Namespace(
-                    **{
-                        **vars(a),
-                        "out": str(run),
-                        "name": "dry-run",
-                        "in_slices": 1,
-                        "kits23": False,
-                        "spacing": 0,
-                        "device": "cpu",
-                    }
-                )
-            )
+            run = _train_tiny(a, Path(tmp_name))
             src, dst = run / "best.safetensors", run / "post.safetensors"
             min_ml = 0.5 if a.min_tumor_ml is None else a.min_tumor_ml
             return _postprocess(argparse.Namespace(checkpoint=str(src), out=str(dst), min_tumor_ml=min_ml))
@@ -289,21 +297,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     # A tiny model trained on tiny phantoms in a temporary folder, removed afterwards.
     with tempfile.TemporaryDirectory(prefix="kitseg-dry-") as tmp_name:
         tmp = Path(tmp_name)
-        cmd_train(
-            argparse.Namespace(
-                **{
-                    **vars(a),
-                    "dry_run": True,
-                    "out": str(tmp / "run"),
-                    "name": "dry-run",
-                    "in_slices": 1,
-                    "kits23": False,
-                    "spacing": 0,
-                    "device": "cpu",
-                }
-            )
-        )
-        run = {"checkpoint": str(tmp / "run" / "best.safetensors"), "data": str(tmp / "data")}
+        run = {"checkpoint": str(_train_tiny(a, tmp) / "best.safetensors"), "data": str(tmp / "data")}
         return _evaluate(argparse.Namespace(**{**vars(a), **run}))
 
 
