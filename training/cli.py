@@ -37,6 +37,17 @@ def _volume_ml(text: str) -> float:
     return v
 
 
+def _ema_decay(text: str) -> float:
+    """argparse type for a moving-average decay: a number in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
 # ---------------------------------------------------------------- phantoms
 def _one_phantom(args: tuple[int, str, int, bool, int]) -> str:
     from training.datasets import write_kits_case
@@ -204,6 +215,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             dice=a.dice,
             deep_supervision=a.deep_supervision,
             min_tumor_ml=a.min_tumor_ml,
+            ema=a.ema,
             val_precision=a.val_precision,
             memory_format=a.memory_format,
             tune_malloc=not a.no_tune_malloc,
@@ -479,6 +491,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="post-processing recorded in the checkpoint (and used by validation): tumor components smaller than "
         "ML millilitres become kidney; 0 turns it off. The 15-minute phantom recipe instead applies 0.5 after "
         "training with `postprocess` (docs/training.md)",
+    )
+    tr.add_argument(
+        "--ema",
+        type=_ema_decay,
+        default=0.0,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights and BatchNorm statistics (for example 0.99: "
+        "about the last 100 steps), updated after every step; validation, best and last checkpoints use it "
+        "(0: off)",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto|cpu|cuda")

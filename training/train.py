@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -80,6 +81,9 @@ class TrainConfig:
     deep_supervision: int = 0
     #: recorded in the checkpoint's post-processing: tumor components below this become kidney.
     min_tumor_ml: float = 0.0
+    #: decay of an exponential moving average of the weights (and BatchNorm statistics), updated
+    #: after every optimizer step; validation and both checkpoints then use the average. 0: off.
+    ema: float = 0.0
     val_batch_size: int = 16
     val_precision: str = "fp32"
     max_train_cases: int | None = None
@@ -430,6 +434,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ``best.safetensors``, ``last.safetensors``, ``last.state.pt``, ``metrics.jsonl``, ``curves.png``.
     """
     t_start = time.perf_counter()
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ValueError(f"ema decay must be in [0, 1), got {cfg.ema}")
     if cfg.deep_supervision:
         # Checked before any preprocessing, so a wrong flag fails at once.
         DeepSupervision.check(cfg.deep_supervision, cfg.depth, cfg.patch)
@@ -534,6 +540,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "on" if malloc_tuned else "off",
         )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The average follows the plain U-Net (deep supervision's heads are never saved), with its
+    # BatchNorm running statistics averaged alongside the weights (use_buffers).
+    ema = (
+        AveragedModel(plain_unet(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        if cfg.ema
+        else None
+    )
     total_iters = cfg.epochs * cfg.iters_per_epoch
 
     def lr_at(it: int) -> float:
@@ -555,6 +568,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise ValueError(
                 f"{cfg.resume} was trained with deep supervision; resume it with the same --deep-supervision"
             )
+        if ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"{cfg.resume} was trained without a weight average; resume it without --ema")
+            ema.load_state_dict(state["ema"])
+        elif "ema" in state:
+            raise ValueError(f"{cfg.resume} was trained with a weight average; resume it with the same --ema")
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
         history = json.loads(state["history"])
@@ -622,6 +641,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(plain_unet(model))
             losses.append(float(loss.detach()))
             dices.append(float(dl.detach()))
             if i % 5 == 0:
@@ -637,7 +658,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "train_slices_per_s": slices_per_s,
         }
         if ddp.main:
-            plain = plain_unet(model)
+            # What validation scores is what the checkpoints hold: the average when there is one.
+            plain = cast(UNet, ema.module) if ema is not None else plain_unet(model)
             engine = Engine(
                 plain,
                 CheckpointMeta(mcfg, pp, labels, postprocessing=post),
@@ -681,13 +703,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 save_checkpoint(out / "best.safetensors", plain, meta)
             torch.save(
                 {
-                    "model": plain.state_dict(),
+                    "model": plain_unet(model).state_dict(),
                     "optimizer": opt.state_dict(),
                     "epoch": epoch,
                     "history": json.dumps(history),
                     "best": best,
                     "torch_rng": torch.get_rng_state(),
                     **({"aux": unwrap(model).aux.state_dict()} if cfg.deep_supervision else {}),
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                 },
                 out / "last.state.pt",
             )

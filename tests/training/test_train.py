@@ -274,6 +274,44 @@ def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_pat
         main([*args[:12], "36", *args[13:]])
 
 
+def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path) -> None:
+    args, run = _tiny_depth4_run(tmp_path, "contiguous")
+    args[8] = "1"  # one step per epoch, so the average can be checked by hand
+    args += ["--ema", "0.75"]
+    assert main(args) == 0
+    first = torch.load(run / "last.state.pt", weights_only=True)
+    # One step in: the average is that step's weights.
+    assert int(first["ema"]["n_averaged"]) == 1
+    for k, v in first["model"].items():
+        torch.testing.assert_close(first["ema"][f"module.{k}"], v)
+    assert main([*args[:6], "2", *args[7:], "--resume", str(run / "last.state.pt")]) == 0
+    second = torch.load(run / "last.state.pt", weights_only=True)
+    saved = load_file(run / "last.safetensors")
+    assert int(second["ema"]["n_averaged"]) == 2
+    floats = [k for k, v in saved.items() if v.is_floating_point()]
+    assert any(k.endswith("running_mean") for k in floats)  # BatchNorm statistics are averaged too
+    for k in floats:
+        # After the resumed step: 0.75 x the first weights + 0.25 x the second, and that is what
+        # the checkpoint holds, while the state keeps the raw weights for training on.
+        want = 0.75 * first["model"][k] + 0.25 * second["model"][k]
+        torch.testing.assert_close(second["ema"][f"module.{k}"], want)
+        torch.testing.assert_close(saved[k], want)
+    assert any(not torch.equal(saved[k], second["model"][k]) for k in floats)
+    _, meta = load_checkpoint(run / "best.safetensors")
+    assert meta.provenance["train_config"]["ema"] == 0.75
+    with pytest.raises(ValueError, match="resume it with the same --ema"):
+        main([*args[:6], "3", *args[7:-2], "--resume", str(run / "last.state.pt")])
+    plain, plain_run = _tiny_depth4_run(tmp_path / "plain", "contiguous")
+    plain[8] = "1"
+    assert main(plain) == 0
+    with pytest.raises(ValueError, match="resume it without --ema"):
+        main([*plain[:6], "2", *plain[7:], "--ema", "0.75", "--resume", str(plain_run / "last.state.pt")])
+    for bad in ("1", "-0.1", "nan", "x"):
+        with pytest.raises(SystemExit) as e:
+            main([*args[:-1], bad])
+        assert e.value.code == 2
+
+
 @pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess"])
 def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
