@@ -25,6 +25,7 @@ from segcore.ort import BACKENDS, OrtModel, onnxruntime_available
 from segcore.postprocess import keep_largest_components, relabel_small_tumors
 from segcore.preprocessing import (
     Window,
+    antialias_reach,
     bilinear_taps,
     body_box,
     box_from_canonical,
@@ -196,6 +197,11 @@ class Engine:
         m, mult = self.BODY_MARGIN, self.meta.model.multiple
         out = []
         for (lo, hi), n_in, n in zip(box, shape_yx, grid, strict=True):
+            if self.meta.preprocessing.antialias:
+                # Its filter reaches further than the two bilinear taps: grow the box by that much,
+                # so the window still holds every model pixel that reads it.
+                r = antialias_reach(n_in, n)
+                lo, hi = max(0, lo - r), min(n_in, hi + r)
             reads = outputs_reading(bilinear_taps(n_in, n), lo, hi)
             if reads is None:
                 return None

@@ -14,6 +14,7 @@ the explicit inverse for arrays laid out canonically.
 from __future__ import annotations
 
 import itertools
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,6 +38,11 @@ class PreprocessConfig:
         clip_hu: intensity window ``(low, high)`` in HU applied before normalisation.
         mean: subtracted after clipping (HU).
         std: divided after centring (HU).
+        antialias: when resampling shrinks a slice, average every source pixel a model pixel
+            covers (torch's antialiased bilinear: a triangle filter as wide as the scale) instead
+            of reading only the nearest 2 x 2. It keeps the noise down and small structures
+            whole at a coarse spacing. Labels for training are resampled the same way. False in
+            every checkpoint written before it existed.
     """
 
     orientation: str = "RAS"
@@ -44,6 +50,7 @@ class PreprocessConfig:
     clip_hu: tuple[float, float] = (-200.0, 300.0)
     mean: float = 50.0
     std: float = 80.0
+    antialias: bool = False
 
     def __post_init__(self) -> None:
         if self.orientation != "RAS":
@@ -58,6 +65,8 @@ class PreprocessConfig:
         object.__setattr__(self, "clip_hu", (float(lo), float(hi)))
         if self.std <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
+        if not isinstance(self.antialias, bool):
+            raise ValueError(f"antialias must be true or false, got {self.antialias!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,13 +155,23 @@ def model_grid(shape_yx: tuple[int, int], spacing_yx: tuple[float, float], cfg: 
     )
 
 
-def resample_slices(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resample ``(B, C, H, W)`` slices in-plane to ``size``; a no-op when already that size."""
+def resample_slices(
+    x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", antialias: bool = False
+) -> torch.Tensor:
+    """Resample ``(B, C, H, W)`` slices in-plane to ``size``; a no-op when already that size.
+    ``antialias`` only changes axes that shrink (see :class:`PreprocessConfig`)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest-exact")
-    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=False)
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
+
+
+def antialias_reach(n_in: int, n_out: int) -> int:
+    """How many input pixels beyond a bilinear tap an antialiased resampling from ``n_in`` to
+    ``n_out`` pixels can read (its triangle filter is ``n_in / n_out`` pixels wide each side);
+    0 when the axis doesn't shrink."""
+    return math.ceil(n_in / n_out) + 1 if n_out < n_in else 0
 
 
 def bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,6 +246,11 @@ def model_slices(
     flipped back. The arithmetic is the same either way, up to float rounding of the resampling
     coordinates (about 1e-6 of the value).
     """
+    if cfg.antialias and window is not None:
+        # Antialiased resampling reads as far as the scale, so the window's two-tap gather below
+        # doesn't apply: resample whole slices and cut the window out of them.
+        (y0, y1), (x0, x1) = window
+        return model_slices(view, size, cfg, slope, inter, device, buffer)[:, y0:y1, x0:x1].contiguous()
     # Read the source in its stored direction and flip the (much smaller) result instead: a copy
     # that walks memory backwards is slow, and torch can't view negative strides. Bilinear
     # resampling (align_corners=False, size given) commutes with flips up to float rounding.
@@ -282,8 +306,10 @@ def model_slices(
         out = normalize(t.permute(2, 0, 1) if slices_fastest else t, cfg)
     else:
         t = (t.permute(2, 0, 1) if slices_fastest else t)[None]  # (1, S, Y, X); channels-last when slices fastest
+        if cfg.antialias and slices_fastest:
+            t = t.contiguous()  # torch's antialiased kernel is about 5x slower on channels-last
         # The S slices ride as channels of one image: one resampling call for the whole slab.
-        out = normalize(resample_slices(t, size), cfg)[0]
+        out = normalize(resample_slices(t, size, antialias=cfg.antialias), cfg)[0]
     return (out.flip(flips) if flips else out).contiguous()
 
 
@@ -417,7 +443,8 @@ def preprocess_case(
                 out_lab[k0:k1] = lab.numpy().astype(np.uint8)
             else:
                 onehot = F.one_hot(lab.clamp_max(num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
-                out_lab[k0:k1] = resample_slices(onehot, size).argmax(1).numpy().astype(np.uint8)
+                onehot = resample_slices(onehot, size, antialias=cfg.antialias)
+                out_lab[k0:k1] = onehot.argmax(1).numpy().astype(np.uint8)
     sp = canon.spacing_zyx
     if cfg.target_spacing_mm is not None:
         sp = (sp[0], cfg.target_spacing_mm[0], cfg.target_spacing_mm[1])

@@ -175,6 +175,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             kits23=a.kits23,
             val_fraction=0.34,
             target_spacing_mm=a.spacing if a.spacing > 0 else None,
+            antialias=a.antialias,
             device=a.device,
             progress=False,
             extra=extra,
@@ -206,6 +207,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             depth=a.depth,
             in_slices=a.in_slices,
             target_spacing_mm=a.spacing if a.spacing > 0 else None,
+            antialias=a.antialias,
             max_train_cases=a.max_train_cases,
             data_description=a.describe,
             progress=not a.no_progress,
@@ -525,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--depth", type=int, default=4)
     tr.add_argument("--in-slices", type=int, default=3, help="1, or 2k+1 for 2.5D context")
     tr.add_argument("--spacing", type=float, default=1.6, help="in-plane target spacing in mm; 0 keeps native")
+    tr.add_argument(
+        "--antialias",
+        action="store_true",
+        help="when the spacing is coarser than a scan's, average all the pixels each model pixel covers "
+        "instead of reading the nearest 2 x 2 (less noise, small structures kept); recorded in the "
+        "checkpoint, so inference does the same",
+    )
     tr.add_argument("--name", default="kitseg-unet", help="model name stored in the checkpoint")
     tr.add_argument("--describe", default="", help="data description stored in the checkpoint")
     tr.add_argument("--no-progress", action="store_true")

@@ -71,6 +71,8 @@ class TrainConfig:
     in_slices: int = 3
     norm: str = "batch"
     target_spacing_mm: float | None = 1.6
+    #: antialiased in-plane resampling, recorded in the checkpoint's preprocessing.
+    antialias: bool = False
     intensity: str = "auto"
     fg_fraction: float = 0.67
     #: how a tumor patch picks its centre: ``component`` (each tumor equally often) or ``slice``.
@@ -484,7 +486,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             else ((-200.0, 300.0), 50.0, 80.0)
         )
     spacing = (cfg.target_spacing_mm, cfg.target_spacing_mm) if cfg.target_spacing_mm else None
-    pp = PreprocessConfig(target_spacing_mm=spacing, clip_hu=clip, mean=mean, std=std)
+    pp = PreprocessConfig(target_spacing_mm=spacing, clip_hu=clip, mean=mean, std=std, antialias=cfg.antialias)
     mcfg = UNetConfig(
         in_slices=cfg.in_slices, num_classes=num_classes, base_width=cfg.base_width, depth=cfg.depth, norm=cfg.norm
     )

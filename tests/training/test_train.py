@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import platform
@@ -12,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from segcore.checkpoint import load_checkpoint, read_meta
+from segcore.io import load_labels, load_volume
+from segcore.preprocessing import preprocess_case
 from segcore.unet import UNet, UNetConfig
 from training.cli import _one_phantom, main
 from training.datasets import CaseCache, SliceDataset, find_cases, split_cases, tumor_components
@@ -272,6 +275,22 @@ def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_pat
         main([*args[:-1], "3"])
     with pytest.raises(ValueError, match="multiple of 8, got 36"):
         main([*args[:12], "36", *args[13:]])
+
+
+def test_train_with_antialias_records_it_and_trains_on_antialiased_slices(tmp_path: Path) -> None:
+    args, run = _tiny_depth4_run(tmp_path, "contiguous")
+    args[args.index("--iters") + 1] = "1"
+    assert main([*args, "--spacing", "3.0", "--antialias"]) == 0
+    _, meta = load_checkpoint(run / "best.safetensors")
+    assert meta.preprocessing.antialias is True
+    case = find_cases(tmp_path / "data")[0]
+    vol = load_volume(case.image)
+    lab, _ = load_labels(case.label)
+    for aa in (True, False):
+        pp = dataclasses.replace(meta.preprocessing, antialias=aa)
+        (cached,) = (run / "cache").glob(f"pp-*/{case.case_id}_img.npy")  # one cache: the run's
+        want = preprocess_case(vol.data, vol.affine, lab, pp, 3).image
+        assert np.array_equal(np.load(cached), want) == aa
 
 
 def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path) -> None:
