@@ -13,6 +13,7 @@ the explicit inverse for arrays laid out canonically.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +168,22 @@ def resample_slices(
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
 
 
+@functools.lru_cache(maxsize=16)
+def _antialias_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    # n_in unit impulses along W, as (N, C, H, W). H is 2, not 1: with a size-1 axis torch 2.13's
+    # CPU kernel weighs the other one differently from a real 2D call (checked in the tests).
+    eye = torch.eye(n_in, dtype=torch.float32)[:, None, None, :].expand(n_in, 1, 2, n_in).contiguous()
+    out = F.interpolate(eye, size=(2, n_out), mode="bilinear", align_corners=False, antialias=True)
+    return out[:, 0, 0, :].T.contiguous()
+
+
+def antialias_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)`` weights of torch's antialiased bilinear resampling along one axis
+    (``F.interpolate(..., antialias=True, align_corners=False)``), read off its response to unit
+    impulses, so that a matrix product resamples exactly as torch does. A fresh copy each call."""
+    return _antialias_matrix(n_in, n_out).clone()
+
+
 def antialias_reach(n_in: int, n_out: int) -> int:
     """How many input pixels beyond a bilinear tap an antialiased resampling from ``n_in`` to
     ``n_out`` pixels can read (its triangle filter is ``n_in / n_out`` pixels wide each side);
@@ -246,17 +263,34 @@ def model_slices(
     flipped back. The arithmetic is the same either way, up to float rounding of the resampling
     coordinates (about 1e-6 of the value).
     """
-    if cfg.antialias and window is not None:
-        # Antialiased resampling reads as far as the scale, so the window's two-tap gather below
-        # doesn't apply: resample whole slices and cut the window out of them.
-        (y0, y1), (x0, x1) = window
-        return model_slices(view, size, cfg, slope, inter, device, buffer)[:, y0:y1, x0:x1].contiguous()
     # Read the source in its stored direction and flip the (much smaller) result instead: a copy
     # that walks memory backwards is slow, and torch can't view negative strides. Bilinear
     # resampling (align_corners=False, size given) commutes with flips up to float rounding.
     view, flips = _unflipped(view)
     taps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    if window is not None:
+    mats: list[torch.Tensor] = []
+    if cfg.antialias:
+        # Antialiased: one weight matrix per in-plane axis (two matrix products, in the buffer's
+        # own layout; torch's antialiased kernel is slow on the slice-fastest layout). Its rows
+        # are cut to the window and its columns to the input pixels they read, which is all that
+        # is converted; on a flipped axis the columns are reversed instead of the result.
+        (y0, y1), (x0, x1) = window if window is not None else ((0, size[0]), (0, size[1]))
+        cut = [slice(None), slice(None), slice(None)]
+        for axis, (lo, hi) in ((1, (y0, y1)), (2, (x0, x1))):
+            n_in = view.shape[axis]
+            m = antialias_matrix(n_in, size[axis - 1])[lo:hi]
+            read = torch.nonzero(m.any(dim=0)).flatten()
+            a0, a1 = int(read[0]), int(read[-1]) + 1
+            m = m[:, a0:a1]
+            if axis in flips:
+                cut[axis] = slice(n_in - a1, n_in - a0)
+                m = m.flip(1)
+            else:
+                cut[axis] = slice(a0, a1)
+            mats.append(m)
+        view = view[tuple(cut)]
+        flips = tuple(a for a in flips if a == 0)
+    elif window is not None:
         # Each in-plane axis: the window's taps, shifted to the range of input pixels they read,
         # which is all that is converted. On a flipped axis the range is cut from the unflipped
         # source and the taps count from its far end, so the gather itself flips the result.
@@ -295,7 +329,14 @@ def model_slices(
         t = t.mul_(slope)
     if inter != 0.0:
         t = t.add_(inter)
-    if taps:
+    if mats:
+        my, mx = (m.to(t.device) for m in mats)
+        if slices_fastest:  # (Y, X, S): rows, then columns, each one matrix product
+            t = (my @ t.reshape(t.shape[0], -1)).view(my.shape[0], *t.shape[1:])
+            out = normalize(torch.matmul(mx, t).permute(2, 0, 1), cfg)
+        else:  # (S, Y, X)
+            out = normalize(torch.matmul(torch.matmul(my, t), mx.T), cfg)
+    elif taps:
         # Gather and blend the two taps along Y, then along X, in the buffer's own layout.
         ydim, xdim = (0, 1) if slices_fastest else (1, 2)
         for dim, (i0, i1, w1) in zip((ydim, xdim), taps, strict=True):
@@ -306,10 +347,8 @@ def model_slices(
         out = normalize(t.permute(2, 0, 1) if slices_fastest else t, cfg)
     else:
         t = (t.permute(2, 0, 1) if slices_fastest else t)[None]  # (1, S, Y, X); channels-last when slices fastest
-        if cfg.antialias and slices_fastest:
-            t = t.contiguous()  # torch's antialiased kernel is about 5x slower on channels-last
         # The S slices ride as channels of one image: one resampling call for the whole slab.
-        out = normalize(resample_slices(t, size, antialias=cfg.antialias), cfg)[0]
+        out = normalize(resample_slices(t, size), cfg)[0]
     return (out.flip(flips) if flips else out).contiguous()
 
 
