@@ -175,7 +175,6 @@ def cmd_train(a: argparse.Namespace) -> int:
             kits23=a.kits23,
             val_fraction=0.34,
             target_spacing_mm=a.spacing if a.spacing > 0 else None,
-            antialias=a.antialias,
             device=a.device,
             progress=False,
             extra=extra,
