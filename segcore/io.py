@@ -105,12 +105,14 @@ class Volume:
         return (min(a, b), max(a, b))
 
 
-#: dtypes whose min and max torch finds in one multi-threaded pass (native byte order only)
-_TORCH_DTYPES = tuple(np.dtype(d) for d in (np.int8, np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64))
+#: dtypes that torch reads straight from numpy memory (in native byte order only): it finds their
+#: range here, and converts, resamples and reduces them in preprocessing, with vectorised,
+#: multi-threaded loops; numpy handles the rest (byte-swapped, uint16, ...).
+TORCH_DTYPES = tuple(np.dtype(d) for d in (np.int8, np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64))
 
 
 def _min_max(a: npt.NDArray[Any]) -> tuple[float, float]:
-    if a.size and a.dtype.isnative and a.dtype in _TORCH_DTYPES and (a.flags.c_contiguous or a.flags.f_contiguous):
+    if a.size and a.dtype.isnative and a.dtype in TORCH_DTYPES and (a.flags.c_contiguous or a.flags.f_contiguous):
         # Flat: torch reduces a Fortran-ordered 3D view 100x slower than the same memory as 1D.
         # Numpy would need two passes, each on one core.
         lo, hi = torch.aminmax(torch.from_numpy(a.reshape(-1, order="A")))

@@ -26,6 +26,8 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from segcore.io import TORCH_DTYPES
+
 _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
 
@@ -313,7 +315,7 @@ def model_slices(
     slices_fastest = strides[0] < min(strides[1], strides[2])
     shape = (y, x, s) if slices_fastest else (s, y, x)
     src = view.transpose(1, 2, 0) if slices_fastest else view
-    if view.dtype.isnative and view.dtype in _TORCH_COPYABLE:
+    if view.dtype.isnative and view.dtype in TORCH_DTYPES:
         # torch converts and copies strided memory with vectorised, multi-threaded loops.
         n = s * y * x
         fits = buffer is not None and buffer.dtype == torch.float32 and buffer.numel() >= n and not buffer.is_cuda
@@ -365,7 +367,7 @@ def body_box(view: npt.NDArray[Any], floor_hu: float, slope: float = 1.0, inter:
         top = np.asarray(t, dtype=np.float64)
         return np.asarray(top * slope + inter > floor_hu)
 
-    if view.dtype.isnative and view.dtype in _TORCH_COPYABLE:
+    if view.dtype.isnative and view.dtype in TORCH_DTYPES:
         # Reductions walk memory in order (slowest axis first, results laid out the same way):
         # each is then an elementwise max over contiguous runs, which vectorises. Reducing along
         # the fastest axis, or into a differently ordered result, is 10-30x slower. Unless the
@@ -407,9 +409,6 @@ def body_box(view: npt.NDArray[Any], floor_hu: float, slope: float = 1.0, inter:
         out.append((n - hi, n - lo) if a in flips else (lo, hi))
     return (out[0], out[1])
 
-
-#: source dtypes that :func:`model_slices` converts with torch (native byte order only)
-_TORCH_COPYABLE = tuple(np.dtype(d) for d in (np.int8, np.uint8, np.int16, np.int32, np.float32, np.float64))
 
 _copy_pools: dict[int, ThreadPoolExecutor] = {}
 

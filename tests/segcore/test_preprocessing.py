@@ -285,7 +285,7 @@ def test_cropped_label_upsampling_all_background() -> None:
 
 
 @pytest.mark.parametrize(
-    "layout", ["kits_ipl_fortran", "ras_fortran", "c_order", "big_endian_flipped", "uint16_flipped", "float64"]
+    "layout", ["kits_ipl_fortran", "ras_fortran", "c_order", "big_endian_flipped", "uint16_flipped", "float64", "int64"]
 )
 def test_model_slices_layouts_agree(layout: str) -> None:
     """The slab reaches the model grid the same way whatever the stored memory order and dtype
@@ -300,8 +300,8 @@ def test_model_slices_layouts_agree(layout: str) -> None:
         stored = np.asfortranarray((base if dtype == ">i2" else base + 1024)[::-1, :, ::-1]).astype(dtype)
         view = stored[::-1, :, ::-1]
         base = view.astype(np.int32)  # type: ignore[assignment]
-    elif layout == "float64":
-        view = base.astype(np.float64).transpose(2, 1, 0).copy().transpose(2, 1, 0)
+    elif layout in ("float64", "int64"):
+        view = base.astype(layout).transpose(2, 1, 0).copy().transpose(2, 1, 0)
     elif layout == "ras_fortran":  # (X, Y, Z) Fortran: X fastest
         stored = np.asfortranarray(base.transpose(2, 1, 0))
         view = stored.transpose(2, 1, 0)
