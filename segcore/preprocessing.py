@@ -264,6 +264,9 @@ def model_slices(
     gathering a strided ``(S, Y, X)`` copy. Flipped axes are read in stored order and the result
     flipped back. The arithmetic is the same either way, up to float rounding of the resampling
     coordinates (about 1e-6 of the value).
+
+    With ``cfg.antialias`` each in-plane axis is resampled by a matrix product with
+    :func:`antialias_matrix` instead, cut to ``window`` and to the input pixels it reads.
     """
     # Read the source in its stored direction and flip the (much smaller) result instead: a copy
     # that walks memory backwards is slow, and torch can't view negative strides. Bilinear

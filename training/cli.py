@@ -26,12 +26,16 @@ log = logging.getLogger("kitseg.train")
 _SPAWN = multiprocessing.get_context("spawn")
 
 
-def _volume_ml(text: str) -> float:
-    """argparse type for a volume in millilitres: a finite number >= 0."""
+def _number(text: str) -> float:
     try:
-        v = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _volume_ml(text: str) -> float:
+    """argparse type for a volume in millilitres: a finite number >= 0."""
+    v = _number(text)
     if not (v >= 0.0 and v != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite volume >= 0 mL, got {text}")
     return v
@@ -39,10 +43,7 @@ def _volume_ml(text: str) -> float:
 
 def _ema_decay(text: str) -> float:
     """argparse type for a moving-average decay: a number in [0, 1)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    v = _number(text)
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return v
