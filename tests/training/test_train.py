@@ -404,6 +404,8 @@ def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
             "cpu",
             "--deep-supervision",
             deep_supervision,
+            # The second run also keeps a weight average, over the DDP-wrapped network.
+            *(["--ema", "0.5"] if deep_supervision == "1" else []),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -415,6 +417,13 @@ def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
     _, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
     assert meta.provenance["world_size"] == 2
     assert meta.provenance["train_config"]["deep_supervision"] == int(deep_supervision)
+    state = torch.load(tmp_path / "run" / "last.state.pt", weights_only=True)
+    assert ("ema" in state) == (deep_supervision == "1")
+    if "ema" in state:
+        assert int(state["ema"]["n_averaged"]) == 2  # one update per step
+        saved = load_file(tmp_path / "run" / "last.safetensors")
+        for k, v in saved.items():
+            torch.testing.assert_close(v, state["ema"][f"module.{k}"])
 
 
 def test_memory_format_choice() -> None:
