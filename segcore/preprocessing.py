@@ -274,7 +274,9 @@ def model_slices(
     view, flips = _unflipped(view)
     taps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     mats: list[torch.Tensor] = []
-    if cfg.antialias:
+    if cfg.antialias and (size[0] < view.shape[1] or size[1] < view.shape[2]):
+        # (Where no axis shrinks, antialiasing changes nothing: the plain path below is the same
+        # resampling without dense matrix products.)
         # Antialiased: one weight matrix per in-plane axis (two matrix products, in the buffer's
         # own layout; torch's antialiased kernel is slow on the slice-fastest layout). Its rows
         # are cut to the window and its columns to the input pixels they read, which is all that
