@@ -280,7 +280,8 @@ def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_pat
 def test_train_with_antialias_records_it_and_trains_on_antialiased_slices(tmp_path: Path) -> None:
     args, run = _tiny_depth4_run(tmp_path, "contiguous")
     args[args.index("--iters") + 1] = "1"
-    assert main([*args, "--spacing", "3.0", "--antialias"]) == 0
+    # The tiny phantoms have 8.8 mm pixels (48 of them): 10 mm shrinks them, where antialiasing acts.
+    assert main([*args, "--spacing", "10.0", "--antialias"]) == 0
     _, meta = load_checkpoint(run / "best.safetensors")
     assert meta.preprocessing.antialias is True
     case = find_cases(tmp_path / "data")[0]
@@ -290,6 +291,7 @@ def test_train_with_antialias_records_it_and_trains_on_antialiased_slices(tmp_pa
         pp = dataclasses.replace(meta.preprocessing, antialias=aa)
         (cached,) = (run / "cache").glob(f"pp-*/{case.case_id}_img.npy")  # one cache: the run's
         want = preprocess_case(vol.data, vol.affine, lab, pp, 3).image
+        assert want.shape[1:] == (42, 42)
         assert np.array_equal(np.load(cached), want) == aa
 
 
