@@ -302,8 +302,11 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             k = int(rng.integers(z))
         idx = np.clip(np.arange(k - self.context, k + self.context + 1), 0, z - 1)
         stack = np.asarray(img[idx], dtype=np.float32)  # (C, h, w)
-        # (h, w) labels, or (K, h, w) fractions in 255ths.
-        sl = np.asarray(lab[k], dtype=np.int64) if self.fractions is None else np.asarray(self.fractions[ci][k])
+        # (h, w) labels, or (K, h, w) fractions (in 255ths until normalise_fractions); both copies.
+        if self.fractions is None:
+            sl = np.asarray(lab[k], dtype=np.int64)
+        else:
+            sl = np.asarray(self.fractions[ci][k], dtype=np.float32)
         p = self.patch
         # Pad to at least the patch size (edge value for the image, background for labels; zero
         # fractions, which normalise_fractions makes background).
@@ -323,8 +326,6 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             x0 = int(np.clip(centre[1] - p // 2 + rng.integers(-jitter, jitter + 1), 0, ww - p))
         x = torch.from_numpy(np.ascontiguousarray(stack[:, y0 : y0 + p, x0 : x0 + p]))
         y = torch.from_numpy(np.ascontiguousarray(sl[..., y0 : y0 + p, x0 : x0 + p]))
-        if self.fractions is not None:
-            y = y.float()
         if self.augment is not None:
             x, y = self.augment(x, y, rng)
         if self.fractions is not None:
