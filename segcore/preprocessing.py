@@ -449,14 +449,11 @@ class PreprocessedCase:
         image: ``(Z, h, w)`` float16 normalised intensities.
         label: ``(Z, h, w)`` uint8 labels, or None.
         spacing_zyx: spacing of this grid in mm.
-        fractions: ``(Z, K, h, w)`` uint8, each class's share of every model pixel in 255ths
-            (only when asked for, see :func:`preprocess_case`), or None.
     """
 
     image: npt.NDArray[np.float16]
     label: npt.NDArray[np.uint8] | None
     spacing_zyx: tuple[float, float, float]
-    fractions: npt.NDArray[np.uint8] | None = None
 
 
 def preprocess_case(
@@ -466,17 +463,11 @@ def preprocess_case(
     cfg: PreprocessConfig,
     num_classes: int,
     chunk: int = 32,
-    fractions: bool = False,
 ) -> PreprocessedCase:
     """Reorient, resample in-plane and normalise a whole case for training.
 
     Labels are resampled as one-hot maps with bilinear interpolation followed by argmax (the
     nnU-Net way), which keeps thin structures better than nearest-neighbour.
-
-    With ``fractions``, also each class's area fraction of every model pixel: the one-hot maps
-    shrunk with antialiased bilinear (every source pixel a model pixel covers counts, whatever
-    ``cfg.antialias`` says), rounded to 255ths so that each pixel's fractions sum to 255 or within
-    a rounding step of it. Soft targets for training (``kitseg-train train --soft-labels``).
     """
     shape = (int(data.shape[0]), int(data.shape[1]), int(data.shape[2]))
     canon = canonical_info(affine, shape)
@@ -486,25 +477,18 @@ def preprocess_case(
     size = model_grid((y, x), (canon.spacing_zyx[1], canon.spacing_zyx[2]), cfg)
     out_img = np.empty((z, *size), dtype=np.float16)
     out_lab = np.empty((z, *size), dtype=np.uint8) if lab_v is not None else None
-    out_frac = np.empty((z, num_classes, *size), dtype=np.uint8) if lab_v is not None and fractions else None
     for k0 in range(0, z, chunk):
         k1 = min(z, k0 + chunk)
         out_img[k0:k1] = model_slices(img_v[k0:k1], size, cfg).numpy().astype(np.float16)
         if lab_v is not None and out_lab is not None:
             lab = torch.from_numpy(np.ascontiguousarray(lab_v[k0:k1]).astype(np.int64))
-            same = tuple(lab.shape[-2:]) == size
-            if not same or out_frac is not None:
-                onehot = F.one_hot(lab.clamp_max(num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
-            if same:
+            if tuple(lab.shape[-2:]) == size:
                 out_lab[k0:k1] = lab.numpy().astype(np.uint8)
             else:
-                out_lab[k0:k1] = (
-                    resample_slices(onehot, size, antialias=cfg.antialias).argmax(1).numpy().astype(np.uint8)
-                )
-            if out_frac is not None:
-                share = resample_slices(onehot, size, antialias=True)
-                out_frac[k0:k1] = share.mul_(255.0).round_().clamp_(0, 255).numpy().astype(np.uint8)
+                onehot = F.one_hot(lab.clamp_max(num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+                onehot = resample_slices(onehot, size, antialias=cfg.antialias)
+                out_lab[k0:k1] = onehot.argmax(1).numpy().astype(np.uint8)
     sp = canon.spacing_zyx
     if cfg.target_spacing_mm is not None:
         sp = (sp[0], cfg.target_spacing_mm[0], cfg.target_spacing_mm[1])
-    return PreprocessedCase(image=out_img, label=out_lab, spacing_zyx=sp, fractions=out_frac)
+    return PreprocessedCase(image=out_img, label=out_lab, spacing_zyx=sp)

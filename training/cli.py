@@ -176,7 +176,6 @@ def cmd_train(a: argparse.Namespace) -> int:
             kits23=a.kits23,
             val_fraction=0.34,
             target_spacing_mm=a.spacing if a.spacing > 0 else None,
-            soft_labels=getattr(a, "soft_labels", False),  # evaluate's and postprocess's dry runs train too
             device=a.device,
             progress=False,
             extra=extra,
@@ -219,7 +218,6 @@ def cmd_train(a: argparse.Namespace) -> int:
             deep_supervision=a.deep_supervision,
             min_tumor_ml=a.min_tumor_ml,
             ema=a.ema,
-            soft_labels=a.soft_labels,
             val_precision=a.val_precision,
             memory_format=a.memory_format,
             tune_malloc=not a.no_tune_malloc,
@@ -504,13 +502,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep an exponential moving average of the weights and BatchNorm statistics (for example 0.99: "
         "about the last 100 steps), updated after every step; validation, best and last checkpoints use it "
         "(0: off)",
-    )
-    tr.add_argument(
-        "--soft-labels",
-        action="store_true",
-        help="train against each class's share of every model pixel (the reference shrunk to the model grid by "
-        "averaging) instead of one label per pixel, so that a coarse grid can still place boundaries between its "
-        "pixels; the cache keeps the shares beside the labels (3 bytes more per pixel with 3 classes)",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto|cpu|cuda")

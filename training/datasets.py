@@ -82,16 +82,11 @@ class CaseCache:
 
     The cache key covers the preprocessing config and the source files' sizes and mtimes, so a
     changed config or file is preprocessed again instead of silently reused.
-
-    With ``fractions``, each case also keeps its classes' area fractions on the model grid
-    (``(Z, K, h, w)`` uint8 in 255ths, :func:`segcore.preprocessing.preprocess_case`), the soft
-    targets of ``--soft-labels``; :meth:`fractions` reads them.
     """
 
-    def __init__(self, root: str | Path, cfg: PreprocessConfig, num_classes: int, fractions: bool = False) -> None:
+    def __init__(self, root: str | Path, cfg: PreprocessConfig, num_classes: int) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
-        self.with_fractions = fractions
         key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
         self.root = Path(root) / f"pp-{key}"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -108,39 +103,21 @@ class CaseCache:
         """``(Z, h, w)`` float16 image and uint8 labels on the model grid, memory-mapped."""
         img_p = self.root / f"{case.case_id}_img.npy"
         lab_p = self.root / f"{case.case_id}_seg.npy"
-        frac_p = self._fractions_path(case)
         stamp_p = self.root / f"{case.case_id}.stamp"
         stamp = self._stamp(case)
-        fresh = img_p.exists() and lab_p.exists() and stamp_p.exists() and stamp_p.read_text() == stamp
-        if not fresh or (self.with_fractions and not frac_p.exists()):
+        if not (img_p.exists() and lab_p.exists() and stamp_p.exists() and stamp_p.read_text() == stamp):
             if case.image is None or case.label is None:
                 raise FileNotFoundError(f"case {case.case_id} needs both imaging and segmentation")
             vol = load_volume(case.image)
             lab, _ = load_labels(case.label)
             if lab.shape != vol.shape:
                 raise ValueError(f"{case.case_id}: label shape {lab.shape} != image shape {vol.shape}")
-            pc = preprocess_case(vol.data, vol.affine, lab, self.cfg, self.num_classes, fractions=self.with_fractions)
+            pc = preprocess_case(vol.data, vol.affine, lab, self.cfg, self.num_classes)
             assert pc.label is not None
-            stamp_p.unlink(missing_ok=True)  # a crash below leaves the case to be rebuilt, not half-read
-            # Fractions from an older source file must not outlive it.
-            frac_p.unlink(missing_ok=True)
             np.save(img_p, pc.image)
             np.save(lab_p, pc.label)
-            if pc.fractions is not None:
-                np.save(frac_p, pc.fractions)
             stamp_p.write_text(stamp)
         return np.load(img_p, mmap_mode="r"), np.load(lab_p, mmap_mode="r")
-
-    def _fractions_path(self, case: Case) -> Path:
-        return self.root / f"{case.case_id}_frac.npy"
-
-    def fractions(self, case: Case) -> npt.NDArray[np.uint8]:
-        """``(Z, K, h, w)`` uint8 area fractions of the classes on the model grid, memory-mapped
-        (needs ``fractions=True``)."""
-        if not self.with_fractions:
-            raise ValueError("this cache was opened without fractions=True")
-        self.get(case)
-        return np.load(self._fractions_path(case), mmap_mode="r")
 
 
 @dataclass
@@ -155,9 +132,7 @@ class Augment:
     def __call__(
         self, img: torch.Tensor, lab: torch.Tensor, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``img`` ``(C, H, W)`` float; ``lab`` ``(H, W)`` long labels, or ``(K, H, W)`` float
-        class fractions (soft labels), which are resampled bilinearly; pixels the rotation brings
-        in from outside the patch have all fractions 0 (see :func:`normalise_fractions`)."""
+        """``img`` ``(C, H, W)`` float, ``lab`` ``(H, W)`` long."""
         import torch.nn.functional as F
 
         if self.max_rotate_deg > 0 or self.scale != (1.0, 1.0):
@@ -169,12 +144,9 @@ class Augment:
             )[None]
             grid = F.affine_grid(theta, [1, 1, *img.shape[-2:]], align_corners=False)
             img = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-            if lab.is_floating_point():
-                lab = F.grid_sample(lab[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-            else:
-                lab = F.grid_sample(
-                    lab[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
-                )[0, 0].long()
+            lab = F.grid_sample(
+                lab[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+            )[0, 0].long()
         # Left-right flips only: anterior-posterior anatomy (spine behind) is not symmetric.
         if self.flip and rng.random() < 0.5:
             img, lab = img.flip(-1), lab.flip(-1)
@@ -185,16 +157,6 @@ class Augment:
             if rng.random() < 0.3:
                 img = img + torch.randn_like(img) * rng.uniform(0, self.intensity)
         return img, lab
-
-
-def normalise_fractions(frac: torch.Tensor) -> torch.Tensor:
-    """``(K, H, W)`` class fractions scaled to sum to 1 per pixel (which also undoes the 255ths'
-    rounding); pixels whose fractions are all 0 (padding, or brought in by a rotation) become
-    background."""
-    total = frac.sum(0, keepdim=True)
-    bg = torch.zeros_like(frac)
-    bg[0] = 1.0
-    return torch.where(total > 1e-6, frac / total.clamp_min(1e-6), bg)
 
 
 def tumor_components(lab: npt.ArrayLike, seed: int = 0, per_component: int = 4096) -> list[npt.NDArray[np.int32]]:
@@ -229,10 +191,6 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     connected components) uniformly, so that a 2 mL tumor next to a 200 mL one is trained on as
     often; ``"slice"`` picks one of the case's tumor slices uniformly and then a tumor pixel in it,
     which favours the tumors that span many slices.
-
-    With ``fractions`` (one ``(Z, K, h, w)`` uint8 array per case, :meth:`CaseCache.fractions`),
-    the target is each class's share of every pixel, ``(K, P, P)`` float32 summing to 1 (soft
-    labels), instead of the labels; patches are still centred by the labels.
     """
 
     def __init__(
@@ -245,17 +203,9 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         augment: Augment | None = None,
         seed: int = 0,
         tumor_sampling: str = "slice",
-        fractions: list[npt.NDArray[np.uint8]] | None = None,
     ) -> None:
         if tumor_sampling not in ("component", "slice"):
             raise ValueError(f"tumor_sampling must be 'component' or 'slice', got {tumor_sampling!r}")
-        if fractions is not None:
-            if len(fractions) != len(cases):
-                raise ValueError(f"{len(fractions)} fraction arrays for {len(cases)} cases")
-            for f, (_, lab) in zip(fractions, cases, strict=True):
-                if f.ndim != 4 or (f.shape[0], *f.shape[2:]) != tuple(lab.shape):
-                    raise ValueError(f"fractions of shape {f.shape} don't match labels of shape {lab.shape}")
-        self.fractions = fractions
         self.cases = cases
         self.context = context
         self.patch = patch
@@ -302,21 +252,16 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             k = int(rng.integers(z))
         idx = np.clip(np.arange(k - self.context, k + self.context + 1), 0, z - 1)
         stack = np.asarray(img[idx], dtype=np.float32)  # (C, h, w)
-        # (h, w) labels, or (K, h, w) fractions (in 255ths until normalise_fractions); both copies.
-        if self.fractions is None:
-            sl = np.asarray(lab[k], dtype=np.int64)
-        else:
-            sl = np.asarray(self.fractions[ci][k], dtype=np.float32)
+        sl = np.asarray(lab[k], dtype=np.int64)
         p = self.patch
-        # Pad to at least the patch size (edge value for the image, background for labels; zero
-        # fractions, which normalise_fractions makes background).
+        # Pad to at least the patch size (edge value for the image, background for labels).
         ph, pw = max(0, p - h), max(0, p - w)
         if ph or pw:
             stack = np.pad(stack, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode="edge")
-            sl = np.pad(sl, ((0, 0),) * (sl.ndim - 2) + ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
+            sl = np.pad(sl, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
             if centre is not None:
                 centre = (centre[0] + ph // 2, centre[1] + pw // 2)
-        hh, ww = sl.shape[-2:]
+        hh, ww = sl.shape
         if centre is None:
             y0 = int(rng.integers(0, hh - p + 1))
             x0 = int(rng.integers(0, ww - p + 1))
@@ -325,11 +270,9 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             y0 = int(np.clip(centre[0] - p // 2 + rng.integers(-jitter, jitter + 1), 0, hh - p))
             x0 = int(np.clip(centre[1] - p // 2 + rng.integers(-jitter, jitter + 1), 0, ww - p))
         x = torch.from_numpy(np.ascontiguousarray(stack[:, y0 : y0 + p, x0 : x0 + p]))
-        y = torch.from_numpy(np.ascontiguousarray(sl[..., y0 : y0 + p, x0 : x0 + p]))
+        y = torch.from_numpy(np.ascontiguousarray(sl[y0 : y0 + p, x0 : x0 + p]))
         if self.augment is not None:
             x, y = self.augment(x, y, rng)
-        if self.fractions is not None:
-            y = normalise_fractions(y)
         return x, y
 
 

@@ -83,8 +83,6 @@ class TrainConfig:
     deep_supervision: int = 0
     #: recorded in the checkpoint's post-processing: tumor components below this become kidney.
     min_tumor_ml: float = 0.0
-    #: train against each class's area fraction of a model pixel instead of its label (soft labels).
-    soft_labels: bool = False
     #: decay of an exponential moving average of the weights (and BatchNorm statistics), updated
     #: after every optimizer step; validation and both checkpoints then use the average. 0: off.
     ema: float = 0.0
@@ -122,9 +120,7 @@ def dice_ce_loss(
 
     Args:
         logits: ``(B, K, H, W)``, K >= 2.
-        target: ``(B, H, W)`` int64 labels, or ``(B, K, H, W)`` float class fractions summing to 1
-            per pixel (soft labels; cross-entropy against them, and they take the one-hot's place
-            in the Dice). One-hot fractions give exactly the labels' loss.
+        target: ``(B, H, W)`` int64 labels.
         smooth: added to the numerator and denominator of each Dice.
         dice: ``batch`` pools the whole batch into one Dice per class (large structures dominate);
             ``sample`` takes one Dice per patch and class and averages them (nnU-Net's
@@ -138,17 +134,9 @@ def dice_ce_loss(
     if logits.shape[1] < 2:
         raise ValueError("need >= 2 logits: cross-entropy over one channel is identically zero")
     logits = logits.float()
+    ce = F.cross_entropy(logits, target)
     prob = logits.softmax(1)
-    if target.is_floating_point():
-        if target.shape != logits.shape:
-            raise ValueError(
-                f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}"
-            )
-        onehot = target.to(prob.dtype)
-        ce = F.cross_entropy(logits, onehot)
-    else:
-        ce = F.cross_entropy(logits, target)
-        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
     if dice not in DICE_DIMS:
         raise ValueError(f"dice must be one of {sorted(DICE_DIMS)}, not {dice!r} (e.g. 'batch')")
     inter = prob * onehot
@@ -203,16 +191,12 @@ def deep_supervision_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dice + CE at every resolution of :class:`DeepSupervision`'s outputs, weighted 1, 1/2,
     1/4, ... and normalised to sum to 1 (nnU-Net's weights). The labels at 1/s are the label at
-    the centre of each s x s block; soft targets (class fractions) are averaged over the block.
-    Returns (total loss, full-resolution Dice term)."""
+    the centre of each s x s block. Returns (total loss, full-resolution Dice term)."""
     weights = [0.5**k for k in range(len(outputs))]
     terms = []
     for k, logits in enumerate(outputs):
         s = 2**k
-        if target.is_floating_point():
-            y = F.avg_pool2d(target, s) if s > 1 else target
-        else:
-            y = target[:, s // 2 :: s, s // 2 :: s]  # the whole target for s = 1
+        y = target[:, s // 2 :: s, s // 2 :: s]  # the whole target for s = 1
         if y.shape[-2:] != logits.shape[-2:]:
             raise ValueError(f"output {k} has shape {tuple(logits.shape[-2:])}, labels at 1/{s} {tuple(y.shape[-2:])}")
         terms.append(dice_ce_loss(logits, y, dice=dice))
@@ -508,13 +492,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     # Validation applies it too, so the best epoch is picked on what the checkpoint will produce.
     post = PostprocessConfig(min_tumor_ml=cfg.min_tumor_ml)
-    cache = CaseCache(cache_dir, pp, num_classes, fractions=cfg.soft_labels)
+    cache = CaseCache(cache_dir, pp, num_classes)
     if ddp.main:
         for c in tqdm(train_cases, desc="preprocess", disable=not cfg.progress):
             cache.get(c)
     ddp.barrier()
     arrays = [cache.get(c) for c in train_cases]
-    fractions = [cache.fractions(c) for c in train_cases] if cfg.soft_labels else None
 
     model: nn.Module = UNet(mcfg).to(device)
     ds = SliceDataset(
@@ -524,7 +507,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         length=cfg.iters_per_epoch * cfg.batch_size,
         fg_fraction=cfg.fg_fraction,
         tumor_sampling=cfg.tumor_sampling,
-        fractions=fractions,
         augment=Augment(),
         seed=cfg.seed * 1000 + ddp.rank,
     )

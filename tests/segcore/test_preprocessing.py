@@ -177,36 +177,6 @@ def test_preprocess_case_resamples_labels_and_normalises() -> None:
         assert abs((pc.label == c).mean() - (truth == c).mean()) < 0.2 * (truth == c).mean()
 
 
-@pytest.mark.parametrize(("name", "spacing"), [("IPL", 2.0), ("LPS", 2.0), ("IPL", None)])
-def test_preprocess_case_class_fractions(name: str, spacing: float | None) -> None:
-    # Soft labels: each class's share of a model pixel, the one-hot reference shrunk with
-    # antialiasing, in 255ths; they sit beside the (unchanged) hard labels.
-    hu, aff, truth = make_volume(ORIENTATIONS[name])
-    pp = PreprocessConfig(target_spacing_mm=(spacing, spacing) if spacing else None)
-    hard = preprocess_case(hu, aff, truth, pp, num_classes=3)
-    pc = preprocess_case(hu, aff, truth, pp, num_classes=3, fractions=True)
-    assert hard.fractions is None and pc.fractions is not None and pc.label is not None
-    assert np.array_equal(pc.label, hard.label) and np.array_equal(pc.image, hard.image)
-    frac = pc.fractions
-    assert frac.dtype == np.uint8 and frac.shape == (pc.label.shape[0], 3, *pc.label.shape[1:])
-    # Each pixel's shares sum to 255 up to one rounding step per class.
-    assert np.abs(frac.astype(int).sum(1) - 255).max() <= 2
-    canon = canonical_info(aff, truth.shape)
-    onehot = F.one_hot(torch.from_numpy(canonical_view(truth, canon).astype(np.int64)), 3)
-    onehot = onehot.permute(0, 3, 1, 2).float()
-    if spacing is None:
-        # At native spacing the shares are the labels themselves.
-        assert np.array_equal(frac, onehot.numpy().astype(np.uint8) * 255)
-    else:
-        share = F.interpolate(onehot, size=frac.shape[-2:], mode="bilinear", antialias=True)
-        assert np.abs(frac.astype(float) - share.numpy() * 255).max() <= 0.5 + 1e-3
-        # Boundary pixels hold both classes: soft, where the hard labels pick one.
-        assert ((frac > 0) & (frac < 255)).any(axis=1).mean() > 0.01
-        # Each class's share of the grid matches its share of the input.
-        for c in (1, 2):
-            assert abs(frac[:, c].mean() / 255 - (truth == c).mean()) < 0.05 * (truth == c).mean()
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [

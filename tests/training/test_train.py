@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from segcore.checkpoint import load_checkpoint, read_meta
@@ -18,7 +17,7 @@ from segcore.io import load_labels, load_volume
 from segcore.preprocessing import preprocess_case
 from segcore.unet import UNet, UNetConfig
 from training.cli import _one_phantom, main
-from training.datasets import Augment, CaseCache, SliceDataset, find_cases, split_cases, tumor_components
+from training.datasets import CaseCache, SliceDataset, find_cases, split_cases, tumor_components
 from training.train import DeepSupervision, choose_memory_format, deep_supervision_loss, dice_ce_loss, plain_unet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,47 +67,6 @@ def test_loss_learns_a_tiny_problem() -> None:
     assert float(loss) < 0.5 * first
     acc = (model.eval()(x).argmax(1) == y).float().mean()
     assert acc > 0.9
-
-
-@pytest.mark.parametrize("dice", ["batch", "sample", "both"])
-def test_soft_targets_by_hand(dice: str) -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 8, 8)
-    y = torch.randint(0, 3, (2, 8, 8))
-    onehot = F.one_hot(y, 3).permute(0, 3, 1, 2).float()
-    # One-hot shares are the labels: the same loss and Dice term.
-    for a, b in zip(dice_ce_loss(logits, onehot, dice=dice), dice_ce_loss(logits, y, dice=dice), strict=True):
-        torch.testing.assert_close(a, b)
-    # Shares in between: cross-entropy against the distribution, and the shares in the Dice.
-    soft = (0.5 * onehot + 0.5 * torch.rand(2, 3, 8, 8).softmax(1)).requires_grad_(False)
-    loss, dice_term = dice_ce_loss(logits, soft, dice=dice)
-    logp = logits.log_softmax(1)
-    ce = -(soft * logp).sum(1).mean()
-    p = logp.exp()
-    terms = []
-    for dims in {"batch": [(0, 2, 3)], "sample": [(2, 3)], "both": [(2, 3), (0, 2, 3)]}[dice]:
-        d = (2 * (p * soft).sum(dims) + 1e-5) / (p.sum(dims) + soft.sum(dims) + 1e-5)
-        terms.append(1 - d[..., 1:].mean())
-    want = sum(terms) / len(terms)
-    torch.testing.assert_close(dice_term, want)
-    torch.testing.assert_close(loss, ce + want)
-    with pytest.raises(ValueError, match="shape"):
-        dice_ce_loss(logits, soft[:, :2])
-
-
-def test_deep_supervision_averages_soft_targets() -> None:
-    torch.manual_seed(0)
-    outs = DeepSupervision(UNet(UNetConfig(in_slices=1, base_width=4, depth=4)), 2)(torch.randn(2, 1, 16, 16))
-    # Labels constant on 4x4 blocks: the block average of the one-hot shares is the one-hot of
-    # the centre label, so shares and labels give the same loss at every resolution.
-    y = torch.randint(0, 3, (2, 4, 4)).repeat_interleave(4, 1).repeat_interleave(4, 2)
-    onehot = F.one_hot(y, 3).permute(0, 3, 1, 2).float()
-    torch.testing.assert_close(deep_supervision_loss(outs, onehot), deep_supervision_loss(outs, y))
-    # Otherwise the coarse targets are the block averages.
-    soft = torch.rand(2, 3, 16, 16).softmax(1)
-    loss, _ = deep_supervision_loss(outs, soft)
-    parts = [dice_ce_loss(o, F.avg_pool2d(soft, 2**k) if k else soft)[0] for k, o in enumerate(outs)]
-    torch.testing.assert_close(loss, (4 * parts[0] + 2 * parts[1] + parts[2]) / 7)
 
 
 def test_deep_supervision_outputs_and_loss_by_hand() -> None:
@@ -163,44 +121,6 @@ def test_cache_and_sampler_oversample_foreground(tmp_path: Path) -> None:
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and y.shape == (32, 32) and y.dtype == torch.int64
     assert fg > 32, "foreground slices must be oversampled"
-
-
-def test_cache_keeps_class_fractions_and_the_sampler_serves_them(tmp_path: Path) -> None:
-    from segcore.preprocessing import PreprocessConfig
-
-    for i in range(2):
-        _one_phantom((i, str(tmp_path / "d"), 64, False, 0))
-    cases = find_cases(tmp_path / "d")
-    with pytest.raises(ValueError, match="fractions=True"):
-        CaseCache(tmp_path / "c", PreprocessConfig(target_spacing_mm=None), 3).fractions(cases[0])
-    # The fractions are added to a cache built without them.
-    native = CaseCache(tmp_path / "c", PreprocessConfig(target_spacing_mm=None), 3, fractions=True)
-    arrays = [native.get(c) for c in cases]
-    fracs = [native.fractions(c) for c in cases]
-    assert isinstance(fracs[0], np.memmap) and fracs[0].shape == (arrays[0][1].shape[0], 3, *arrays[0][1].shape[1:])
-    # At native spacing the shares are the labels; without augmentation the same draw gives the
-    # one-hot of the hard patch, padding included (48 px slices in 64 px patches).
-    hard = SliceDataset(arrays, context=1, patch=64, length=16, fg_fraction=0.8, seed=3)
-    soft = SliceDataset(arrays, context=1, patch=64, length=16, fg_fraction=0.8, seed=3, fractions=fracs)
-    for i in range(16):
-        (xh, yh), (xs, ys) = hard[i], soft[i]
-        assert ys.shape == (3, 64, 64) and ys.dtype == torch.float32
-        torch.testing.assert_close(xs, xh)
-        torch.testing.assert_close(ys, F.one_hot(yh, 3).permute(2, 0, 1).float())
-    # Augmented (rotations bring in pixels from outside the patch): still shares summing to 1.
-    aug = SliceDataset(
-        arrays, context=1, patch=64, length=16, fg_fraction=0.8, seed=3, fractions=fracs, augment=Augment()
-    )
-    ys = torch.stack([aug[i][1] for i in range(16)])
-    assert float(ys.min()) >= 0 and torch.allclose(ys.sum(1), torch.ones(16, 64, 64), atol=1e-5)
-    assert bool(((ys > 0.01) & (ys < 0.99)).any())  # bilinear: soft at the rotated boundaries
-    with pytest.raises(ValueError, match="match"):
-        SliceDataset(arrays, context=1, patch=64, length=1, fractions=[fracs[1], fracs[0]])
-    # A case rebuilt without fractions (its source changed) drops the old ones.
-    frac_file = next((tmp_path / "c").rglob(f"{cases[0].case_id}_frac.npy"))
-    os.utime(cases[0].label, ns=(0, 0))
-    CaseCache(tmp_path / "c", PreprocessConfig(target_spacing_mm=None), 3).get(cases[0])
-    assert not frac_file.exists()
 
 
 def test_component_sampling_trains_on_small_tumors_as_often_as_large() -> None:
@@ -373,36 +293,6 @@ def test_train_with_antialias_records_it_and_trains_on_antialiased_slices(tmp_pa
         want = preprocess_case(vol.data, vol.affine, lab, pp, 3).image
         assert want.shape[1:] == (42, 42)
         assert np.array_equal(np.load(cached), want) == aa
-
-
-@pytest.mark.parametrize("deep_supervision", ["0", "1"])
-def test_train_with_soft_labels_records_it_and_caches_the_shares(
-    deep_supervision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import training.train
-
-    targets: list[torch.Tensor] = []
-
-    def spy(logits: torch.Tensor, target: torch.Tensor, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
-        targets.append(target)
-        return dice_ce_loss(logits, target, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(training.train, "dice_ce_loss", spy)
-    args, run = _tiny_depth4_run(tmp_path, "contiguous")
-    args[args.index("--iters") + 1] = "1"
-    assert main([*args, "--spacing", "10.0", "--soft-labels", "--deep-supervision", deep_supervision]) == 0
-    # Every loss was computed against shares (2 patches, 3 classes; 1/2 resolution with deep supervision).
-    assert targets and all(t.is_floating_point() and t.shape[:2] == (2, 3) for t in targets)
-    assert {tuple(t.shape[-2:]) for t in targets} == ({(32, 32), (16, 16)} if deep_supervision == "1" else {(32, 32)})
-    _, meta = load_checkpoint(run / "best.safetensors")
-    assert meta.provenance["train_config"]["soft_labels"] is True
-    case = find_cases(tmp_path / "data")[0]
-    vol = load_volume(case.image)
-    lab, _ = load_labels(case.label)
-    (cached,) = (run / "cache").glob(f"pp-*/{case.case_id}_frac.npy")
-    want = preprocess_case(vol.data, vol.affine, lab, meta.preprocessing, 3, fractions=True).fractions
-    assert want is not None and want.shape[2:] == (42, 42)
-    assert np.array_equal(np.load(cached), want)
 
 
 def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path) -> None:
