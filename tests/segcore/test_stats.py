@@ -75,6 +75,39 @@ def test_keep_largest_components_drops_far_blobs() -> None:
         PostprocessConfig(max_components=0)
 
 
+@pytest.mark.parametrize("layout", ["C", "F", "F flipped", "C transposed and flipped"])
+def test_keep_largest_components_is_the_same_for_every_memory_layout(layout: str) -> None:
+    # Components are labelled in memory order (the engine hands over a flipped, transposed view
+    # of an F-ordered mask); which of equally large components survive must still follow the
+    # caller's scan order, not the memory's.
+    canon = np.zeros((12, 14, 16), np.uint8)
+    canon[1:3, 1:3, 1:3] = 1  # three 8-voxel cubes: a tie at max_components = 2
+    canon[6:8, 10:12, 2:4] = 2
+    canon[9:11, 4:6, 12:14] = 1
+    canon[5:9, 5:9, 5:9] = 1  # 64 voxels, the largest
+    cfg = PostprocessConfig(max_components=2, min_fraction=0.0)
+    want = keep_largest_components(canon.copy(), cfg)
+    assert want[5:9, 5:9, 5:9].all() and want[1:3, 1:3, 1:3].all() and want.sum() == 64 + 8
+    store = np.asfortranarray(canon) if layout.startswith("F") else canon.copy()
+    if layout == "F flipped":
+        view = store[::-1, :, ::-1]
+        keep_largest_components(view, cfg)
+        np.testing.assert_array_equal(store[::-1, :, ::-1], keep_largest_components(canon[::-1, :, ::-1].copy(), cfg))
+    elif layout == "C transposed and flipped":
+        store = np.ascontiguousarray(canon.transpose(2, 0, 1)[::-1])  # memory (X, Z, Y), X reversed
+        view = store[::-1].transpose(1, 2, 0)  # the caller sees (Z, Y, X) again
+        keep_largest_components(view, cfg)
+        np.testing.assert_array_equal(view, want)
+    else:
+        keep_largest_components(store, cfg)
+        np.testing.assert_array_equal(store, want)
+    # Without a tie the memory order doesn't matter at all: 2 of 4 components, none equal.
+    canon[9:11, 4:6, 12:15] = 1
+    fwd = keep_largest_components(np.asfortranarray(canon)[:, ::-1].copy(order="F")[:, ::-1], cfg)
+    np.testing.assert_array_equal(fwd, keep_largest_components(canon.copy(), cfg))
+    assert fwd[9:11, 4:6, 12:15].all() and fwd.sum() == 64 + 12
+
+
 def test_relabel_small_tumors_by_volume_with_26_connectivity() -> None:
     mask = np.zeros((20, 20, 20), np.uint8)
     mask[2:18, 2:18, 2:18] = 1
