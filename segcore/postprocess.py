@@ -72,18 +72,30 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
     # box's axes in memory order: the engine's box is a flipped, transposed view of an F-ordered
     # mask, whose copy in the view's own order cost 8x more, and whose labels' sizes are the same.
     crop = mask[bb]
-    view = memory_order(crop)
-    cc, n, sizes = _components(view)
-    k = cfg.max_components
+    view, axes, flipped = _memory_order(crop)
+    fg = np.ascontiguousarray(view > 0)
+    cc, n = cc3d.connected_components(fg, connectivity=26, return_N=True)
     if n <= 1:
         return mask
+    labels = cc[fg]  # the foreground's labels only: a bincount over the whole box converts
+    sizes = np.bincount(labels, minlength=n + 1)  # every label to int64 first (4x the labelling)
+    sizes[0] = 0
+    k = cfg.max_components
     order = np.argsort(-sizes, kind="stable")
     if n > k and sizes[order[k - 1]] == sizes[order[k]]:
-        # Equal sizes at the cut: which survive must not depend on the file's layout, so label
-        # again in the caller's (canonical) scan order, where the stable sort keeps the first.
-        view = crop
-        cc, n, sizes = _components(view)
-        order = np.argsort(-sizes, kind="stable")
+        # Equal sizes at the cut. Which survive must not depend on the file's layout: as if
+        # labelled in the caller's scan order, the component whose first voxel comes first in
+        # that order wins.
+        tied = sizes == sizes[order[k - 1]]
+        coords = np.nonzero(fg)  # in the order of ``labels``
+        caller = [np.empty(0, dtype=np.intp)] * 3
+        for i, a in enumerate(axes):
+            caller[a] = crop.shape[a] - 1 - coords[i] if flipped[a] else coords[i]
+        scan = np.ravel_multi_index(tuple(caller), crop.shape)
+        first = np.full(n + 1, np.iinfo(np.intp).max, dtype=np.intp)
+        sel = tied[labels]
+        np.minimum.at(first, labels[sel], scan[sel])
+        order = np.lexsort((first, -sizes))
     largest = sizes[order[0]]
     keep = [c for c in order[:k] if sizes[c] >= cfg.min_fraction * largest and sizes[c] > 0]
     if len(keep) == n:
@@ -95,26 +107,17 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
     return mask
 
 
-def _components(view: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.uint32], int, npt.NDArray[np.int64]]:
-    """26-connected components of ``view > 0``: labels (C order), their number, and each one's
-    voxel count (index 0, the background, counts 0)."""
-    fg = np.ascontiguousarray(view > 0)
-    cc, n = cc3d.connected_components(fg, connectivity=26, return_N=True)
-    # Counting the foreground's labels only: a bincount over the whole box first converts every
-    # label to int64 (58 MB for a 200-slice box, and 4x the time of the labelling itself).
-    sizes = np.bincount(cc[fg], minlength=n + 1)
-    sizes[0] = 0
-    return cc, int(n), sizes
-
-
-def memory_order(view: npt.NDArray[Any]) -> npt.NDArray[Any]:
+def _memory_order(view: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], list[int], list[bool]]:
     """The same voxels as a view with non-negative strides, largest first, so that a C-order
-    copy of it (or an elementwise result) reads memory in order. For 3D operations that don't
-    depend on axis order or flips, such as 26-connected components."""
-    for ax in range(view.ndim):
-        if view.strides[ax] < 0:
+    copy of it (or an elementwise result) reads memory in order; for 3D operations that don't
+    depend on axis order or flips, such as 26-connected components. Also, for each of its axes,
+    the caller's axis it is, and for each of the caller's axes, whether it was flipped."""
+    flipped = [s < 0 for s in view.strides]
+    for ax, f in enumerate(flipped):
+        if f:
             view = np.flip(view, ax)
-    return view.transpose(np.argsort([-s for s in view.strides], kind="stable"))
+    axes = [int(a) for a in np.argsort([-s for s in view.strides], kind="stable")]
+    return view.transpose(axes), axes, flipped
 
 
 def foreground_bbox(mask: npt.NDArray[np.generic]) -> tuple[slice, slice, slice] | None:
@@ -149,7 +152,7 @@ def relabel_small_tumors(
         return mask
     if voxel_ml <= 0.0:
         raise ValueError(f"voxel volume must be > 0 mL, got {voxel_ml}")
-    view = memory_order(mask)  # components don't depend on axis order: read memory in order
+    view = _memory_order(mask)[0]  # components don't depend on axis order: read memory in order
     is_tumor = np.ascontiguousarray(view == tumor)
     if not is_tumor.any():
         return mask
