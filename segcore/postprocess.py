@@ -64,16 +64,17 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
     """
     if not cfg.keep_largest:
         return mask
-    bb = foreground_bbox(mask)
+    # Everything works with the axes in memory order: the engine's box is a flipped, transposed
+    # view of an F-ordered mask, whose copy in the view's own order cost 8x more, and whose
+    # components (26-connected) are the same either way.
+    view, axes, flipped = _memory_order(mask)
+    bb = foreground_bbox(view)
     if bb is None:
         return mask
     # Components are labelled inside the foreground's bounding box only: cc3d's uint32 labels
-    # for a whole 512x512x600 volume would cost 4 bytes per voxel. They are labelled with the
-    # box's axes in memory order: the engine's box is a flipped, transposed view of an F-ordered
-    # mask, whose copy in the view's own order cost 8x more, and whose labels' sizes are the same.
-    crop = mask[bb]
-    view, axes, flipped = _memory_order(crop)
-    fg = np.ascontiguousarray(view > 0)
+    # for a whole 512x512x600 volume would cost 4 bytes per voxel.
+    crop = view[bb]
+    fg = np.ascontiguousarray(crop > 0)
     cc, n = cc3d.connected_components(fg, connectivity=26, return_N=True)
     if n <= 1:
         return mask
@@ -90,8 +91,9 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
         coords = np.nonzero(fg)  # in the order of ``labels``
         caller = [np.empty(0, dtype=np.intp)] * 3
         for i, a in enumerate(axes):
-            caller[a] = crop.shape[a] - 1 - coords[i] if flipped[a] else coords[i]
-        scan = np.ravel_multi_index(tuple(caller), crop.shape)
+            c = coords[i] + bb[i].start  # along the memory-ordered axis i of the whole view
+            caller[a] = mask.shape[a] - 1 - c if flipped[a] else c
+        scan = np.ravel_multi_index(tuple(caller), mask.shape)
         first = np.full(n + 1, np.iinfo(np.intp).max, dtype=np.intp)
         sel = tied[labels]
         np.minimum.at(first, labels[sel], scan[sel])
@@ -103,7 +105,7 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
     drop_lut = np.ones(n + 1, dtype=bool)
     drop_lut[0] = False
     drop_lut[keep] = False
-    view[drop_lut[cc]] = 0  # view is a view of crop, which is one of mask: this writes into mask
+    crop[drop_lut[cc]] = 0  # crop is a view of view, which is one of mask: this writes into mask
     return mask
 
 
