@@ -22,6 +22,8 @@ import cc3d
 import numpy as np
 import numpy.typing as npt
 
+from segcore.preprocessing import unflipped
+
 
 @dataclass(frozen=True)
 class PostprocessConfig:
@@ -114,12 +116,9 @@ def _memory_order(view: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], list[int], 
     copy of it (or an elementwise result) reads memory in order; for 3D operations that don't
     depend on axis order or flips, such as 26-connected components. Also, for each of its axes,
     the caller's axis it is, and for each of the caller's axes, whether it was flipped."""
-    flipped = [s < 0 for s in view.strides]
-    for ax, f in enumerate(flipped):
-        if f:
-            view = np.flip(view, ax)
+    view, flips = unflipped(view)
     axes = [int(a) for a in np.argsort([-s for s in view.strides], kind="stable")]
-    return view.transpose(axes), axes, flipped
+    return view.transpose(axes), axes, [a in flips for a in range(view.ndim)]
 
 
 def foreground_bbox(mask: npt.NDArray[np.generic]) -> tuple[slice, slice, slice] | None:

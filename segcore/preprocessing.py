@@ -212,7 +212,7 @@ def normalize(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     return x.clamp(lo, hi).sub_(cfg.mean).div_(cfg.std)
 
 
-def _unflipped(view: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], tuple[int, ...]]:
+def unflipped(view: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], tuple[int, ...]]:
     """``view`` with every axis that runs backwards in memory reversed (still a view), and those axes."""
     flips = tuple(a for a in range(view.ndim) if view.strides[a] < 0)
     if flips:
@@ -271,7 +271,7 @@ def model_slices(
     # Read the source in its stored direction and flip the (much smaller) result instead: a copy
     # that walks memory backwards is slow, and torch can't view negative strides. Bilinear
     # resampling (align_corners=False, size given) commutes with flips up to float rounding.
-    view, flips = _unflipped(view)
+    view, flips = unflipped(view)
     taps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     mats: list[torch.Tensor] = []
     if cfg.antialias and (size[0] < view.shape[1] or size[1] < view.shape[2]):
@@ -366,7 +366,7 @@ def body_box(view: npt.NDArray[Any], floor_hu: float, slope: float = 1.0, inter:
     One reduction over the slices, in stored order and without a float copy: the engine asks
     this before it brings anything to the model grid, so that it converts only the body.
     """
-    view, flips = _unflipped(view)
+    view, flips = unflipped(view)
 
     def above(t: npt.NDArray[Any] | torch.Tensor) -> npt.NDArray[np.bool_]:
         top = np.asarray(t, dtype=np.float64)
