@@ -215,7 +215,6 @@ def cmd_train(a: argparse.Namespace) -> int:
             fg_fraction=a.fg_fraction,
             tumor_sampling=a.tumor_sampling,
             dice=a.dice,
-            dice_regions=a.dice_regions,
             deep_supervision=a.deep_supervision,
             min_tumor_ml=a.min_tumor_ml,
             ema=a.ema,
@@ -476,13 +475,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the loss's Dice term: one Dice per class pooled over the batch (batch), one per "
         "patch and class, averaged (sample: small tumors weigh as much as large ones), or the mean "
         "of the two (both)",
-    )
-    tr.add_argument(
-        "--dice-regions",
-        action="store_true",
-        help="take the Dice term over the regions the challenge scores (KiTS19: kidney = labels 1+2, "
-        "tumor = 2; with --kits23: kidney+masses, masses, tumor), summing the classes' softmax "
-        "probabilities, instead of over the classes (nnU-Net's region-based training for KiTS)",
     )
     tr.add_argument(
         "--deep-supervision",

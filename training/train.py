@@ -36,7 +36,7 @@ import segcore
 from segcore.checkpoint import KITS19_LABELS, KITS23_LABELS, CheckpointMeta, save_checkpoint, unwrap
 from segcore.inference import Engine
 from segcore.io import load_labels, load_volume
-from segcore.metrics import KITS19_REGIONS, KITS23_REGIONS, kits19, kits23, pixel_accuracy, summarize, tumor_sizes
+from segcore.metrics import kits19, kits23, pixel_accuracy, summarize, tumor_sizes
 from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
@@ -79,9 +79,6 @@ class TrainConfig:
     tumor_sampling: str = "slice"
     #: Dice term of the loss: ``batch`` (one Dice per class over the batch), ``sample`` or ``both``.
     dice: str = "batch"
-    #: the Dice term over the regions the challenge scores (KiTS19: kidney = labels 1 and 2, tumor
-    #: = 2; KiTS21/23: kidney + masses, masses, tumor) instead of over the classes; see dice_regions.
-    dice_regions: bool = False
     #: extra decoder levels trained with their own 1x1 heads (0: off; see DeepSupervision).
     deep_supervision: int = 0
     #: recorded in the checkpoint's post-processing: tumor components below this become kidney.
@@ -116,24 +113,10 @@ DICE_DIMS: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 
 
-def dice_regions(num_classes: int) -> tuple[tuple[int, ...], ...]:
-    """The regions a KiTS challenge scores, as the classes each one unites: KiTS19 (3 classes)
-    kidney (1, 2) and tumor (2); KiTS21/23 (4 classes) kidney + masses (1, 2, 3), masses (2, 3)
-    and tumor (2). ``segcore.metrics`` defines them; this is the loss's copy, by class index."""
-    regions = {3: KITS19_REGIONS, 4: KITS23_REGIONS}.get(num_classes)
-    if regions is None:
-        raise ValueError(f"KiTS regions are defined for 3 or 4 classes, got {num_classes}")
-    return tuple(regions.values())
-
-
 def dice_ce_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    smooth: float = 1e-5,
-    dice: str = "batch",
-    regions: tuple[tuple[int, ...], ...] | None = None,
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5, dice: str = "batch"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy + soft Dice over the foreground classes (or over ``regions``).
+    """Cross-entropy + soft Dice over the foreground classes.
 
     Args:
         logits: ``(B, K, H, W)``, K >= 2.
@@ -144,11 +127,6 @@ def dice_ce_loss(
             ``batch_dice=False``), so a patch with a small tumor weighs as much as one with a
             large tumor, and a foreground prediction on a patch without that class costs a full
             Dice of 0. ``both`` averages the two terms.
-        regions: one Dice per region instead of per foreground class, each region the union of
-            the classes it lists: its probability is the sum of theirs and its reference the
-            union of their labels (:func:`dice_regions` gives the KiTS ones). The classes stay
-            mutually exclusive (softmax, one label per pixel); only the Dice term changes.
-            Cross-entropy is the same either way.
 
     Returns:
         (total loss, Dice term).
@@ -161,20 +139,11 @@ def dice_ce_loss(
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
     if dice not in DICE_DIMS:
         raise ValueError(f"dice must be one of {sorted(DICE_DIMS)}, not {dice!r} (e.g. 'batch')")
-    if regions is None:
-        prob, onehot = prob[:, 1:], onehot[:, 1:]
-    else:
-        if not regions or any(not r or not all(0 < c < logits.shape[1] for c in r) for r in regions):
-            raise ValueError(
-                f"regions must be non-empty sets of foreground classes 1..{logits.shape[1] - 1}: {regions}"
-            )
-        prob = torch.stack([prob[:, list(r)].sum(1) for r in regions], 1)
-        onehot = torch.stack([onehot[:, list(r)].sum(1) for r in regions], 1)
     inter = prob * onehot
     terms = []
     for dims in DICE_DIMS[dice]:
         d = (2 * inter.sum(dims) + smooth) / (prob.sum(dims) + onehot.sum(dims) + smooth)
-        terms.append(1 - d.mean())  # one Dice per foreground class or region, per patch for ``sample``
+        terms.append(1 - d[..., 1:].mean())  # classes are the last axis: (K,) or (B, K)
     dice_loss = sum(terms) / len(terms)
     return ce + dice_loss, dice_loss
 
@@ -218,10 +187,7 @@ class DeepSupervision(nn.Module):
 
 
 def deep_supervision_loss(
-    outputs: list[torch.Tensor],
-    target: torch.Tensor,
-    dice: str = "batch",
-    regions: tuple[tuple[int, ...], ...] | None = None,
+    outputs: list[torch.Tensor], target: torch.Tensor, dice: str = "batch"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dice + CE at every resolution of :class:`DeepSupervision`'s outputs, weighted 1, 1/2,
     1/4, ... and normalised to sum to 1 (nnU-Net's weights). The labels at 1/s are the label at
@@ -233,7 +199,7 @@ def deep_supervision_loss(
         y = target[:, s // 2 :: s, s // 2 :: s]  # the whole target for s = 1
         if y.shape[-2:] != logits.shape[-2:]:
             raise ValueError(f"output {k} has shape {tuple(logits.shape[-2:])}, labels at 1/{s} {tuple(y.shape[-2:])}")
-        terms.append(dice_ce_loss(logits, y, dice=dice, regions=regions))
+        terms.append(dice_ce_loss(logits, y, dice=dice))
     loss = torch.stack([w * lk for w, (lk, _) in zip(weights, terms, strict=True)]).sum() / sum(weights)
     return loss, terms[0][1]
 
@@ -505,7 +471,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     num_classes = 4 if cfg.kits23 else 3
     labels = KITS23_LABELS if cfg.kits23 else KITS19_LABELS
-    regions = dice_regions(num_classes) if cfg.dice_regions else None
     # Only rank 0 computes stats and fills the cache; the others wait and then read it.
     if ddp.main:
         clip, mean, std = (
@@ -671,9 +636,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ):
                 logits = model(x)
             if cfg.deep_supervision:
-                loss, dl = deep_supervision_loss(logits, y, dice=cfg.dice, regions=regions)
+                loss, dl = deep_supervision_loss(logits, y, dice=cfg.dice)
             else:
-                loss, dl = dice_ce_loss(logits, y, dice=cfg.dice, regions=regions)
+                loss, dl = dice_ce_loss(logits, y, dice=cfg.dice)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -18,14 +18,7 @@ from segcore.preprocessing import preprocess_case
 from segcore.unet import UNet, UNetConfig
 from training.cli import _one_phantom, main
 from training.datasets import CaseCache, SliceDataset, find_cases, split_cases, tumor_components
-from training.train import (
-    DeepSupervision,
-    choose_memory_format,
-    deep_supervision_loss,
-    dice_ce_loss,
-    dice_regions,
-    plain_unet,
-)
+from training.train import DeepSupervision, choose_memory_format, deep_supervision_loss, dice_ce_loss, plain_unet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,36 +48,6 @@ def test_batch_and_sample_dice_by_hand() -> None:
     assert float(both) == pytest.approx((1 / 9 + 0.5) / 2, abs=1e-5)
     with pytest.raises(ValueError, match="batch"):
         dice_ce_loss(logits, target, dice="mean")
-
-
-def test_region_dice_by_hand() -> None:
-    # One 4x4 patch, 3 classes. Reference: kidney at (0,0)-(0,2), tumor at (0,3) and (1,3).
-    # Prediction: the tumor pixel (0,3) called kidney, the rest right.
-    target = torch.zeros(1, 4, 4, dtype=torch.long)
-    target[0, 0, :3] = 1
-    target[0, 0, 3] = target[0, 1, 3] = 2
-    pred = target.clone()
-    pred[0, 0, 3] = 1
-    logits = torch.stack([(pred == c).float() for c in range(3)], 1) * 100 - 50
-    # By class: kidney 2*3/(4+3) = 6/7, tumor 2*1/(1+2) = 2/3.
-    _, by_class = dice_ce_loss(logits, target, dice="sample")
-    assert float(by_class) == pytest.approx(1 - (6 / 7 + 2 / 3) / 2, abs=1e-5)
-    # By KiTS19 region: kidney = labels 1+2, found exactly (1); tumor the same 2/3. The
-    # kidney/tumor confusion is charged once, as the metric charges it.
-    regions = dice_regions(3)
-    assert regions == ((1, 2), (2,))
-    for mode in ("sample", "batch"):
-        total, by_region = dice_ce_loss(logits, target, dice=mode, regions=regions)
-        assert float(by_region) == pytest.approx(1 - (1 + 2 / 3) / 2, abs=1e-5)
-        # Cross-entropy doesn't change: the totals differ by the Dice terms alone.
-        assert float(total - by_region) == pytest.approx(float(dice_ce_loss(logits, target)[0] - by_class), abs=1e-5)
-    assert dice_regions(4) == ((1, 2, 3), (2, 3), (2,))
-    with pytest.raises(ValueError, match="3 or 4 classes"):
-        dice_regions(2)
-    with pytest.raises(ValueError, match=r"foreground classes 1\.\.2"):
-        dice_ce_loss(logits, target, regions=((0, 1),))
-    with pytest.raises(ValueError, match=r"foreground classes 1\.\.2"):
-        dice_ce_loss(logits, target, regions=((1, 3),))
 
 
 def test_loss_learns_a_tiny_problem() -> None:
@@ -312,29 +275,6 @@ def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_pat
         main([*args[:-1], "3"])
     with pytest.raises(ValueError, match="multiple of 8, got 36"):
         main([*args[:12], "36", *args[13:]])
-
-
-def test_train_with_dice_regions_passes_the_kits_regions_to_the_loss(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import training.train as tt
-
-    seen: list[object] = []
-    real = tt.dice_ce_loss
-
-    def spy(*a: object, **k: object) -> tuple[torch.Tensor, torch.Tensor]:
-        seen.append(k.get("regions"))
-        return real(*a, **k)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(tt, "dice_ce_loss", spy)
-    args, run = _tiny_depth4_run(tmp_path, "contiguous")
-    assert main([*args, "--dice-regions"]) == 0
-    assert seen and all(r == ((1, 2), (2,)) for r in seen)  # every training step, KiTS19's regions
-    _, meta = load_checkpoint(run / "best.safetensors")
-    assert meta.provenance["train_config"]["dice_regions"] is True
-    seen.clear()
-    assert main([*args, "--out", str(tmp_path / "plain")]) == 0  # and the default: by class
-    assert seen and all(r is None for r in seen)
 
 
 def test_train_with_antialias_records_it_and_trains_on_antialiased_slices(tmp_path: Path) -> None:
