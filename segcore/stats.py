@@ -23,9 +23,29 @@ from segcore.io import Volume
 from segcore.postprocess import foreground_bbox
 from segcore.preprocessing import canonical_info, canonical_view
 
+#: voxels this close to the kidneys' midline count as left (see :func:`kidney_sides`)
+MIDLINE_TOL_MM = 1e-6
+
 
 def _world(affine: npt.NDArray[np.float64], ijk: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _memory_axes(a: npt.NDArray[Any]) -> list[int]:
+    """``a``'s axes from the largest stride to the smallest: ``a.transpose`` by them is walked in
+    memory order by C-order loops and copies."""
+    return sorted(range(a.ndim), key=lambda d: -abs(a.strides[d]))
+
+
+def _mean_index(sel: npt.NDArray[np.bool_], p: list[int], n: int) -> npt.NDArray[np.float64]:
+    """Mean voxel index (in the caller's axes) of the ``n`` voxels of ``sel``, a memory-ordered
+    array whose axis ``a`` is the caller's axis ``p[a]``. From the counts per index along each
+    axis: integer sums, so the result is the same in any layout (and equals ``argwhere().mean()``)."""
+    out = np.empty(3)
+    for a in range(3):
+        per_index = np.count_nonzero(sel, axis=tuple(o for o in range(3) if o != a))
+        out[p[a]] = float(np.arange(sel.shape[a], dtype=np.int64) @ per_index) / n
+    return out
 
 
 def max_axial_diameter_mm(mask: npt.NDArray[np.bool_], volume: Volume) -> float:
@@ -38,7 +58,13 @@ def max_axial_diameter_mm(mask: npt.NDArray[np.bool_], volume: Volume) -> float:
     _, sy, sx = canon.spacing_zyx
     best = 0.0
     for k in np.nonzero(view.reshape(view.shape[0], -1).any(1))[0]:
-        ys, xs = np.nonzero(view[k])
+        plane = np.ascontiguousarray(view[k])
+        # Each row's first and last pixel: the corners of the pixels between them lie on the
+        # segments joining theirs, so the hull (and its diameter) is the same with them alone.
+        rows = np.flatnonzero(plane.any(1))
+        first = plane[rows].argmax(1)
+        last = plane.shape[1] - 1 - plane[rows, ::-1].argmax(1)
+        ys, xs = np.concatenate([rows, rows]), np.concatenate([first, last])
         pts = np.stack([ys * sy, xs * sx], axis=1).astype(np.float64)
         # Use the pixel corners so a single pixel measures its own width, not 0.
         corners = np.concatenate([pts + np.array([dy, dx]) for dy in (-sy / 2, sy / 2) for dx in (-sx / 2, sx / 2)])
@@ -94,9 +120,13 @@ def class_statistics(
     bb = foreground_bbox(sel) if n else None
     if bb is None:
         return out
-    crop = np.ascontiguousarray(sel[bb])
-    cc, ncomp = cc3d.connected_components(crop, connectivity=26, return_N=True)
-    sizes = np.bincount(cc.ravel())[1:]
+    # Components, sizes and centroid from the class's box read in memory order (components and
+    # means don't depend on axis order); its axis a is the mask's axis p[a].
+    crop = sel[bb]
+    p = _memory_axes(crop)
+    cm = np.ascontiguousarray(crop.transpose(p))
+    cc, ncomp = cc3d.connected_components(cm, connectivity=26, return_N=True)
+    sizes = np.bincount(cc.reshape(-1))[1:]
     out["components"] = int(ncomp)
     out["largest_component_ml"] = float(sizes.max()) * voxel_ml if sizes.size else 0.0
     # From here on in the whole mask's voxel indices.
@@ -105,19 +135,26 @@ def class_statistics(
     hi = [s.stop - 1 for s in bb]
     out["bbox_voxels"] = {"min": lo, "max": hi}
     out["bbox_size_mm"] = [float((h - l + 1) * z) for l, h, z in zip(lo, hi, volume.zooms, strict=True)]
-    idx = np.nonzero(crop)
-    centroid_ijk = np.array([float(i.mean()) + o for i, o in zip(idx, lo, strict=True)])
+    centroid_ijk = _mean_index(cm, p, n) + np.asarray(lo, dtype=np.float64)
     out["centroid_mm"] = [float(v) for v in _world(volume.affine, centroid_ijk[None])[0]]
-    vals = volume.to_hu(volume.stored[bb][crop])
-    out["hu"] = {
-        "mean": float(vals.mean()),
-        "std": float(vals.std()),
+    vals = volume.to_hu(volume.stored[bb].transpose(p)[crop.transpose(p)])
+    out["hu"] = {  # accumulated in float64: the same to rounding in any voxel order
+        "mean": float(vals.mean(dtype=np.float64)),
+        "std": float(vals.std(dtype=np.float64)),
         "min": float(vals.min()),
         "max": float(vals.max()),
     }
     shape = mask.shape
     out["touches_border"] = any(l == 0 for l in lo) or any(h == s - 1 for h, s in zip(hi, shape, strict=True))
     return out
+
+
+def _label_counts(labels: npt.NDArray[Any], tumor_label: int) -> npt.NDArray[np.int64]:
+    """Voxels of ``labels`` that are foreground (> 0), kidney (1) and ``tumor_label``."""
+    return np.array(
+        [np.count_nonzero(labels), np.count_nonzero(labels == 1), np.count_nonzero(labels == tumor_label)],
+        dtype=np.int64,
+    )
 
 
 def kidney_sides(
@@ -129,7 +166,9 @@ def kidney_sides(
     """Left/right split of the kidney region (labels > 0) with the tumor volume in each side.
 
     The midline is halfway between the two largest components' centroids when there are two,
-    else the centre of the field of view; each voxel goes to the side of the midline it lies on.
+    else the centre of the field of view; each voxel goes to the side of the midline it lies on
+    (within :data:`MIDLINE_TOL_MM` of it: left). Equal sizes at the second place go to the
+    component whose first voxel comes first in the mask's index order.
     ``box``: a box of ``mask`` known to hold all its foreground; only it is read.
     """
     voxel_ml = volume.voxel_ml
@@ -140,29 +179,59 @@ def kidney_sides(
     bb = foreground_bbox(region)
     if bb is None:
         return {"left": dict(empty), "right": dict(empty), "midline_x_mm": None}
-    crop = np.ascontiguousarray(region[bb])
+    # One labelling of the region's box, read in memory order; its axis a is the mask's p[a].
+    crop = region[bb]
+    p = _memory_axes(crop)
     lo = np.array([s.start + b.start for s, b in zip(bb, box, strict=True)], dtype=np.float64)
-    cc, n = cc3d.connected_components(crop, connectivity=26, return_N=True)
-    idx = np.nonzero(crop)
-    world_x = _world(volume.affine, np.stack(idx, axis=1).astype(np.float64) + lo)[:, 0]
+    cm = np.ascontiguousarray(crop.transpose(p))
+    cc, n = cc3d.connected_components(cm, connectivity=26, return_N=True)
+    ax, x0 = volume.affine[0, :3], float(volume.affine[0, 3])
     if n >= 2:
-        comp = cc[idx]
-        sizes = np.bincount(comp)
-        top2 = np.argsort(sizes[1:])[-2:] + 1
-        cx = [float(world_x[comp == c].mean()) for c in top2]
+        sizes = np.bincount(cc.reshape(-1))[1:].astype(np.int64)
+        order = np.argsort(-sizes, kind="stable")
+        if n >= 3 and sizes[order[1]] == sizes[order[2]]:
+            # Equal sizes at the cut: the component whose first voxel comes first in the mask's
+            # own index order, whatever the memory layout.
+            idx = np.nonzero(cc)
+            flat = np.ravel_multi_index([idx[p.index(a)] for a in range(3)], crop.shape)
+            first = np.full(n + 1, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(first, cc[idx], flat)
+            order = np.lexsort((first[1:], -sizes))
+        # World x is linear in the voxel index: a component's mean world x is its mean voxel's.
+        cx = [float(ax @ (_mean_index(cc == c + 1, p, int(sizes[c])) + lo)) + x0 for c in order[:2]]
         midline = 0.5 * (cx[0] + cx[1])
     else:
         centre = (np.array(volume.shape, dtype=np.float64) - 1) / 2
         midline = float(_world(volume.affine, centre[None])[0, 0])
-    labels = part[bb][idx]
+    # Voxels within MIDLINE_TOL_MM of the midline go left: a plane of voxels can lie exactly on
+    # it (two mirror-image kidneys), and float rounding must not decide their side.
+    labels = part[bb]  # the mask's axes
+    along = np.flatnonzero(ax)
+    if along.size == 1:
+        # World x follows one voxel axis (no obliquity in x): the right side is a slab of the box.
+        k = int(along[0])
+        x = ax[k] * (np.arange(labels.shape[k]) + lo[k]) + x0
+        right_idx = np.flatnonzero(x > midline + MIDLINE_TOL_MM)  # one run, at one end of the axis
+        cut: list[slice] = [slice(None)] * 3
+        cut[k] = slice(int(right_idx[0]), int(right_idx[-1]) + 1) if right_idx.size else slice(0, 0)
+        slab = labels[tuple(cut)]
+        counts_r = _label_counts(slab, tumor_label)
+        counts_all = _label_counts(labels, tumor_label)
+        counts = {"right": counts_r, "left": counts_all - counts_r}
+    else:
+        idx = np.nonzero(cm)
+        world_x = sum(float(ax[p[a]]) * (idx[a] + lo[p[a]]) for a in range(3)) + x0
+        right = world_x > midline + MIDLINE_TOL_MM
+        vals = labels.transpose(p)[idx]
+        counts_r = _label_counts(vals[right], tumor_label)
+        counts = {"right": counts_r, "left": _label_counts(vals, tumor_label) - counts_r}
     out: dict[str, Any] = {"midline_x_mm": midline}
-    for side, sel in (("right", world_x > midline), ("left", world_x <= midline)):  # RAS+: +x is patient right
-        tumor_n = int(np.count_nonzero(labels[sel] == tumor_label))
-        total_n = int(np.count_nonzero(sel))
+    for side in ("right", "left"):
+        total_n, kidney_n, tumor_n = (int(v) for v in counts[side])
         out[side] = {
             "present": total_n > 0,
             "total_ml": total_n * voxel_ml,
-            "kidney_ml": int(np.count_nonzero(labels[sel] == 1)) * voxel_ml,
+            "kidney_ml": kidney_n * voxel_ml,
             "tumor_ml": tumor_n * voxel_ml,
         }
     return out

@@ -174,3 +174,60 @@ def test_statistics_inside_the_foreground_box_equal_the_whole_mask_scan() -> Non
     assert got[0]["sides"] == kidney_sides(mask, vol)
     assert got[1]["components"] == 2 and got[1]["bbox_voxels"] == {"min": [9, 20, 10], "max": [40, 33, 25]}
     assert got[1]["max_axial_diameter_mm"] == pytest.approx(max_axial_diameter_mm(mask[37:41, 20:24, 10:13] == 2, vol))
+
+
+def test_kidney_sides_put_a_plane_on_the_midline_left_and_break_ties_by_first_voxel() -> None:
+    vol = _vol(shape=(21, 6, 6), zooms=(1.0, 1.0, 1.0))
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[0:5, 0:3, 0:3] = 1  # 45 voxels, centroid x = 2
+    mask[16:21, 0:3, 0:3] = 1  # 45 voxels, centroid x = 18: the midline is x = 10
+    mask[10, 5, 5] = 2  # one tumor voxel exactly on it
+    sides = kidney_sides(mask, vol)
+    assert sides["midline_x_mm"] == 10.0
+    assert sides["left"]["tumor_ml"] == pytest.approx(0.001) and sides["right"]["tumor_ml"] == 0.0
+    assert sides["left"]["total_ml"] == pytest.approx(0.046) and sides["right"]["total_ml"] == pytest.approx(0.045)
+    # Second place tied between two 18-voxel components: the one whose first voxel comes first
+    # in the mask's index order wins, in either memory layout (a C-order scan meets T1 first, a
+    # scan of the Fortran-ordered memory meets T2 first).
+    mask[:] = 0
+    mask[0:7, 0:6, 0:2] = 1  # the largest, 84 voxels, centroid x = 3
+    mask[0:3, 0:3, 4:6] = 1  # T1: 18 voxels, centroid x = 1, first voxel (0, 0, 4)
+    mask[14:17, 0:3, 3:5] = 1  # T2: 18 voxels, centroid x = 15, first voxel (14, 0, 3)
+    for order in "CF":
+        assert kidney_sides(np.asarray(mask, order=order), vol)["midline_x_mm"] == 2.0, order
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_statistics_are_the_same_for_every_memory_layout(oblique: bool) -> None:
+    rng = np.random.default_rng(11)
+    shape = (30, 24, 18)
+    mask = np.zeros(shape, np.uint8)
+    mask[2:9, 3:10, 2:8] = 1
+    mask[20:27, 3:10, 9:15] = 1  # the same size: mirror-image kidneys
+    mask[5:7, 5:7, 3:5] = 2
+    mask[12, 20, 10] = 1  # a third, small component
+    mask[rng.random(shape) < 0.003] = 2
+    aff = np.diag([0.8, 0.8, 2.5, 1.0])[:, [2, 0, 1, 3]]  # axis 0 -> z, 1 -> x, 2 -> y
+    aff[:3, 3] = (-40.0, 12.0, 7.0)
+    if oblique:
+        th = 0.3
+        rot = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
+        aff[:3, :3] = rot @ aff[:3, :3]
+    zooms = tuple(float(np.linalg.norm(aff[:3, i])) for i in range(3))
+    hu = rng.normal(60, 40, shape).astype(np.float32)
+    want = None
+    for m_order, h_order in (("C", "C"), ("F", "F"), ("F", "C"), ("C", "F")):
+        vol = Volume(np.asarray(hu, order=h_order), aff, nib.Nifti1Header(), zooms)
+        got = compute_statistics(np.asarray(mask, order=m_order), vol, LABELS, {1: 0.9, 2: 0.8})
+        # A strided view of a larger array too.
+        big = np.zeros((shape[0] * 2, *shape[1:]), np.uint8, order=m_order)
+        big[::2] = mask
+        assert compute_statistics(big[::2], vol, LABELS, {1: 0.9, 2: 0.8}) == got
+        if want is None:
+            want = got
+        # HU mean and std are float sums taken in the mask's memory order: equal to rounding.
+        for g, w in zip(got, want, strict=True):
+            assert g["hu"] == pytest.approx(w["hu"], rel=1e-12)
+        strip = [[{k: v for k, v in e.items() if k != "hu"} for e in r] for r in (got, want)]
+        assert strip[0] == strip[1], (m_order, h_order)
+    assert want is not None and want[0]["components"] == 3 and want[0]["sides"]["left"]["present"]
