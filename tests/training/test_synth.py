@@ -2,6 +2,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from segcore.io import load_labels, load_volume
 from training.datasets import find_cases, write_kits_case
@@ -20,6 +21,21 @@ def test_phantom_anatomy_and_labels() -> None:
     # Two kidneys, one on each side of the midline (X axis of the canonical frame).
     xs = np.nonzero(seg > 0)[2]
     assert xs.min() < seg.shape[2] / 2 < xs.max()
+
+
+def test_phantom_with_a_given_slice_count() -> None:
+    # The same 15-22 cm of abdomen and in-plane grid, cut into the asked number of slices.
+    hu, _, sp = make_phantom(np.random.default_rng(5), inplane=48)
+    for n in (40, 120):
+        hu_n, seg_n, sp_n = make_phantom(np.random.default_rng(5), inplane=48, slices=n)
+        assert hu_n.shape == seg_n.shape == (n, 48, 48)
+        assert sp_n[1:] == sp[1:]
+        assert abs(n * sp_n[0] - hu.shape[0] * sp[0]) < sp[0]  # the same extent, to one thick slice
+        assert 150 <= n * sp_n[0] <= 220
+        kidney_ml = float((seg_n > 0).sum()) * float(np.prod(sp_n)) / 1000
+        assert 100 < kidney_ml < 700, kidney_ml  # two kidneys with their masses, at any slice count
+    with pytest.raises(ValueError, match="slices"):
+        make_phantom(np.random.default_rng(5), inplane=48, slices=0)
 
 
 def test_phantoms_vary_and_some_have_no_tumor() -> None:
