@@ -2,6 +2,8 @@
 fresh process so that its peak RSS is its own. Reports the server-side stage timings
 (receive, decompress+parse, preprocess, model, postprocess, statistics, encode, write) and the
 peak-RSS growth per input voxel, which must stay a small constant (no classes x voxels floats).
+The upload is one phantom abdomen over the N slices (``--volume tiled``: the volume used before
+session 17, one thick-slice phantom repeated along the slices).
 Each size runs ``--repeat`` times (3), each in its own process, and the table keeps the run with
 the shortest server time: single timings on this shared machine swing by 2x in some stages.
 Each process then sends the same upload ``--requests - 1`` more times (1): a second table gives
@@ -19,9 +21,11 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # render() imports training
 
 CHILD = r"""
 import json, os, resource, sys, tempfile, time
@@ -29,17 +33,8 @@ from pathlib import Path
 import numpy as np, nibabel as nib
 n = int(sys.argv[1]); precision = sys.argv[2]; device = sys.argv[3]; mirror = sys.argv[4] == "1"; backend = sys.argv[5]; body_crop = sys.argv[6] == "1"; requests = int(sys.argv[7])
 tmp = Path(tempfile.mkdtemp(prefix="kitseg-bench-"))
-# A phantom-like 512x512xN int16 CT in the KiTS IPL layout, written before the server starts.
-from training.synth import make_phantom
-from training.datasets import write_kits_case
-rng = np.random.default_rng(0)
-hu, seg, sp = make_phantom(rng, inplane=512)
-reps = int(np.ceil(n / hu.shape[0]))
-hu = np.concatenate([hu] * reps)[:n]; seg = np.concatenate([seg] * reps)[:n]
-write_kits_case(tmp / "case", hu, seg, (3.0, 0.78, 0.78))
-del hu, seg
-payload = (tmp / "case" / "imaging.nii.gz").read_bytes()
-import gc; gc.collect()
+# The upload, rendered by the parent (so that rendering leaves nothing in this process's heap).
+payload = Path(sys.argv[8]).read_bytes()
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
@@ -65,7 +60,7 @@ with TestClient(app) as c:
         r2 = c.post("/segment", files={"file": ("ct.nii.gz", payload)})
         assert r2.status_code == 200, r2.text
         later.append(r2.json()["timings_ms"])
-import shutil; shutil.rmtree(tmp, ignore_errors=True)  # the phantom, the spool and the result
+import shutil; shutil.rmtree(tmp, ignore_errors=True)  # the spool and the result
 print(json.dumps({"slices": n, "voxels": 512 * 512 * n, "upload_mb": len(payload) / 2**20, "wall_s": wall,
                   "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "later_timings_ms": later, "precision": precision, "mirror": mirror, "backend": backend, "body_crop": body_crop}))
 """
@@ -84,6 +79,31 @@ def update_section(doc: Path, heading: str, block: str) -> None:
     doc.write_text(text)
 
 
+def render(n: int, volume: str, folder: Path) -> Path:
+    """A phantom 512x512xN int16 CT in the KiTS IPL layout (``.nii.gz``); returns its path.
+
+    ``one``: one abdomen over the N slices (``make_phantom(slices=N)``: 0.76 mm slices at 200).
+    ``tiled``: the volume used before session 17, one phantom of 2.5-5 mm slices repeated along
+    the slices (at 200, four bodies whose kidneys are copies of each other, so the component
+    filter breaks ties; written with 3 mm slices).
+    """
+    import numpy as np
+
+    from training.datasets import write_kits_case
+    from training.synth import make_phantom
+
+    rng = np.random.default_rng(0)
+    if volume == "one":
+        hu, _, sp = make_phantom(rng, inplane=512, slices=n)
+        spacing = (sp[0], 0.78, 0.78)
+    else:
+        hu, _, _ = make_phantom(rng, inplane=512)
+        hu = np.concatenate([hu] * int(np.ceil(n / hu.shape[0])))[:n]
+        spacing = (3.0, 0.78, 0.78)
+    write_kits_case(folder / f"case_{n}", hu, None, spacing)
+    return folder / f"case_{n}" / "imaging.nii.gz"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, nargs="+", default=[50, 200, 600])
@@ -93,6 +113,13 @@ def main() -> int:
         type=int,
         default=2,
         help="requests per process: the first is the main table, the rest the warm one",
+    )
+    ap.add_argument(
+        "--volume",
+        choices=["one", "tiled"],
+        default="one",
+        help="one: one abdomen over the N slices (default); tiled: one 2.5-5 mm phantom repeated "
+        "along the slices, the volume before session 17 (JSON only unless --out is the default)",
     )
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (the service's KITSEG_DEVICE)")
@@ -125,28 +152,39 @@ def main() -> int:
         suffix += "" if a.body_crop else "-whole-slices"
         a.out = ROOT / "benchmarks" / "results" / f"e2e{suffix}.json"
     rows = []
-    for n in a.slices:
-        args = [str(n), a.precision, a.device, str(int(a.mirror)), a.backend, str(int(a.body_crop)), str(a.requests)]
-        runs = []
-        for _ in range(a.repeat):
-            r = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=ROOT, capture_output=True, text=True)
-            if r.returncode != 0:
-                print(r.stderr[-3000:], file=sys.stderr)
-                return 1
-            run = json.loads(r.stdout.strip().splitlines()[-1])
-            run["rss_growth_bytes_per_voxel"] = (run["peak_rss_mb"] - run["baseline_rss_mb"]) * 2**20 / run["voxels"]
-            t = run["timings_ms"]
-            run["server_ms"] = t["total"] - t.get("receive", 0)
-            run["non_model_fraction"] = 1 - t["model"] / t["total"]
-            runs.append(run)
-            print(json.dumps(run))
-        row = min(runs, key=lambda x: x["server_ms"])
-        row["server_ms_of_each_run"] = [round(x["server_ms"]) for x in runs]
-        later = [t for x in runs for t in x["later_timings_ms"]]
-        if later:
-            row["warm_timings_ms"] = min(later, key=lambda t: t["total"] - t.get("receive", 0))
-            row["warm_server_ms_of_each"] = [round(t["total"] - t.get("receive", 0)) for t in later]
-        rows.append(row)
+    with tempfile.TemporaryDirectory(prefix="kitseg-bench-") as tmp:
+        for n in a.slices:
+            upload = render(n, a.volume, Path(tmp))
+            args = [str(n), a.precision, a.device, str(int(a.mirror)), a.backend, str(int(a.body_crop))]
+            runs = []
+            for _ in range(a.repeat):
+                r = subprocess.run(
+                    [sys.executable, "-c", CHILD, *args, str(a.requests), str(upload)],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                )
+                if r.returncode != 0:
+                    print(r.stderr[-3000:], file=sys.stderr)
+                    return 1
+                run = json.loads(r.stdout.strip().splitlines()[-1])
+                run["rss_growth_bytes_per_voxel"] = (
+                    (run["peak_rss_mb"] - run["baseline_rss_mb"]) * 2**20 / run["voxels"]
+                )
+                t = run["timings_ms"]
+                run["server_ms"] = t["total"] - t.get("receive", 0)
+                run["non_model_fraction"] = 1 - t["model"] / t["total"]
+                runs.append(run)
+                print(json.dumps(run))
+            row = min(runs, key=lambda x: x["server_ms"])
+            row["server_ms_of_each_run"] = [round(x["server_ms"]) for x in runs]
+            later = [t for x in runs for t in x["later_timings_ms"]]
+            if later:
+                row["warm_timings_ms"] = min(later, key=lambda t: t["total"] - t.get("receive", 0))
+                row["warm_server_ms_of_each"] = [round(t["total"] - t.get("receive", 0)) for t in later]
+            row["volume"] = a.volume
+            rows.append(row)
+            upload.unlink()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rows, indent=2))
     stages = [
@@ -189,6 +227,14 @@ def main() -> int:
             f"| {r['slices']} | {r['upload_mb']:.1f} | {cells(r['timings_ms'])} | {r['rss_growth_bytes_per_voxel']:.1f} |"
         )
     md += [
+        "",
+        "The upload: "
+        + (
+            "one phantom abdomen over the N slices (`make_phantom(slices=N)`; at 200, 0.76 mm slices)"
+            if a.volume == "one"
+            else "one phantom of 2.5-5 mm slices repeated along the slices, written as 3 mm (`--volume tiled`)"
+        )
+        + ", 512x512 int16, KiTS19 layout (IPL), gzip.",
         "",
         f"Each row is the fastest of {a.repeat} requests, each in a fresh process (server ms of each: "
         + "; ".join(f"{r['slices']} slices {r['server_ms_of_each_run']}" for r in rows)
