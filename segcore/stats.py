@@ -226,7 +226,7 @@ def kidney_sides(
         counts_r = _label_counts(vals[right], tumor_label)
         counts = {"right": counts_r, "left": _label_counts(vals, tumor_label) - counts_r}
     out: dict[str, Any] = {"midline_x_mm": midline}
-    for side in ("right", "left"):
+    for side in ("right", "left"):  # RAS+: +x is the patient's right
         total_n, kidney_n, tumor_n = (int(v) for v in counts[side])
         out[side] = {
             "present": total_n > 0,
