@@ -15,6 +15,7 @@ chooses its post-processing; docs/training.md records how the phantom recipes' 0
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -84,22 +85,16 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
     sizes = np.bincount(labels, minlength=n + 1)  # every label to int64 first (4x the labelling)
     sizes[0] = 0
     k = cfg.max_components
-    order = np.argsort(-sizes, kind="stable")
-    if n > k and sizes[order[k - 1]] == sizes[order[k]]:
-        # Equal sizes at the cut. Which survive must not depend on the file's layout: as if
-        # labelled in the caller's scan order, the component whose first voxel comes first in
-        # that order wins.
-        tied = sizes == sizes[order[k - 1]]
+
+    def voxels() -> tuple[npt.NDArray[np.integer], npt.NDArray[np.intp]]:
         coords = np.nonzero(fg)  # in the order of ``labels``
         caller = [np.empty(0, dtype=np.intp)] * 3
         for i, a in enumerate(axes):
             c = coords[i] + bb[i].start  # along the memory-ordered axis i of the whole view
             caller[a] = mask.shape[a] - 1 - c if flipped[a] else c
-        scan = np.ravel_multi_index(tuple(caller), mask.shape)
-        first = np.full(n + 1, np.iinfo(np.intp).max, dtype=np.intp)
-        sel = tied[labels]
-        np.minimum.at(first, labels[sel], scan[sel])
-        order = np.lexsort((first, -sizes))
+        return labels, np.ravel_multi_index(tuple(caller), mask.shape)
+
+    order = components_by_size(sizes, k, voxels)
     largest = sizes[order[0]]
     keep = [c for c in order[:k] if sizes[c] >= cfg.min_fraction * largest and sizes[c] > 0]
     if len(keep) == n:
@@ -111,13 +106,43 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
     return mask
 
 
+def components_by_size(
+    sizes: npt.NDArray[np.integer],
+    k: int,
+    voxels: Callable[[], tuple[npt.NDArray[np.integer], npt.NDArray[np.intp]]],
+) -> npt.NDArray[np.intp]:
+    """Component labels, largest first, for keeping the first ``k`` (``sizes[label]``, with
+    ``sizes[0] = 0`` for the background).
+
+    Where the k-th and the next are equal in size, which are kept must not depend on the file's
+    layout: as if labelled in the caller's scan order, the tied component whose first voxel comes
+    first in that order wins. ``voxels()`` gives each foreground voxel's label and its index in
+    that order; it is called only then.
+    """
+    order = np.argsort(-sizes, kind="stable")
+    if len(sizes) - 1 > k and sizes[order[k - 1]] == sizes[order[k]]:
+        labels, scan = voxels()
+        tied = sizes == sizes[order[k - 1]]
+        first = np.full(len(sizes), np.iinfo(np.intp).max, dtype=np.intp)
+        sel = tied[labels]
+        np.minimum.at(first, labels[sel], scan[sel])
+        order = np.lexsort((first, -sizes))
+    return order
+
+
+def memory_axes(a: npt.NDArray[Any]) -> list[int]:
+    """``a``'s axes from the largest stride to the smallest (flipped or not): ``a.transpose`` by
+    them is walked in memory order by C-order loops and copies."""
+    return [int(d) for d in np.argsort([-abs(s) for s in a.strides], kind="stable")]
+
+
 def _memory_order(view: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], list[int], list[bool]]:
     """The same voxels as a view with non-negative strides, largest first, so that a C-order
     copy of it (or an elementwise result) reads memory in order; for 3D operations that don't
     depend on axis order or flips, such as 26-connected components. Also, for each of its axes,
     the caller's axis it is, and for each of the caller's axes, whether it was flipped."""
     view, flips = unflipped(view)
-    axes = [int(a) for a in np.argsort([-s for s in view.strides], kind="stable")]
+    axes = memory_axes(view)
     return view.transpose(axes), axes, [a in flips for a in range(view.ndim)]
 
 

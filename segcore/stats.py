@@ -20,7 +20,7 @@ import numpy.typing as npt
 from scipy.spatial import ConvexHull, QhullError
 
 from segcore.io import Volume
-from segcore.postprocess import foreground_bbox
+from segcore.postprocess import components_by_size, foreground_bbox, memory_axes
 from segcore.preprocessing import canonical_info, canonical_view
 
 #: voxels this close to the kidneys' midline count as left (see :func:`kidney_sides`)
@@ -29,12 +29,6 @@ MIDLINE_TOL_MM = 1e-6
 
 def _world(affine: npt.NDArray[np.float64], ijk: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return ijk @ affine[:3, :3].T + affine[:3, 3]
-
-
-def _memory_axes(a: npt.NDArray[Any]) -> list[int]:
-    """``a``'s axes from the largest stride to the smallest: ``a.transpose`` by them is walked in
-    memory order by C-order loops and copies."""
-    return sorted(range(a.ndim), key=lambda d: -abs(a.strides[d]))
 
 
 def _mean_index(sel: npt.NDArray[np.bool_], p: list[int], n: int) -> npt.NDArray[np.float64]:
@@ -123,7 +117,7 @@ def class_statistics(
     # Components, sizes and centroid from the class's box read in memory order (components and
     # means don't depend on axis order); its axis a is the mask's axis p[a].
     crop = sel[bb]
-    p = _memory_axes(crop)
+    p = memory_axes(crop)
     cm = np.ascontiguousarray(crop.transpose(p))
     cc, ncomp = cc3d.connected_components(cm, connectivity=26, return_N=True)
     sizes = np.bincount(cc.reshape(-1))[1:]
@@ -168,7 +162,8 @@ def kidney_sides(
     The midline is halfway between the two largest components' centroids when there are two,
     else the centre of the field of view; each voxel goes to the side of the midline it lies on
     (within :data:`MIDLINE_TOL_MM` of it: left). Equal sizes at the second place go to the
-    component whose first voxel comes first in the mask's index order.
+    component whose first voxel comes first in the mask's index order (as in
+    :func:`segcore.postprocess.components_by_size`).
     ``box``: a box of ``mask`` known to hold all its foreground; only it is read.
     """
     voxel_ml = volume.voxel_ml
@@ -181,24 +176,22 @@ def kidney_sides(
         return {"left": dict(empty), "right": dict(empty), "midline_x_mm": None}
     # One labelling of the region's box, read in memory order; its axis a is the mask's p[a].
     crop = region[bb]
-    p = _memory_axes(crop)
+    p = memory_axes(crop)
     lo = np.array([s.start + b.start for s, b in zip(bb, box, strict=True)], dtype=np.float64)
     cm = np.ascontiguousarray(crop.transpose(p))
     cc, n = cc3d.connected_components(cm, connectivity=26, return_N=True)
     ax, x0 = volume.affine[0, :3], float(volume.affine[0, 3])
     if n >= 2:
-        sizes = np.bincount(cc.reshape(-1))[1:].astype(np.int64)
-        order = np.argsort(-sizes, kind="stable")
-        if n >= 3 and sizes[order[1]] == sizes[order[2]]:
-            # Equal sizes at the cut: the component whose first voxel comes first in the mask's
-            # own index order, whatever the memory layout.
-            idx = np.nonzero(cc)
-            flat = np.ravel_multi_index([idx[p.index(a)] for a in range(3)], crop.shape)
-            first = np.full(n + 1, np.iinfo(np.int64).max, dtype=np.int64)
-            np.minimum.at(first, cc[idx], flat)
-            order = np.lexsort((first[1:], -sizes))
+        sizes = np.bincount(cc.reshape(-1))
+        sizes[0] = 0
+
+        def voxels() -> tuple[npt.NDArray[np.integer], npt.NDArray[np.intp]]:
+            idx = np.nonzero(cc)  # in memory order; the mask's own index order breaks ties
+            return cc[idx], np.ravel_multi_index([idx[p.index(a)] for a in range(3)], crop.shape)
+
+        top2 = components_by_size(sizes, 2, voxels)[:2]
         # World x is linear in the voxel index: a component's mean world x is its mean voxel's.
-        cx = [float(ax @ (_mean_index(cc == c + 1, p, int(sizes[c])) + lo)) + x0 for c in order[:2]]
+        cx = [float(ax @ (_mean_index(cc == c, p, int(sizes[c])) + lo)) + x0 for c in top2]
         midline = 0.5 * (cx[0] + cx[1])
     else:
         centre = (np.array(volume.shape, dtype=np.float64) - 1) / 2
