@@ -119,7 +119,8 @@ def main() -> int:
         choices=["one", "tiled"],
         default="one",
         help="one: one abdomen over the N slices (default); tiled: one 2.5-5 mm phantom repeated "
-        "along the slices, the volume before session 17 (JSON only unless --out is the default)",
+        "along the slices, the volume before session 17 (it writes the same docs section: add "
+        "--no-docs and --out to keep the table)",
     )
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (the service's KITSEG_DEVICE)")

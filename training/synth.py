@@ -341,13 +341,14 @@ def make_phantom(
     a slice thickness of 2.5-5 mm; for benchmarks that need one body at a given size.
     """
     pw = float(rng.uniform(360, 460) / inplane)  # field of view 36-46 cm
-    st = float(rng.choice([2.5, 3.0, 4.0, 5.0]))
+    st = float(rng.choice([2.5, 3.0, 4.0, 5.0]))  # drawn either way: the rest of the case keeps its draws
     extent = rng.uniform(150, 220)
-    if slices is not None:
-        if slices < 1:
-            raise ValueError(f"slices must be at least 1, got {slices}")
-        st = float(extent / slices)
-    nz = slices if slices is not None else round(extent / st)
+    if slices is None:
+        nz = round(extent / st)
+    elif slices < 1:
+        raise ValueError(f"slices must be at least 1, got {slices}")
+    else:
+        nz, st = slices, float(extent / slices)
     grid = Grid.centred((nz, inplane, inplane), (st, pw, pw))
     ab = sample_abdomen(rng, centre_xy=(float(rng.uniform(-15, 15)), float(rng.uniform(-10, 20))))
     kidney_z = float(rng.uniform(-25, 25))
