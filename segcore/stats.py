@@ -89,6 +89,23 @@ def class_statistics(
 
     ``box``: a box of ``mask`` known to hold every voxel of the label; only it is read.
     """
+    return _class_statistics(mask, volume, label, name, confidence, region, box)[0]
+
+
+def _class_statistics(
+    mask: npt.NDArray[np.uint8],
+    volume: Volume,
+    label: int,
+    name: str,
+    confidence: float | None,
+    region: tuple[int, ...] | None = None,
+    box: tuple[slice, slice, slice] | None = None,
+    want_largest: bool = False,
+) -> tuple[dict[str, Any], npt.NDArray[np.bool_] | None]:
+    """:func:`class_statistics`, and with ``want_largest`` also the largest component as a
+    boolean box in ``mask``'s axes (any box of the grid will do for its axial diameter; ties go
+    to the component whose first voxel comes first in the mask's index order, as in
+    :func:`segcore.postprocess.components_by_size`), from the same labelling."""
     voxel_ml = volume.voxel_ml
     box = _box_of(mask, box)
     part = mask[box]
@@ -113,16 +130,29 @@ def class_statistics(
         out["labels"] = list(region)
     bb = foreground_bbox(sel) if n else None
     if bb is None:
-        return out
+        return out, None
     # Components, sizes and centroid from the class's box read in memory order (components and
     # means don't depend on axis order); its axis a is the mask's axis p[a].
     crop = sel[bb]
     p = memory_axes(crop)
     cm = np.ascontiguousarray(crop.transpose(p))
     cc, ncomp = cc3d.connected_components(cm, connectivity=26, return_N=True)
-    sizes = np.bincount(cc.reshape(-1))[1:]
+    sizes = np.bincount(cc.reshape(-1))
+    sizes[0] = 0
     out["components"] = int(ncomp)
-    out["largest_component_ml"] = float(sizes.max()) * voxel_ml if sizes.size else 0.0
+    out["largest_component_ml"] = float(sizes.max()) * voxel_ml
+    largest = None
+    if want_largest:
+        if ncomp > 1:
+
+            def voxels() -> tuple[npt.NDArray[np.integer], npt.NDArray[np.intp]]:
+                idx = np.nonzero(cc)  # in memory order; the mask's own index order breaks ties
+                return cc[idx], np.ravel_multi_index([idx[p.index(a)] for a in range(3)], crop.shape)
+
+            top = components_by_size(sizes, 1, voxels)[0]
+            largest = (cc == top).transpose(np.argsort(p))
+        else:
+            largest = crop
     # From here on in the whole mask's voxel indices.
     bb = tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(bb, box, strict=True))  # type: ignore[assignment]
     lo = [s.start for s in bb]
@@ -140,7 +170,7 @@ def class_statistics(
     }
     shape = mask.shape
     out["touches_border"] = any(l == 0 for l in lo) or any(h == s - 1 for h, s in zip(hi, shape, strict=True))
-    return out
+    return out, largest
 
 
 def _label_counts(labels: npt.NDArray[Any], tumor_label: int) -> npt.NDArray[np.int64]:
@@ -246,26 +276,15 @@ def compute_statistics(
     # Every class lies inside the foreground's box.
     if box is None:
         box = foreground_bbox(mask) or (slice(0, 0), slice(0, 0), slice(0, 0))
-    part = mask[box]
     out = []
     for lab, name in sorted(labels.items()):
         if lab == 0:
             continue
-        entry = class_statistics(mask, volume, lab, name, conf.get(lab), box=box)
+        tumor = name == "tumor"
+        entry, largest = _class_statistics(mask, volume, lab, name, conf.get(lab), box=box, want_largest=tumor)
         if name == "kidney":
             entry["sides"] = kidney_sides(mask, volume, box=box)
-        if name == "tumor":
-            diameter = 0.0
-            if entry["present"]:
-                sel = part == lab
-                bb = foreground_bbox(sel)
-                assert bb is not None
-                largest = np.ascontiguousarray(sel[bb])
-                del sel
-                if entry["components"] > 1:
-                    cc = cc3d.connected_components(largest, connectivity=26)
-                    largest = cc == np.argmax(np.bincount(cc.ravel())[1:]) + 1
-                diameter = max_axial_diameter_mm(largest, volume)
-            entry["max_axial_diameter_mm"] = diameter
+        if tumor:
+            entry["max_axial_diameter_mm"] = 0.0 if largest is None else max_axial_diameter_mm(largest, volume)
         out.append(entry)
     return out

@@ -231,3 +231,27 @@ def test_statistics_are_the_same_for_every_memory_layout(oblique: bool) -> None:
         strip = [[{k: v for k, v in e.items() if k != "hu"} for e in r] for r in (got, want)]
         assert strip[0] == strip[1], (m_order, h_order)
     assert want is not None and want[0]["components"] == 3 and want[0]["sides"]["left"]["present"]
+
+
+def test_tumor_diameter_measures_the_largest_component_with_ties_by_first_voxel() -> None:
+    vol = _vol(shape=(20, 12, 6), zooms=(1.0, 1.0, 1.0))
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[0:12, 0:12, 0:6] = 1
+    # Diameters are measured between pixel corners.
+    mask[2:4, 2:4, 0] = 2  # 4 voxels, one slice: sqrt(8) mm across
+    mask[10:18, 8, 3] = 2  # 8 voxels in a row: sqrt(65) mm across, but not the largest ...
+    mask[3:6, 8:11, 4] = 2  # ... this 9-voxel square is: sqrt(18) mm
+    got = compute_statistics(mask, vol, LABELS)[1]
+    assert got["components"] == 3 and got["voxels"] == 21
+    assert got["max_axial_diameter_mm"] == pytest.approx(np.sqrt(18.0))
+    # Tied for largest: a row of 9 (first voxel (10, 8, 3)) against the square (first voxel
+    # (3, 8, 4)): the square comes first in the mask's index order, in either memory layout,
+    # although a scan of Fortran-ordered memory meets the row first.
+    mask[18, 8, 3] = 2
+    for order in "CF":
+        got = compute_statistics(np.asarray(mask, order=order), vol, LABELS)[1]
+        assert got["largest_component_ml"] == pytest.approx(0.009)
+        assert got["max_axial_diameter_mm"] == pytest.approx(np.sqrt(18.0)), order
+    # One voxel less in the square: the row is the largest, sqrt(82) mm across.
+    mask[5, 10, 4] = 1
+    assert compute_statistics(mask, vol, LABELS)[1]["max_axial_diameter_mm"] == pytest.approx(np.sqrt(82.0))
