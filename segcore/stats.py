@@ -84,28 +84,16 @@ def class_statistics(
     confidence: float | None,
     region: tuple[int, ...] | None = None,
     box: tuple[slice, slice, slice] | None = None,
-) -> dict[str, Any]:
-    """Statistics of ``label`` (or of the union ``region``) in ``mask`` on ``volume``'s grid.
-
-    ``box``: a box of ``mask`` known to hold every voxel of the label; only it is read.
-    """
-    return _class_statistics(mask, volume, label, name, confidence, region, box)[0]
-
-
-def _class_statistics(
-    mask: npt.NDArray[np.uint8],
-    volume: Volume,
-    label: int,
-    name: str,
-    confidence: float | None,
-    region: tuple[int, ...] | None = None,
-    box: tuple[slice, slice, slice] | None = None,
     want_largest: bool = False,
 ) -> tuple[dict[str, Any], npt.NDArray[np.bool_] | None]:
-    """:func:`class_statistics`, and with ``want_largest`` also the largest component as a
-    boolean box in ``mask``'s axes (any box of the grid will do for its axial diameter; ties go
-    to the component whose first voxel comes first in the mask's index order, as in
-    :func:`segcore.postprocess.components_by_size`), from the same labelling."""
+    """Statistics of ``label`` (or of the union ``region``) in ``mask`` on ``volume``'s grid, and
+    with ``want_largest`` its largest component from the same labelling (else None).
+
+    ``box``: a box of ``mask`` known to hold every voxel of the label; only it is read.
+    The largest component comes as a boolean box in ``mask``'s axes (any box of the grid will do
+    for its axial diameter); ties go to the component whose first voxel comes first in the
+    mask's index order, as in :func:`segcore.postprocess.components_by_size`.
+    """
     voxel_ml = volume.voxel_ml
     box = _box_of(mask, box)
     part = mask[box]
@@ -281,7 +269,7 @@ def compute_statistics(
         if lab == 0:
             continue
         tumor = name == "tumor"
-        entry, largest = _class_statistics(mask, volume, lab, name, conf.get(lab), box=box, want_largest=tumor)
+        entry, largest = class_statistics(mask, volume, lab, name, conf.get(lab), box=box, want_largest=tumor)
         if name == "kidney":
             entry["sides"] = kidney_sides(mask, volume, box=box)
         if tumor:

@@ -169,7 +169,7 @@ def test_statistics_inside_the_foreground_box_equal_the_whole_mask_scan() -> Non
     assert compute_statistics(mask, vol, LABELS, {1: 0.8, 2: 0.6}, (slice(2, 50), slice(15, 36), slice(3, 27))) == got
     for entry in got:
         lab, name = entry["label"], entry["name"]
-        whole = class_statistics(mask, vol, lab, name, entry["mean_confidence"])  # box=None: the whole mask
+        whole = class_statistics(mask, vol, lab, name, entry["mean_confidence"])[0]  # box=None: the whole mask
         assert {k: v for k, v in entry.items() if k not in ("sides", "max_axial_diameter_mm")} == whole
     assert got[0]["sides"] == kidney_sides(mask, vol)
     assert got[1]["components"] == 2 and got[1]["bbox_voxels"] == {"min": [9, 20, 10], "max": [40, 33, 25]}
