@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -41,15 +42,20 @@ def get_store(request: Request) -> ResultStore:
 StoreDep = Annotated[ResultStore, Depends(get_store)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """When ``KITSEG_API_KEYS`` is set, require ``X-API-Key`` or ``Authorization: Bearer``."""
+def api_key_ok(headers: Mapping[str, str], settings: Settings) -> bool:
+    """Whether ``headers`` (lower-case names) carry one of ``KITSEG_API_KEYS``, or none is required."""
     if not settings.api_keys:
-        return
-    key = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
+        return True
+    key = headers.get("x-api-key", "")
+    auth = headers.get("authorization", "")
     if not key and auth.lower().startswith("bearer "):
         key = auth[7:].strip()
-    if not key or not any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys):
+    return bool(key) and any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys)
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """When ``KITSEG_API_KEYS`` is set, require ``X-API-Key`` or ``Authorization: Bearer``."""
+    if not api_key_ok(request.headers, settings):
         raise Unauthorized(
             "missing or invalid API key (send X-API-Key or Authorization: Bearer)", {"WWW-Authenticate": "Bearer"}
         )

@@ -19,14 +19,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Scope
 
 import segcore
-from app.deps import require_api_key
+from app.deps import api_key_ok, require_api_key
 from app.errors import register_error_handlers
 from app.middleware import RequestContextMiddleware, configure_logging
 from app.routes import health, segment
 from app.settings import Settings, get_settings
 from app.store import ResultStore
+from app.upload import UploadDecodeMiddleware, UploadDecoder, decoder_for
 from app.worker import InferenceWorker
 from segcore.errors import CheckpointError
 from segcore.inference import Engine
@@ -136,6 +138,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _mount_docs(app)
     app.state.settings = s0
     register_error_handlers(app)
+
+    def make_decoder(scope: Scope) -> UploadDecoder | None:
+        s: Settings = app.state.settings
+        store: ResultStore | None = getattr(app.state, "store", None)
+        if not s.decode_during_upload or store is None or not getattr(app.state, "ready", False):
+            return None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if not api_key_ok(headers, s):  # no work for requests that will get 401
+            return None
+        return decoder_for(scope, store.spool_path, s.max_upload_bytes, s.max_decompressed_bytes)
+
+    # Inside the request-context middleware, so the decoder sees the body only after its size
+    # and time limits.
+    app.add_middleware(UploadDecodeMiddleware, make=make_decoder)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=s0.max_upload_bytes, body_timeout_s=s0.upload_timeout_s)
     app.include_router(health.router)
     app.include_router(segment.router, dependencies=[Depends(require_api_key)])

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     queue_size: int = Field(4, ge=1, le=1000, description="requests waiting for the worker; more get 503")
     max_upload_bytes: int = Field(1 << 30, ge=1024, description="limit on the uploaded (compressed) file")
     max_decompressed_bytes: int = Field(2 << 30, ge=1024, description="limit after gunzip, checked while streaming")
+    decode_during_upload: bool = Field(
+        True,
+        description="gunzip a .nii.gz upload on a second thread while it arrives, so that it is not paid after the "
+        "last byte (the plain path is the fallback for anything unusual)",
+    )
     max_voxels: int = Field(1024 * 1024 * 1024, ge=1, description="limit on the voxel count declared in the header")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline for one segmentation (504 after it)")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503")

@@ -3,7 +3,8 @@
 Requests are spooled to disk by the route and handed over as paths through a bounded queue, so
 at most one volume is in memory at a time and a burst costs disk, not RAM. A full queue raises
 :class:`Overloaded` (503 + Retry-After). The worker thread runs the whole job (decompress, parse,
-segment, statistics, encode, write) off the event loop.
+segment, statistics, encode, write) off the event loop; the spool file is usually already
+decompressed, by :mod:`app.upload` while the upload arrived.
 """
 
 from __future__ import annotations

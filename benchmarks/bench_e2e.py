@@ -2,6 +2,8 @@
 fresh process so that its peak RSS is its own. Reports the server-side stage timings
 (receive, decompress+parse, preprocess, model, postprocess, statistics, encode, write) and the
 peak-RSS growth per input voxel, which must stay a small constant (no classes x voxels floats).
+The worker decompresses the upload here (``KITSEG_DECODE_DURING_UPLOAD=false``), as before
+session 18; ``bench_upload.py`` measures what decoding during the upload saves over a socket.
 The upload is one phantom abdomen over the N slices (``--volume tiled``: the volume used before
 session 17, one thick-slice phantom repeated along the slices).
 Each size runs ``--repeat`` times (3), each in its own process, and the table keeps the run with
@@ -42,7 +44,10 @@ def rss_mb():
 from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
-app = create_app(Settings(result_dir=tmp / "results", device=device, precision=precision, mirror=mirror, backend=backend, body_crop=body_crop, log_level="WARNING"))
+# Decoding during the upload is off here: the test client hands the whole body over at once, so
+# the decoding would move in front of the handler, out of the stage timings, without overlapping
+# anything. What it saves over a socket is bench_upload.py's to measure.
+app = create_app(Settings(result_dir=tmp / "results", device=device, precision=precision, mirror=mirror, backend=backend, body_crop=body_crop, log_level="WARNING", decode_during_upload=False))
 with TestClient(app) as c:
     c.get("/ready")
     backend = app.state.worker.engine.backend  # what "auto" resolved to

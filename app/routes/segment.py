@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from app.deps import SettingsDep, StoreDep, WorkerDep
 from app.errors import BadUpload, DeadlineExceeded, InsufficientStorage, NotFound, PayloadTooLarge
 from app.schemas import ErrorBody, SegmentationResult
+from app.upload import UploadDecoder
 from app.worker import Job
 
 router = APIRouter(tags=["segmentation"])
@@ -51,6 +52,20 @@ def _spool(src: BinaryIO, dst: Path, limit: int) -> int:
         dst.unlink(missing_ok=True)
         raise
     return n
+
+
+async def _decoded_upload(request: Request, file: UploadFile) -> tuple[Path | None, int]:
+    """The spool file that :mod:`app.upload` decoded while the body arrived, and the upload's
+    size; ``(None, 0)`` when there is none to use (decoding off or refused, or a body that the
+    decoder didn't see the same way as Starlette)."""
+    dec: UploadDecoder | None = getattr(request.state, "upload_decoder", None)
+    if dec is None:
+        return None, 0
+    decoded = await asyncio.wrap_future(dec.result)  # usually done: the tail of the last chunk
+    if decoded is None or decoded.upload_bytes != file.size:
+        return None, 0
+    dec.claim()
+    return decoded.path, decoded.upload_bytes
 
 
 async def _wait_for_result(request: Request, job: Job, timeout_s: float) -> dict[str, Any] | None:
@@ -112,8 +127,10 @@ async def segment(
     form = await request.form()  # already parsed for ``file``; cached by Starlette
     if len(form.getlist("file")) != 1:
         raise BadUpload("send exactly one file in the 'file' field")
-    dst = store.spool_path()
-    size = await run_in_threadpool(_spool, file.file, dst, settings.max_upload_bytes)
+    dst, size = await _decoded_upload(request, file)
+    if dst is None:  # the plain path: copy Starlette's file; the worker decompresses it
+        dst = store.spool_path()
+        size = await run_in_threadpool(_spool, file.file, dst, settings.max_upload_bytes)
     if size == 0:
         dst.unlink(missing_ok=True)
         raise BadUpload("the uploaded file is empty")
