@@ -50,13 +50,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(decode: bool, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _serve(decode: bool, tmp: Path, device: str) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     env = {
         **os.environ,
         "KITSEG_DECODE_DURING_UPLOAD": "true" if decode else "false",
         "KITSEG_MIRROR": "false",
-        "KITSEG_DEVICE": "cpu",
+        "KITSEG_DEVICE": device,
         "KITSEG_RESULT_DIR": str(tmp / ("on" if decode else "off")),
         "KITSEG_LOG_LEVEL": "WARNING",
     }
@@ -133,6 +133,7 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--mbps", type=float, nargs="+", default=[0, 1000], help="link speeds; 0 = unpaced loopback")
     ap.add_argument("--repeat", type=int, default=3, help="requests per setting, on and off in turns")
+    ap.add_argument("--device", default="cpu", help="the services' KITSEG_DEVICE (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "upload.json")
     ap.add_argument("--no-docs", action="store_true")
     a = ap.parse_args()
@@ -140,7 +141,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kitseg-bench-") as tmpdir:
         tmp = Path(tmpdir)
         body = _body(render(a.slices, "one", tmp).read_bytes())
-        servers = {decode: _serve(decode, tmp) for decode in (True, False)}
+        servers = {decode: _serve(decode, tmp, a.device) for decode in (True, False)}
         try:
             for proc, url in servers.values():  # one request each first: allocator and thread pools
                 _send(url, body, 0, proc.pid)
@@ -188,7 +189,7 @@ def main() -> int:
         return float(statistics.median(xs))
 
     md = [
-        "## Decoding during the upload (POST /segment over 127.0.0.1, cpu, single pass)",
+        f"## Decoding during the upload (POST /segment over 127.0.0.1, {a.device}, single pass)",
         "",
         f"`python benchmarks/bench_upload.py`: the {rows[0]['upload_mb']:.1f} MB upload of {a.slices} slices to two "
         f"services, decoding on and off, in turns, {a.repeat} requests each per link speed (0 = unpaced loopback). "
