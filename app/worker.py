@@ -176,7 +176,11 @@ class InferenceWorker:
     def _process(self, job: Job) -> dict[str, Any]:
         s = self.settings
         t0 = time.perf_counter()
-        vol = load_volume(job.upload, max_decompressed_bytes=s.max_decompressed_bytes, max_voxels=s.max_voxels)
+        # The spool file is ours and unchanged until the job ends: an uncompressed one (decoded
+        # during the upload) is mapped rather than copied.
+        vol = load_volume(
+            job.upload, max_decompressed_bytes=s.max_decompressed_bytes, max_voxels=s.max_voxels, mmap=True
+        )
         warnings = list(vol.warnings)
         lo, hi = vol.intensity_range()
         if not (CT_AIR_HU[0] <= lo <= CT_AIR_HU[1]) or hi < CT_MIN_MAX_HU:

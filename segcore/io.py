@@ -170,7 +170,7 @@ def _parse_header(block: bytes) -> nib.Nifti1Header:
 
 
 def _read_image(
-    path: str | os.PathLike[str], max_bytes: int | None, max_voxels: int | None
+    path: str | os.PathLike[str], max_bytes: int | None, max_voxels: int | None, mmap: bool = False
 ) -> tuple[nib.Nifti1Header, npt.NDArray[Any]]:
     """Header and voxel array of a single-file NIfTI, gzip or not.
 
@@ -179,6 +179,8 @@ def _read_image(
     at least that long before anything is allocated. The array is a view of it.
     Whatever follows the voxel data is read and discarded, up to ``max_bytes`` in all, so the
     gzip CRC is still verified and a bomb hidden after an honest header is still stopped.
+    ``mmap``: an uncompressed file's voxels are mapped (copy-on-write) instead of read; the file
+    must then not change while the array lives.
     """
     stream, gz = _open_stream(path)
     size = os.path.getsize(path)
@@ -218,6 +220,10 @@ def _read_image(
                 raise VolumeTooLarge(f"header declares {need} bytes of image, over the limit of {max_bytes}")
             if not gz and need > size:
                 raise _truncated(size, need, offset, n, dtype.itemsize)
+            if mmap and not gz:
+                # Already checked: the file holds all of it, and its size is within max_bytes.
+                mapped = np.memmap(path, dtype=np.uint8, mode="c", shape=(need,))
+                return hdr, np.ndarray(tuple(dims), dtype=dtype, buffer=mapped, offset=offset, order="F")
             # np.empty, not bytearray: pages become resident only as data arrives, so a gzip whose
             # header declares more than its stream holds costs no memory beyond what it sends.
             buf = np.empty(need, dtype=np.uint8)
@@ -319,8 +325,12 @@ def load_volume(
     max_decompressed_bytes: int | None = None,
     max_voxels: int | None = None,
     min_inplane: int = MIN_INPLANE,
+    mmap: bool = False,
 ) -> Volume:
     """Read a ``.nii`` or ``.nii.gz`` CT image (gzip detected from its magic bytes).
+
+    ``mmap``: map an uncompressed file's voxels (copy-on-write) instead of reading them; it must
+    not change while the volume is in use (the service's own spool files).
 
     Raises:
         NotNifti: the bytes are not NIfTI.
@@ -329,7 +339,7 @@ def load_volume(
             voxel data is allocated).
         InvalidVolume: anything that makes the image unsegmentable.
     """
-    hdr, arr = _read_image(path, max_decompressed_bytes, max_voxels)
+    hdr, arr = _read_image(path, max_decompressed_bytes, max_voxels, mmap)
     shape3 = _squeeze_to_3d(arr.shape)
     if sorted(shape3)[1] < min_inplane:
         raise InvalidVolume(f"volume {shape3} is too small to segment (needs two axes >= {min_inplane})")

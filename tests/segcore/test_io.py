@@ -145,3 +145,33 @@ def test_declared_voxels_checked_before_allocation(tmp_path: Path) -> None:
         load_volume(p, max_voxels=600 * 512 * 512)
     with pytest.raises(InvalidVolume, match="truncated"):
         load_volume(p)
+
+
+def _is_mapped(a: np.ndarray) -> bool:
+    while a is not None:
+        if isinstance(a, np.memmap):
+            return True
+        a = a.base if isinstance(a, np.ndarray) else None
+    return False
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.dtype(">i2"), np.float32])
+def test_mapped_uncompressed_files_read_the_same_and_writes_stay_private(tmp_path: Path, dtype) -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS["LPS"])
+    img = nib.Nifti1Image(hu.astype(dtype), aff)
+    img.header.set_data_dtype(dtype)
+    p = tmp_path / "v.nii"
+    nib.save(img, str(p))
+    read, mapped = load_volume(p), load_volume(p, mmap=True)
+    assert _is_mapped(mapped.stored) and not _is_mapped(read.stored)
+    np.testing.assert_array_equal(mapped.stored, read.stored)
+    assert mapped.stored.dtype == read.stored.dtype and mapped.stored.strides == read.stored.strides
+    before = p.read_bytes()
+    mapped.stored[0, 0, 0] += 1  # copy-on-write: the file is never changed through the volume
+    assert p.read_bytes() == before
+    gz = write_nifti(tmp_path / "v.nii.gz", hu, aff)
+    assert not _is_mapped(load_volume(gz, mmap=True).stored)  # gzip is read as always
+    short = tmp_path / "short.nii"
+    short.write_bytes(before[:-100])
+    with pytest.raises(InvalidVolume, match="truncated"):
+        load_volume(short, mmap=True)
