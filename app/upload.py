@@ -33,10 +33,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 #: body bytes queued for the decoder before the server stops reading the socket and waits: the
 #: decoder's memory stays bounded when it is slower than the link (loopback)
 BACKLOG_BYTES = 8 << 20
+#: queued body bytes the decoder takes in one go when it has fallen behind
+COALESCE_BYTES = 4 << 20
 #: most bytes one decompress call may produce (a gzip bomb is refused by size, not held in memory)
-MAX_CHUNK_OUT = 1 << 20
+MAX_CHUNK_OUT = 8 << 20
 #: compressed bytes given to the decompressor at a time
-IN_SLICE = 256 << 10
+IN_SLICE = 1 << 20
 #: uploads decoded at once; more go the plain way. The threads live as long as the process, so
 #: their malloc arenas are reused instead of one more per request.
 DECODERS = 2
@@ -179,13 +181,30 @@ class UploadDecoder:
     def _run(self) -> None:
         ok = False
         try:
-            while True:
+            end = False
+            while not end:
                 chunk = self._q.get()
                 if chunk is None or self._stop.is_set():
                     break
+                # Whatever else is queued goes in the same call, up to COALESCE_BYTES: every call
+                # into C hands the GIL back and has to win it again from the event loop, which
+                # costs more than the work when the calls are small (docs/benchmarks.md).
+                parts, size = [chunk], len(chunk)
+                while size < COALESCE_BYTES:
+                    try:
+                        more = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        end = True
+                        break
+                    parts.append(more)
+                    size += len(more)
                 with self._lock:
-                    self._backlog -= len(chunk)
-                self._parser.write(chunk)
+                    self._backlog -= size
+                self._parser.write(parts[0] if len(parts) == 1 else b"".join(parts))
+                if self._stop.is_set():
+                    break
             if not self._stop.is_set():
                 self._parser.finalize()
                 ok = self._body_done and self._files == 1 and self._file_done and self._dec is None
