@@ -30,9 +30,13 @@ from isal import isal_zlib
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from segcore.io import HEAD_BYTES, declared_file_bytes
+
 #: body bytes queued for the decoder before the server stops reading the socket and waits: the
 #: decoder's memory stays bounded when it is slower than the link (loopback)
 BACKLOG_BYTES = 8 << 20
+#: decoded bytes allowed past what the NIfTI header declares (the loader reads and discards them)
+TRAILING_SLACK = 1 << 20
 #: queued body bytes the decoder takes in one go when it has fallen behind
 COALESCE_BYTES = 4 << 20
 #: most bytes one decompress call may produce (a gzip bomb is refused by size, not held in memory)
@@ -138,6 +142,8 @@ class UploadDecoder:
         self._head = b""  # the file part's first bytes, until gzip or not is known
         self._gzip: bool | None = None
         self._dec: Any = None  # the current gzip member's decompressor
+        self._first = b""  # the decoded file's first HEAD_BYTES: its NIfTI header
+        self._declared: int | None = None
         # Opened here, so that a discard can never race the thread into creating it afterwards.
         self._out = open(self.dst, "wb")  # noqa: SIM115 (the thread closes it)
         try:
@@ -300,10 +306,23 @@ class UploadDecoder:
     def _write(self, out: bytes | memoryview) -> None:
         if not out:
             return
+        if self._declared is None and self._decoded_n < HEAD_BYTES:
+            self._first += bytes(out[: HEAD_BYTES - self._decoded_n])
+            if len(self._first) >= HEAD_BYTES:
+                self._bound_by_header()
         self._decoded_n += len(out)
         if self._decoded_n > self.max_decoded:
             raise _Unusable
         self._out.write(out)
+
+    def _bound_by_header(self) -> None:
+        """Stop at what the NIfTI header declares (plus slack): a bomb after an honest header
+        then costs no more disk than the image. Not a NIfTI: stop now; the loader will say so."""
+        try:
+            self._declared = declared_file_bytes(self._first)
+        except Exception:
+            raise _Unusable from None
+        self.max_decoded = min(self.max_decoded, self._declared + TRAILING_SLACK)
 
     def _part_end(self) -> None:
         if self._in_file:

@@ -31,6 +31,7 @@ _ISAL_ERROR = cast(type[BaseException], isal_zlib.error)  # its stub declares an
 _GZIP_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, _ISAL_ERROR)
 _CHUNK = 1 << 20
 _HEAD = 544  # a NIfTI-2 header (540) and the extension flag; NIfTI-1 needs 352
+HEAD_BYTES = _HEAD
 # Smallest in-plane size the U-Net is meant for; anything smaller is a thumbnail, not a CT.
 MIN_INPLANE = 16
 MAX_ABS_SPACING_MM = 50.0
@@ -167,6 +168,27 @@ def _parse_header(block: bytes) -> nib.Nifti1Header:
         if magic in (b"n+1", b"n+2"):
             return hdr
     raise NotNifti("not a NIfTI-1 or NIfTI-2 file (no sizeof_hdr 348/540 with n+1/n+2 magic)")
+
+
+def declared_file_bytes(head: bytes) -> int:
+    """The bytes a single-file NIfTI whose first :data:`HEAD_BYTES` bytes are ``head`` declares
+    (header, extensions and voxels: ``vox_offset`` + voxels x item size).
+
+    For bounding a stream before the whole file is read; :func:`load_volume` does the full checks.
+    Raises:
+        NotNifti: no NIfTI-1/2 header.
+        InvalidVolume: the header's shape, datatype or offset make no sense.
+    """
+    hdr = _parse_header(head)
+    try:
+        dims = [int(d) for d in hdr.get_data_shape()]
+        itemsize = np.dtype(hdr.get_data_dtype()).itemsize
+        offset = float(hdr["vox_offset"])
+    except Exception as e:
+        raise InvalidVolume(f"unreadable NIfTI header: {e}") from e
+    if not dims or any(d <= 0 for d in dims) or not np.isfinite(offset) or offset < 0:
+        raise InvalidVolume("the header declares no image")
+    return int(offset) + int(np.prod(dims, dtype=np.float64)) * int(itemsize)
 
 
 def _read_image(

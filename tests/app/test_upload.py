@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -55,10 +56,15 @@ def _chunkings(n: int) -> list[list[int]]:
     return [[n], [1] * 300 + [n], list(rng.integers(1, 70_000, n // 1000 + 10))]
 
 
+def _nifti(n_slices: int = 40, rng_seed: int = 1) -> bytes:
+    """An uncompressed NIfTI-1 of about 5 MB of compressible voxels."""
+    data = np.random.default_rng(rng_seed).integers(-1000, 400, (256, 256, n_slices)).astype(np.int16)
+    return bytes(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.5, 1.0]), dtype=np.int16).to_bytes())
+
+
 @pytest.mark.parametrize("chunking", [0, 1, 2], ids=["one-chunk", "bytewise-start", "random"])
 def test_gzip_members_and_raw_files_are_written_decoded_for_any_chunking(tmp_path: Path, chunking: int) -> None:
-    rng = np.random.default_rng(1)
-    raw = rng.integers(0, 40, 3_000_000, dtype=np.uint8).tobytes()  # compressible, several MiB out
+    raw = _nifti()
     cases = {
         "gzip": gzip.compress(raw, 6),
         "two-members": gzip.compress(raw[:1_000_000], 1) + gzip.compress(raw[1_000_000:], 6),
@@ -80,7 +86,9 @@ def test_empty_and_tiny_files_are_passed_through(tmp_path: Path, payload: bytes)
 
 
 def _gz(n: int = 2_000_000) -> bytes:
-    return gzip.compress(bytes(n))
+    """A gzipped NIfTI of about ``n`` bytes (header, then zero voxels)."""
+    data = np.zeros((100, 100, max(1, n // 20_000)), np.int16)
+    return gzip.compress(bytes(nib.Nifti1Image(data, np.eye(4), dtype=np.int16).to_bytes()))
 
 
 def _noisy_gz() -> bytes:
@@ -93,6 +101,8 @@ GIVE_UP = {
     "bad-crc": (_body(("file", "a.nii.gz", _gz()[:-8] + bytes(4) + _gz()[-4:])), {}),
     "trailing-junk": (_body(("file", "a.nii.gz", _gz() + b"junk")), {}),
     "over-decoded-limit": (_body(("file", "a.nii.gz", _gz())), {"max_decoded": 1_999_999}),
+    "bomb-after-the-header": (_body(("file", "a.nii.gz", gzip.compress(_nifti(4)[:-100] + bytes(50 << 20)))), {}),
+    "not-nifti": (_body(("file", "a.nii.gz", gzip.compress(bytes(10_000)))), {}),
     "over-upload-limit": (_body(("file", "a.nii", bytes(5000))), {"max_upload": 4999}),
     "two-files": (_body(("file", "a.nii", bytes(100)), ("file", "b.nii", bytes(100))), {}),
     "no-filename": (_body(("file", None, bytes(100))), {}),
@@ -105,9 +115,24 @@ GIVE_UP = {
 @pytest.mark.parametrize("case", list(GIVE_UP))
 def test_gives_up_and_leaves_nothing_on_anything_unusual(tmp_path: Path, case: str) -> None:
     body, limits = GIVE_UP[case]
-    got, dst = _decode(tmp_path, body, [65536] * (len(body) // 65536 + 1), **limits)
-    assert got is None
+    dst = tmp_path / "spool.upload"
+    dec = UploadDecoder(B, dst, limits.get("max_upload", 1 << 30), limits.get("max_decoded", 1 << 30))
+    written = []
+    real_write = dec._out.write
+
+    def spy(b: bytes | memoryview) -> int:
+        written.append(len(b))
+        return real_write(b)
+
+    dec._out.write = spy  # type: ignore[method-assign]
+    for i in range(0, len(body), 65536):
+        dec.feed(body[i : i + 65536])
+    dec.end()
+    assert dec.result.result(timeout=30) is None
+    dec.discard()
     assert not dst.exists()
+    # Never more on disk than the header declares, plus the slack (here about 0.5 MB of image).
+    assert sum(written) <= 2 << 20
 
 
 def test_abort_mid_upload_gives_up_and_discard_removes_the_file(tmp_path: Path) -> None:
