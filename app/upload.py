@@ -9,8 +9,9 @@ chunk of ``POST /segment`` to an :class:`UploadDecoder`, whose thread parses the
 It is only an optimisation, and never decides anything: Starlette still parses and validates
 the request as before, and the route uses the decoded file only if the decoder saw exactly one
 ``file`` part of the same size and decoded it completely within the limits. Otherwise (not
-gzip-framed as expected, corrupt, over a limit, a malformed body) the route spools the upload
-as Starlette received it, and the loader answers with the same error as always. The decoded file
+gzip-framed as expected, corrupt, not NIfTI, longer than its header declares, over a limit, a
+malformed body) the route spools the upload as Starlette received it, and the loader answers
+with the same error as always. The decoded file
 is an uncompressed NIfTI in the spool folder, so a queued request still costs disk, not memory;
 whatever the route doesn't claim is deleted when the request ends.
 """
@@ -30,7 +31,7 @@ from isal import isal_zlib
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from segcore.io import HEAD_BYTES, declared_file_bytes
+from segcore.io import GZIP_MAGIC, HEAD_BYTES, declared_file_bytes
 
 #: body bytes queued for the decoder before the server stops reading the socket and waits: the
 #: decoder's memory stays bounded when it is slower than the link (loopback)
@@ -66,9 +67,6 @@ def _submit(dec: UploadDecoder) -> None:
             t.start()
             _THREADS.append(t)
     _JOBS.put(dec)
-
-
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 class Busy(Exception):
