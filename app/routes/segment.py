@@ -20,6 +20,8 @@ from app.worker import Job
 
 router = APIRouter(tags=["segmentation"])
 DISCONNECT_POLL_S = 0.5
+#: longest wait for the decoder to finish once the body is in (it has at most 8 MiB left)
+DECODE_TAIL_TIMEOUT_S = 30.0
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d}
@@ -61,7 +63,11 @@ async def _decoded_upload(request: Request, file: UploadFile) -> tuple[Path | No
     dec: UploadDecoder | None = getattr(request.state, "upload_decoder", None)
     if dec is None:
         return None, 0
-    decoded = await asyncio.wrap_future(dec.result)  # usually done: the tail of the last chunk
+    try:  # usually done already, or within the last few MiB of the body
+        decoded = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(dec.result)), DECODE_TAIL_TIMEOUT_S)
+    except TimeoutError:
+        dec.abort()  # never wait on it: the plain path still has the upload
+        return None, 0
     if decoded is None or decoded.upload_bytes != file.size:
         return None, 0
     dec.claim()

@@ -5,6 +5,7 @@ answers exactly as without it."""
 from __future__ import annotations
 
 import gzip
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -182,4 +183,33 @@ def test_the_service_uses_the_decoded_upload_and_answers_as_without_it(
         monkeypatch.setattr(segment_route, "_spool", plain_spool)
         bad = c.post("/segment", files={"file": ("v.nii.gz", data[:-100])})
         assert_error(bad, bad_want.status_code, bad_want.json()["code"])
+        assert list((tmp_path / "on" / "results" / "spool").iterdir()) == []
+
+
+def test_a_decoder_that_lags_is_not_waited_for(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hu, aff, _ = make_volume(("R", "A", "S"))
+    data = write_nifti(tmp_path / "v.nii.gz", hu, aff).read_bytes()
+    slow_end = UploadDecoder._part_end
+
+    def lagging(self: UploadDecoder) -> None:
+        time.sleep(1.0)
+        slow_end(self)
+
+    calls = []
+    plain = segment_route._spool
+
+    def counted(*a: object, **k: object) -> int:
+        calls.append(1)
+        return plain(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(UploadDecoder, "_part_end", lagging)
+    monkeypatch.setattr(segment_route, "DECODE_TAIL_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(segment_route, "_spool", counted)
+    with _client(tmp_path, tiny_checkpoint, decode=True) as c:
+        r = c.post("/segment", files={"file": ("v.nii.gz", data)})
+        assert r.status_code == 200, r.text
+        assert calls == [1]  # the plain path answered
+        time.sleep(1.5)  # the decoder finishes later and its file is removed
         assert list((tmp_path / "on" / "results" / "spool").iterdir()) == []
