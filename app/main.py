@@ -29,7 +29,7 @@ from app.routes import health, segment
 from app.settings import Settings, get_settings
 from app.store import ResultStore
 from app.upload import UploadDecodeMiddleware, UploadDecoder, decoder_for
-from app.worker import InferenceWorker
+from app.worker import InferenceWorker, warm_pipeline
 from segcore.errors import CheckpointError
 from segcore.inference import Engine
 
@@ -48,6 +48,7 @@ def _load(settings: Settings) -> Engine:
     )
     if settings.warmup:
         engine.warmup()
+        warm_pipeline(engine, engine.meta.labels, settings.mask_compresslevel)
     return engine
 
 

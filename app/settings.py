@@ -69,7 +69,10 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated keys; empty = no auth"
     )
     log_level: str = Field("INFO", description="logging level")
-    warmup: bool = Field(True, description="run one forward pass before reporting ready")
+    warmup: bool = Field(
+        True,
+        description="run one whole job on a synthetic CT before reporting ready, so the first request is not slower",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

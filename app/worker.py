@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -29,7 +30,7 @@ from app.settings import Settings
 from app.store import ResultStore
 from segcore.checkpoint import CheckpointMeta, file_sha256
 from segcore.inference import Engine
-from segcore.io import encode_mask, load_volume
+from segcore.io import Volume, encode_mask, load_volume
 from segcore.stats import compute_statistics
 
 log = logging.getLogger("kitseg.worker")
@@ -66,6 +67,32 @@ def _release_frames(exc: BaseException) -> None:
         seen.add(id(cur))
         traceback.clear_frames(cur.__traceback__)
         cur = cur.__cause__ or cur.__context__
+
+
+def warm_pipeline(engine: Engine, labels: dict[int, str], compresslevel: int, slices: int = 64) -> None:
+    """One whole job (segment, statistics, encode) on a synthetic 512x512 CT before the service
+    reports ready, so that the first real request doesn't pay for lazy imports, first calls and
+    the allocator's first growth to request-sized buffers (docs/benchmarks.md, "First requests").
+
+    The volume is one chunk of slices (the engine's working set per chunk is the same at any
+    slice count); its statistics use a synthetic mask, since the model may find nothing in it.
+    """
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[-256:256, -256:256]
+    body = (yy / 170.0) ** 2 + (xx / 230.0) ** 2 < 1  # an abdomen-sized ellipse of soft tissue
+    hu = np.where(body, 40, -1000).astype(np.int16)[:, :, None] + rng.integers(-20, 20, (512, 512, slices), np.int16)
+    affine = np.diag([-0.78, -0.78, 2.5, 1.0])
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(hu.shape)
+    hdr.set_data_dtype(np.int16)
+    vol = Volume(stored=np.asfortranarray(hu), affine=affine, header=hdr, zooms=(0.78, 0.78, 2.5))
+    engine.predict(vol)
+    mask = np.zeros(hu.shape, np.uint8, order="F")
+    mask[150:210, 200:300, 10:40] = 1  # two kidneys, one with a tumor
+    mask[300:360, 200:300, 10:40] = 1
+    mask[160:180, 220:240, 20:30] = 2
+    compute_statistics(mask, vol, labels, None, None)
+    encode_mask(mask, vol, compresslevel=compresslevel)
 
 
 class JobCancelled(Exception):

@@ -53,6 +53,28 @@ def test_health_ready_model(tiny_client: TestClient) -> None:
     assert card["backend"] == ("onnxruntime" if onnxruntime_available() else "torch")
 
 
+def test_warmup_runs_a_whole_job_before_ready(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.worker as worker_module
+
+    seen: list[str] = []
+    for name in ("compute_statistics", "encode_mask"):
+        real = getattr(worker_module, name)
+
+        def spy(*a: object, _real=real, _name=name, **k: object) -> object:
+            seen.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(worker_module, name, spy)
+    app = create_app(make_settings(tmp_path, checkpoint=tiny_checkpoint, warmup=True))
+    with TestClient(app) as c:
+        assert c.get("/ready").json()["status"] == "ready"
+        assert seen == ["compute_statistics", "encode_mask"]  # before any request
+        assert list((tmp_path / "results" / "results").iterdir()) == []  # nothing stored
+        assert c.post("/segment", files={"file": ("v.nii.gz", _nifti_bytes(tmp_path))}).status_code == 200
+
+
 def test_mirror_backend_and_body_crop_settings_reach_the_engine(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
