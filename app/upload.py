@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures as cf
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from segcore.io import GZIP_MAGIC, HEAD_BYTES, declared_file_bytes
 #: body bytes queued for the decoder before the server stops reading the socket and waits: the
 #: decoder's memory stays bounded when it is slower than the link (loopback)
 BACKLOG_BYTES = 8 << 20
+#: longest the body's reading waits for the decoder to catch up before giving it up
+CATCH_UP_S = 10.0
 #: decoded bytes allowed past what the NIfTI header declares (the loader reads and discards them)
 TRAILING_SLACK = 1 << 20
 #: queued body bytes the decoder takes in one go when it has fallen behind
@@ -381,7 +384,11 @@ class UploadDecodeMiddleware:
                     dec.feed(body)
                 if not msg.get("more_body", False):
                     dec.end()
+                give_up = time.monotonic() + CATCH_UP_S
                 while dec.backlog > BACKLOG_BYTES and not dec.result.done():
+                    if time.monotonic() > give_up:  # a decoder this far behind isn't worth waiting for
+                        dec.abort()
+                        break
                     await asyncio.sleep(0.002)  # let the decoder catch up before reading on
             else:
                 dec.abort()

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import gzip
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import nibabel as nib
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from fastapi.testclient import TestClient
 import app.routes.segment as segment_route
 from app.main import create_app
 from app.upload import Decoded, UploadDecoder
-from tests.app.conftest import make_settings
+from tests.app.conftest import LiveServer, make_settings
 from tests.app.test_api import assert_error
 from tests.conftest import make_volume, write_nifti
 
@@ -213,3 +215,48 @@ def test_a_decoder_that_lags_is_not_waited_for(
         assert calls == [1]  # the plain path answered
         time.sleep(1.5)  # the decoder finishes later and its file is removed
         assert list((tmp_path / "on" / "results" / "spool").iterdir()) == []
+
+
+def test_reading_gives_up_on_a_decoder_that_cannot_catch_up(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.upload as upload_module
+
+    data = _nifti(n_slices=140)  # 18 MB, uncompressed: more than the decoder may fall behind by
+    assert len(data) > 2 * upload_module.BACKLOG_BYTES
+    real = UploadDecoder._part_data
+
+    def crawling(self: UploadDecoder, *a: object) -> None:
+        time.sleep(0.5)  # 4 MiB a call at most: about 8 MB/s
+        real(self, *a)  # type: ignore[arg-type]
+
+    calls = []
+    plain = segment_route._spool
+
+    def counted(*a: object, **k: object) -> int:
+        calls.append(1)
+        return plain(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(UploadDecoder, "_part_data", crawling)
+    monkeypatch.setattr(upload_module, "CATCH_UP_S", 0.2)
+    monkeypatch.setattr(segment_route, "_spool", counted)
+    s = make_settings(tmp_path, checkpoint=tiny_checkpoint, max_upload_bytes=32 << 20, max_decompressed_bytes=64 << 20)
+    body = _body(("file", "v.nii", data))
+
+    def pieces() -> Iterator[bytes]:  # as a socket delivers it: many chunks, not one
+        for i in range(0, len(body), 1 << 16):
+            yield body[i : i + (1 << 16)]
+
+    with LiveServer(create_app(s)) as srv:
+        t = time.perf_counter()
+        r = httpx.post(
+            f"{srv.url}/segment",
+            content=pieces(),
+            headers={"content-type": f"multipart/form-data; boundary={B.decode()}"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert calls == [1]  # the decoder was given up and the plain path answered
+        assert time.perf_counter() - t < 30
+        time.sleep(0.5)
+        assert list((tmp_path / "results" / "spool").iterdir()) == []
