@@ -4,6 +4,8 @@ fresh process so that its peak RSS is its own. Reports the server-side stage tim
 peak-RSS growth per input voxel, which must stay a small constant (no classes x voxels floats).
 The worker decompresses the upload here (``KITSEG_DECODE_DURING_UPLOAD=false``), as before
 session 18; ``bench_upload.py`` measures what decoding during the upload saves over a socket.
+Since session 18 the service's startup warm-up runs one whole job on a synthetic CT, so a
+"first request" here comes after it (the tables in docs/benchmarks.md were made before).
 The upload is one phantom abdomen over the N slices (``--volume tiled``: the volume used before
 session 17, one thick-slice phantom repeated along the slices).
 Each size runs ``--repeat`` times (3), each in its own process, and the table keeps the run with
