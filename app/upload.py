@@ -279,30 +279,22 @@ class UploadDecoder:
 
     def _inflate(self, data: memoryview | bytes) -> None:
         # One gzip member after another (pigz and bgzip write several); max_length bounds each
-        # call's output, and unconsumed_tail carries the input it didn't reach.
-        while len(data):
+        # call's output, and unconsumed_tail carries the input it didn't reach. A full output
+        # with no tail left may still have more pending: call again with the (empty) tail.
+        while True:
             if self._dec is None:
+                if not len(data):
+                    return
                 self._dec = isal_zlib.decompressobj(wbits=31)
             out = self._dec.decompress(data, MAX_CHUNK_OUT)
             self._write(out)
             if self._dec.eof:
                 data = self._dec.unused_data
                 self._dec = None
-            elif self._dec.unconsumed_tail:
+            elif self._dec.unconsumed_tail or len(out) == MAX_CHUNK_OUT:
                 data = self._dec.unconsumed_tail
-            elif len(out) == MAX_CHUNK_OUT:
-                data = b""
-                while True:  # output may still be pending with all input consumed
-                    more = self._dec.decompress(b"", MAX_CHUNK_OUT)
-                    self._write(more)
-                    if self._dec.eof:
-                        data = self._dec.unused_data
-                        self._dec = None
-                        break
-                    if len(more) < MAX_CHUNK_OUT:
-                        break
             else:
-                data = b""
+                return
 
     def _write(self, out: bytes | memoryview) -> None:
         if not out:
