@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.types import Scope
 
 import segcore
@@ -145,10 +146,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store: ResultStore | None = getattr(app.state, "store", None)
         if not s.decode_during_upload or store is None or not getattr(app.state, "ready", False):
             return None
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = Headers(scope=scope)
         if not api_key_ok(headers, s):  # no work for requests that will get 401
             return None
-        return decoder_for(scope, store.spool_path, s.max_upload_bytes, s.max_decompressed_bytes)
+        return decoder_for(
+            headers.get("content-type", ""), store.spool_path, s.max_upload_bytes, s.max_decompressed_bytes
+        )
 
     # Inside the request-context middleware, so the decoder sees the body only after its size
     # and time limits.

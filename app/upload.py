@@ -331,12 +331,11 @@ class UploadDecoder:
 
 
 def decoder_for(
-    scope: Scope, dst: Callable[[], Path], max_upload_bytes: int, max_decoded_bytes: int
+    content_type: str, dst: Callable[[], Path], max_upload_bytes: int, max_decoded_bytes: int
 ) -> UploadDecoder | None:
-    """A decoder for this request's body, or None when it isn't ``multipart/form-data`` with a
-    usable boundary (Starlette will refuse it; nothing to do here)."""
-    ctype = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-type"), b"")
-    kind, options = parse_options_header(ctype)
+    """A decoder for a body of ``content_type``, or None when it isn't ``multipart/form-data``
+    with a usable boundary (Starlette will refuse it; nothing to do here)."""
+    kind, options = parse_options_header(content_type)
     boundary = options.get(b"boundary", b"")
     if kind != b"multipart/form-data" or not 1 <= len(boundary) <= 200:
         return None
