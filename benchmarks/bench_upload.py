@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,19 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_e2e import render, update_section  # noqa: E402
+from benchmarks.load_test import _status_kb, start_service  # noqa: E402
 
 BOUNDARY = "kitsegbenchboundary"
 PIECE = 1 << 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(decode: bool, tmp: Path, device: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
     env = {
         **os.environ,
         "KITSEG_DECODE_DURING_UPLOAD": "true" if decode else "false",
@@ -60,19 +53,7 @@ def _serve(decode: bool, tmp: Path, device: str) -> tuple[subprocess.Popen[bytes
         "KITSEG_RESULT_DIR": str(tmp / ("on" if decode else "off")),
         "KITSEG_LOG_LEVEL": "WARNING",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.serve", "--port", str(port)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the service did not become ready")
+    return start_service(env, quiet=True)
 
 
 def _body(payload: bytes) -> bytes:
@@ -81,13 +62,6 @@ def _body(payload: bytes) -> bytes:
         "Content-Type: application/octet-stream\r\n\r\n"
     ).encode()
     return head + payload + f"\r\n--{BOUNDARY}--\r\n".encode()
-
-
-def _status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 def _send(url: str, body: bytes, mbps: float, pid: int) -> dict[str, Any]:

@@ -44,6 +44,31 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
+def start_service(env: dict[str, str], quiet: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """``kitseg-serve`` on a free 127.0.0.1 port with ``env``, once it answers ``/ready``; its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.DEVNULL if quiet else None,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise SystemExit("server did not become ready")
+        time.sleep(0.3)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=48)
@@ -58,9 +83,6 @@ def main() -> int:
     hu, seg, sp = make_phantom(np.random.default_rng(3), inplane=a.inplane)
     write_kits_case(tmp / "case", hu, seg, sp)
     payload = (tmp / "case" / "imaging.nii.gz").read_bytes()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {
         **os.environ,
         "KITSEG_RESULT_DIR": str(tmp / "results"),
@@ -70,19 +92,8 @@ def main() -> int:
     }
     if not a.checkpoint:
         env.pop("KITSEG_CHECKPOINT")
-    proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port)], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_service(env)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.3)
         base_rss = _status_kb(proc.pid, "VmRSS") / 1024
 
         def one(i: int) -> tuple[int, float, str | None]:
