@@ -26,7 +26,10 @@ class Settings(BaseSettings):
         None, description="checkpoint (.safetensors) to serve; unset = the bundled demo model"
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto picks CUDA when available")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX), fp32 on other CPUs",
+    )
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto",
         description="auto: ONNX Runtime for fp32 on CPU when the onnx extra is installed (1.05-1.4x faster model "

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from segcore.inference import cpu_bf16_fast
 from segcore.ort import onnxruntime_available
 from tests.app.conftest import make_settings
 from tests.conftest import ORIENTATIONS, make_volume, write_nifti
@@ -49,8 +50,11 @@ def test_health_ready_model(tiny_client: TestClient) -> None:
     }
     assert card["mirror"] is True  # nnU-Net-style test-time mirroring is the default
     assert card["body_crop"] is True
-    # auto: ONNX Runtime on CPU when the onnx extra is installed (setup.sh installs it)
-    assert card["backend"] == ("onnxruntime" if onnxruntime_available() else "torch")
+    # auto: bf16 through torch on a CPU with native bf16; elsewhere fp32, through ONNX Runtime
+    # when the onnx extra is installed (setup.sh installs it)
+    bf16 = cpu_bf16_fast()
+    assert card["precision"] == ("bf16" if bf16 else "fp32")
+    assert card["backend"] == ("onnxruntime" if onnxruntime_available() and not bf16 else "torch")
 
 
 def test_warmup_runs_a_whole_job_before_ready(

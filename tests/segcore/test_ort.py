@@ -80,14 +80,28 @@ def test_onnxruntime_engine_gives_the_torch_engines_mask(name: str, oblique: flo
 
 
 @needs_ort
-def test_auto_backend_is_onnxruntime_for_fp32_on_cpu_only() -> None:
+def test_auto_backend_is_onnxruntime_for_fp32_on_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = UNetConfig(in_slices=1, base_width=4, depth=2)
     net, meta = UNet(cfg), _meta(cfg, None)
     assert Engine(net, meta, CPU, precision="fp32").backend == "onnxruntime"
-    assert Engine(net, meta, CPU, precision="auto").backend == "onnxruntime"  # auto = fp32 on CPU
+    # precision auto: fp32 (so onnxruntime) on a CPU without native bf16, bf16 (so torch) with it.
+    for fast, precision, backend in ((False, "fp32", "onnxruntime"), (True, "bf16", "torch")):
+        monkeypatch.setattr(segcore.inference, "cpu_bf16_fast", lambda fast=fast: fast)
+        eng = Engine(net, meta, CPU, precision="auto")
+        assert (eng.precision, eng.backend) == (precision, backend)
     assert Engine(net, meta, CPU, precision="bf16").backend == "torch"
     with pytest.raises(ValueError, match="fp32 on CPU only"):
         Engine(net, meta, CPU, precision="bf16", backend="onnxruntime")
+
+
+def test_cpu_bf16_fast_needs_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without AVX-512 BF16 or AMX, oneDNN's bf16 is emulated (AVX-512) or absent (AVX2): never "fast".
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert segcore.inference.cpu_bf16_fast() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert segcore.inference.cpu_bf16_fast() is bool(onednn)
 
 
 def test_backend_choice_without_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
