@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import segcore
 from segcore.checkpoint import KITS19_LABELS, KITS23_LABELS, CheckpointMeta, save_checkpoint, unwrap
-from segcore.inference import Engine
+from segcore.inference import Engine, cpu_bf16_fast
 from segcore.io import load_labels, load_volume
 from segcore.metrics import kits19, kits23, pixel_accuracy, summarize, tumor_sizes
 from segcore.postprocess import PostprocessConfig
@@ -249,6 +249,28 @@ def tune_cpu_malloc() -> bool:
     return bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok)
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA, ``off`` (fp32) on a CPU.
+
+    bf16 on a CPU is opt-in: on a CPU with native bf16 (:func:`segcore.inference.cpu_bf16_fast`:
+    AVX-512 BF16 or AMX) a step runs 1.9-2.3x faster, but both phantom recipes trained that way
+    scored lower on the development sets than in fp32 (docs/training.md, session 19). Elsewhere
+    bf16 convolutions are emulated or take a slow path, so asking for it there logs a warning.
+    """
+    if amp not in ("auto", "off", *AMP_DTYPES):
+        raise ValueError(f"amp must be auto, off, bf16 or fp16, got {amp!r}")
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "off"
+    if amp == "bf16" and device.type == "cpu" and not cpu_bf16_fast():
+        log.warning("--amp bf16 on a CPU without native bf16 (AVX-512 BF16 or AMX): expect it to be slower than fp32")
+    elif amp == "fp16" and device.type == "cpu":
+        log.warning("--amp fp16 on a CPU: a test path (with the gradient scaler), not a fast one")
+    return amp
+
+
 def choose_memory_format(
     model: nn.Module,
     batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
@@ -256,6 +278,7 @@ def choose_memory_format(
     requested: str = "auto",
     margin: float = 0.1,
     reps: int = 2,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[torch.memory_format, dict[str, float]]:
     """The memory format to train in: channels_last or contiguous (NCHW).
 
@@ -263,7 +286,7 @@ def choose_memory_format(
     on the shape: on the 2-core AVX2 development CPU, channels_last was 5-10 % faster for
     16 x 96 x 96 patches and 12-30 % slower for 4 x 512 x 512 slices. So ``auto`` on a CPU times
     forward + backward of a throw-away copy of the model on one real batch (``batch()``, called
-    only then) in each format, one warm-up each and then best of ``reps`` in alternating rounds,
+    only then) in each format, under the run's autocast (``amp_dtype``), one warm-up each and then best of ``reps`` in alternating rounds,
     and takes NCHW only when it is faster by more than ``margin``: timing noise cannot flip the
     choice between formats that are about as fast, which keeps runs reproducible. The torch RNG
     state is restored afterwards.
@@ -290,7 +313,9 @@ def choose_memory_format(
         for i in range(reps + 1):
             for name, (m, xx) in runs.items():
                 t0 = time.perf_counter()
-                loss, _ = dice_ce_loss(m(xx), y)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    logits = m(xx)
+                loss, _ = dice_ce_loss(logits, y)
                 loss.backward()
                 if i:
                     times[name] = min(times[name], time.perf_counter() - t0)
@@ -521,8 +546,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     # Only rank 0 times the formats (the others would compete with it for the same cores); every
     # rank trains in its choice.
+    amp = resolve_amp(cfg.amp, device)
+    amp_dtype = AMP_DTYPES.get(amp)
     fmt, fmt_times = (
-        choose_memory_format(model, lambda: first_batch(ds, cfg.batch_size), device, cfg.memory_format)
+        choose_memory_format(
+            model, lambda: first_batch(ds, cfg.batch_size), device, cfg.memory_format, amp_dtype=amp_dtype
+        )
         if ddp.main
         else (torch.channels_last, {})
     )
@@ -536,8 +565,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if ddp.main:
         timed = ", ".join(f"{k} {v:.3f}s" for k, v in fmt_times.items())
         log.info(
-            "training in %s%s; glibc malloc tuning %s",
+            "training in %s, amp %s%s; glibc malloc tuning %s",
             "channels_last" if use_cl else "NCHW",
+            amp,
             f" (one step: {timed})" if timed else "",
             "on" if malloc_tuned else "off",
         )
@@ -586,10 +616,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if ddp.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    amp = cfg.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     provenance = {
@@ -604,6 +630,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "val_cases": [c.case_id for c in val_cases],
         "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
         "memory_format": memory_format_name(fmt),
+        "amp": amp,
         "malloc_tuned": malloc_tuned,
     }
     log_path = out / "metrics.jsonl"

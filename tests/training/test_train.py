@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import logging
 import os
 import platform
 import shutil
@@ -18,7 +19,14 @@ from segcore.preprocessing import preprocess_case
 from segcore.unet import UNet, UNetConfig
 from training.cli import _one_phantom, main
 from training.datasets import CaseCache, SliceDataset, find_cases, split_cases, tumor_components
-from training.train import DeepSupervision, choose_memory_format, deep_supervision_loss, dice_ce_loss, plain_unet
+from training.train import (
+    DeepSupervision,
+    choose_memory_format,
+    deep_supervision_loss,
+    dice_ce_loss,
+    plain_unet,
+    resolve_amp,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -254,6 +262,38 @@ def test_train_under_autocast_with_deep_supervision(amp: str, tmp_path: Path) ->
     assert np.isfinite(row["train_loss"]) and row["train_loss"] > 0
     _, meta = load_checkpoint(run / "best.safetensors")
     assert meta.provenance["train_config"]["amp"] == amp
+    assert meta.provenance["amp"] == amp
+
+
+def test_amp_auto_is_bf16_on_cuda_and_fp32_on_any_cpu(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import training.train as tt
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for fast in (True, False):
+        # Even with native bf16: on the development sets bf16 training scored lower (session 19).
+        monkeypatch.setattr(tt, "cpu_bf16_fast", lambda fast=fast: fast)
+        assert resolve_amp("auto", cpu) == "off"
+        assert resolve_amp("auto", cuda) == "bf16"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="training.train"):
+            assert resolve_amp("off", cpu) == "off" and resolve_amp("bf16", cpu) == "bf16"
+        assert ("without native bf16" in caplog.text) is not fast
+    assert resolve_amp("fp16", cuda) == "fp16" and resolve_amp("fp16", cpu) == "fp16"
+    with pytest.raises(ValueError, match="amp must be"):
+        resolve_amp("fp8", cpu)
+
+
+def test_train_records_the_amp_that_auto_resolved_to(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import training.train as tt
+
+    monkeypatch.setattr(tt, "cpu_bf16_fast", lambda: True)
+    args, run = _tiny_depth4_run(tmp_path, "auto")
+    assert main(args) == 0
+    _, meta = load_checkpoint(run / "best.safetensors")
+    assert meta.provenance["train_config"]["amp"] == "auto"
+    assert meta.provenance["amp"] == "off"
 
 
 def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_path: Path) -> None:
@@ -455,3 +495,29 @@ def test_memory_format_choice() -> None:
     # Timing trains a copy: the model and the RNG stream are untouched.
     assert torch.equal(model.down[0][0].weight, w) and model.down[0][0].weight.grad is None
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+_AUTOCAST_SEEN: list[torch.dtype | None] = []
+
+
+class _AutocastSpy(torch.nn.Module):
+    """A 1x1 conv that records whether each forward ran under CPU autocast, and in which dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        on = torch.is_autocast_enabled("cpu")
+        _AUTOCAST_SEEN.append(torch.get_autocast_dtype("cpu") if on else None)
+        return self.conv(x)
+
+
+def test_memory_format_choice_times_under_the_runs_autocast() -> None:
+    # The format that is faster in fp32 need not be the faster one in bf16 (oneDNN's bf16 kernels
+    # want channels_last), so the timing runs under the autocast the run will train with.
+    batch = (torch.randn(2, 1, 8, 8), torch.randint(0, 3, (2, 8, 8)))
+    for amp_dtype in (None, torch.bfloat16):
+        _AUTOCAST_SEEN.clear()
+        choose_memory_format(_AutocastSpy(), lambda: batch, torch.device("cpu"), "auto", amp_dtype=amp_dtype)
+        assert _AUTOCAST_SEEN[:] == [amp_dtype] * 6  # a warm-up and 2 reps, in each format
