@@ -42,15 +42,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_e2e import update_section  # noqa: E402
+from benchmarks.bench_engine import machine  # noqa: E402
+from segcore.inference import cpu_bf16_fast  # noqa: E402
 from segcore.preprocessing import PreprocessConfig  # noqa: E402
 from segcore.unet import UNet, UNetConfig  # noqa: E402
 from training.datasets import Augment, CaseCache, SliceDataset, find_cases, write_kits_case  # noqa: E402
 from training.synth import make_phantom  # noqa: E402
 from training.train import (  # noqa: E402
+    AMP_DTYPES,
     choose_memory_format,
     dice_ce_loss,
     first_batch,
     memory_format_name,
+    resolve_amp,
     tune_cpu_malloc,
 )
 
@@ -88,7 +92,8 @@ def ours(
     patch: int,
     spacing: float | None,
     batch: int,
-) -> dict[str, float]:
+    amp: str = "auto",
+) -> dict[str, float | str]:
     cfg = PreprocessConfig(target_spacing_mm=(spacing, spacing) if spacing else None)
     cc = CaseCache(cache, cfg, 3)
     # Built once, as before a real run's first epoch; not timed.
@@ -96,8 +101,10 @@ def ours(
     ds = SliceDataset(arrays, context=1, patch=patch, length=steps * batch, fg_fraction=0.6, augment=Augment(), seed=0)
     loader = DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True, persistent_workers=workers > 0)
     model = UNet(UNetConfig(in_slices=3, num_classes=3, base_width=base, depth=4)).to(device).train()
+    amp = resolve_amp(amp, device)  # as training.train does: auto is bf16 on CUDA, fp32 on a CPU
+    dtype = AMP_DTYPES.get(amp)
     t_fmt = time.perf_counter()
-    fmt, _ = choose_memory_format(model, lambda: first_batch(ds, batch), device)  # as training.train does
+    fmt, _ = choose_memory_format(model, lambda: first_batch(ds, batch), device, amp_dtype=dtype)
     t_fmt = time.perf_counter() - t_fmt
     model = model.to(memory_format=fmt)  # type: ignore[call-overload]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -107,7 +114,9 @@ def ours(
     n = pixels = 0
     for _ in range(steps - 1):
         x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
-        loss, _ = dice_ce_loss(model(x), y)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        loss, _ = dice_ce_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -120,6 +129,7 @@ def ours(
         "slices_per_s": n / dt,
         "mpix_per_s": pixels / dt / 1e6,
         "memory_format": memory_format_name(fmt),
+        "amp": amp,
         "format_choice_s": t_fmt,  # once per run, before the first step; not in the throughput
     }
 
@@ -140,7 +150,7 @@ def main() -> int:
         hu, seg, sp = make_phantom(np.random.default_rng(100 + i), inplane=512)
         write_kits_case(tmp / "data" / f"case_{i:05d}", hu, seg, sp)
     cases = sorted((tmp / "data").iterdir())
-    res: dict = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    res: dict = {"device": str(device), "machine": machine()}
     res["base_width"] = a.base_width
     res["naive"] = naive(cases, a.steps, a.base_width, device)
     # The naive loop's own shape: 4 whole 512x512 slices at native spacing per step, so the
@@ -151,6 +161,10 @@ def main() -> int:
     # The demo recipe (docs/training.md): 96x96 patches at 2.0 mm, batch 16.
     res["ours"] = ours(tmp / "data", tmp / "cache", a.steps, a.base_width, device, a.workers, 96, 2.0, 16)
     res["ours_same_shape"] = ours(*same)
+    if device.type == "cpu" and cpu_bf16_fast():
+        # Opt-in on a CPU (--amp bf16): faster where the CPU has native bf16, but both phantom
+        # recipes trained this way scored lower on the development sets (docs/training.md).
+        res["ours_same_shape_bf16"] = ours(*same, amp="bf16")
     if res["malloc_tuned"]:
         res["naive_tuned_malloc"] = naive(cases, a.steps, a.base_width, device)
         res["ratio_same_shape_vs_naive_tuned_malloc"] = (
@@ -166,20 +180,31 @@ def main() -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
     n, o, d, ss = res["naive"], res["ours"], res["ours_same_shape_default_malloc"], res["ours_same_shape"]
+    m = res["machine"]
     md = [
         f"## Training throughput ({res['device']}, base {a.base_width}, {a.steps} steps each, {a.cases} 512x512 phantoms)",
         "",
-        "| loop | memory format | slices/s | input Mpixel/s | ratio to naive |",
-        "|---|---|---|---|---|",
-        f"| naive (nibabel load per step, float64, 4 x 512x512, 1 slice in; glibc malloc defaults) | NCHW | {n['slices_per_s']:.2f} | {n['mpix_per_s']:.2f} | 1 |",
-        f"| kitseg at the naive loop's shape (memmap cache, 4 x 512x512 native, 3 slices in), glibc malloc defaults | {d['memory_format']} | {d['slices_per_s']:.2f} | {d['mpix_per_s']:.2f} | {res['ratio_same_shape_default_malloc']:.2f}x |",
-        f"| **kitseg at the naive loop's shape, as shipped** (trainer's malloc setting{' on' if res['malloc_tuned'] else ': not applied'}) | {ss['memory_format']} | {ss['slices_per_s']:.2f} | {ss['mpix_per_s']:.2f} | **{res['ratio_same_shape']:.2f}x** |",
-        f"| kitseg, demo recipe (16 x 96x96 patches at 2.0 mm, 3 slices in), as shipped | {o['memory_format']} | {o['slices_per_s']:.2f} | {o['mpix_per_s']:.2f} | {res['ratio_slices']:.1f}x slices/s, {res['ratio_mpix']:.2f}x Mpixel/s |",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), CPU capability "
+        f"{m['cpu_capability']}, native bf16 {'yes' if m['cpu_bf16_fast'] else 'no'}; GPU {m['cuda'] or 'none'}.",
+        "",
+        "| loop | memory format | amp | slices/s | input Mpixel/s | ratio to naive |",
+        "|---|---|---|---|---|---|",
+        f"| naive (nibabel load per step, float64, 4 x 512x512, 1 slice in; glibc malloc defaults) | NCHW | off | {n['slices_per_s']:.2f} | {n['mpix_per_s']:.2f} | 1 |",
+        f"| kitseg at the naive loop's shape (memmap cache, 4 x 512x512 native, 3 slices in), glibc malloc defaults | {d['memory_format']} | {d['amp']} | {d['slices_per_s']:.2f} | {d['mpix_per_s']:.2f} | {res['ratio_same_shape_default_malloc']:.2f}x |",
+        f"| **kitseg at the naive loop's shape, as shipped** (trainer's malloc setting{' on' if res['malloc_tuned'] else ': not applied'}) | {ss['memory_format']} | {ss['amp']} | {ss['slices_per_s']:.2f} | {ss['mpix_per_s']:.2f} | **{res['ratio_same_shape']:.2f}x** |",
     ]
+    if "ours_same_shape_bf16" in res:
+        f = res["ours_same_shape_bf16"]
+        md.append(
+            f"| the same with `--amp bf16` (opt-in on a CPU: lower development scores, docs/training.md) | {f['memory_format']} | bf16 | {f['slices_per_s']:.2f} | {f['mpix_per_s']:.2f} | {f['slices_per_s'] / n['slices_per_s']:.2f}x |"
+        )
+    md.append(
+        f"| kitseg, demo recipe (16 x 96x96 patches at 2.0 mm, 3 slices in), as shipped | {o['memory_format']} | {o['amp']} | {o['slices_per_s']:.2f} | {o['mpix_per_s']:.2f} | {res['ratio_slices']:.1f}x slices/s, {res['ratio_mpix']:.2f}x Mpixel/s |"
+    )
     if "naive_tuned_malloc" in res:
         t = res["naive_tuned_malloc"]
         md.append(
-            f"| naive, with the trainer's malloc setting (for comparison: what the allocator alone gives) | NCHW | {t['slices_per_s']:.2f} | {t['mpix_per_s']:.2f} | {t['slices_per_s'] / n['slices_per_s']:.2f}x (kitseg as shipped: {res['ratio_same_shape_vs_naive_tuned_malloc']:.2f}x this) |"
+            f"| naive, with the trainer's malloc setting (for comparison: what the allocator alone gives) | NCHW | off | {t['slices_per_s']:.2f} | {t['mpix_per_s']:.2f} | {t['slices_per_s'] / n['slices_per_s']:.2f}x (kitseg as shipped: {res['ratio_same_shape_vs_naive_tuned_malloc']:.2f}x this) |"
         )
     md += [
         "",

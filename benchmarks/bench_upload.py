@@ -44,16 +44,24 @@ BOUNDARY = "kitsegbenchboundary"
 PIECE = 1 << 20
 
 
-def _serve(decode: bool, tmp: Path, device: str) -> tuple[subprocess.Popen[bytes], str]:
+def _serve(decode: bool, tmp: Path, device: str, precision: str) -> tuple[subprocess.Popen[bytes], str]:
     env = {
         **os.environ,
         "KITSEG_DECODE_DURING_UPLOAD": "true" if decode else "false",
         "KITSEG_MIRROR": "false",
         "KITSEG_DEVICE": device,
+        "KITSEG_PRECISION": precision,
         "KITSEG_RESULT_DIR": str(tmp / ("on" if decode else "off")),
         "KITSEG_LOG_LEVEL": "WARNING",
     }
     return start_service(env, quiet=True)
+
+
+def _cpu_model() -> str:
+    from benchmarks.bench_engine import machine
+
+    m = machine()
+    return f"{m['cpu']}, {m['cores']} cores, capability {m['cpu_capability']}, native bf16 {'yes' if m['cpu_bf16_fast'] else 'no'}"
 
 
 def _body(payload: bytes) -> bytes:
@@ -108,6 +116,7 @@ def main() -> int:
     ap.add_argument("--mbps", type=float, nargs="+", default=[0, 1000], help="link speeds; 0 = unpaced loopback")
     ap.add_argument("--repeat", type=int, default=3, help="requests per setting, on and off in turns")
     ap.add_argument("--device", default="cpu", help="the services' KITSEG_DEVICE (cpu, cuda)")
+    ap.add_argument("--precision", default="auto", help="the services' KITSEG_PRECISION (auto, fp32, bf16)")
     ap.add_argument(
         "--fresh",
         action="store_true",
@@ -122,10 +131,13 @@ def main() -> int:
         tmp = Path(tmpdir)
         body = _body(render(a.slices, "one", tmp).read_bytes())
         servers: dict[bool, tuple[subprocess.Popen[bytes], str]] = {}
+        engine: dict[bool, str] = {}  # precision and backend, as /model reports them
 
         def start() -> None:
             for decode in (True, False):
-                servers[decode] = _serve(decode, tmp, a.device)
+                servers[decode] = _serve(decode, tmp, a.device, a.precision)
+                card = httpx.get(f"{servers[decode][1]}/model").json()
+                engine[decode] = f"{card['precision']} {card['backend']}"
             if not a.fresh:
                 for proc, url in servers.values():  # one request each first: allocator and thread pools
                     _send(url, body, 0, proc.pid)
@@ -185,9 +197,16 @@ def main() -> int:
     def med(xs: list[float]) -> float:
         return float(statistics.median(xs))
 
-    heading = "## Decoding during the upload" + (", first requests of fresh processes" if a.fresh else "")
+    (model,) = set(engine.values())
+    heading = (
+        "## Decoding during the upload"
+        + (", first requests of fresh processes" if a.fresh else "")
+        + f" (POST /segment over 127.0.0.1, {a.device}, {model},"
+    )
     md = [
-        f"{heading} (POST /segment over 127.0.0.1, {a.device}, single pass)",
+        f"{heading} single pass)",
+        "",
+        f"Machine: {_cpu_model()}; model stage in {model} (the services' `/model`).",
         "",
         f"`python benchmarks/bench_upload.py`: the {rows[0]['upload_mb']:.1f} MB upload of {a.slices} slices to two "
         f"services, decoding on and off, in turns, {a.repeat} requests each per link speed (0 = unpaced loopback), "
@@ -220,7 +239,7 @@ def main() -> int:
             xs = r[f"{k}_of_each"]
             cells.append(f"{fmt(k, med(xs))} ({', '.join(fmt(k, x) for x in xs)})")
         md.append(f"| {r['mbps']:.0f} | {'on' if r['decode_during_upload'] else 'off'} | " + " | ".join(cells) + " |")
-    update_section(ROOT / "docs" / "benchmarks.md", heading + " (", "\n".join(md))
+    update_section(ROOT / "docs" / "benchmarks.md", heading, "\n".join(md))
     return 0
 
 
