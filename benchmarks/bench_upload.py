@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_e2e import render, update_section  # noqa: E402
+from benchmarks.bench_engine import machine  # noqa: E402
 from benchmarks.load_test import _status_kb, start_service  # noqa: E402
 
 BOUNDARY = "kitsegbenchboundary"
@@ -58,8 +59,6 @@ def _serve(decode: bool, tmp: Path, device: str, precision: str) -> tuple[subpro
 
 
 def _cpu_model() -> str:
-    from benchmarks.bench_engine import machine
-
     m = machine()
     return f"{m['cpu']}, {m['cores']} cores, capability {m['cpu_capability']}, native bf16 {'yes' if m['cpu_bf16_fast'] else 'no'}"
 

@@ -284,12 +284,13 @@ def choose_memory_format(
 
     channels_last suits tensor cores, so CUDA always gets it under ``auto``. On a CPU it depends
     on the shape: on the 2-core AVX2 development CPU, channels_last was 5-10 % faster for
-    16 x 96 x 96 patches and 12-30 % slower for 4 x 512 x 512 slices. So ``auto`` on a CPU times
-    forward + backward of a throw-away copy of the model on one real batch (``batch()``, called
-    only then) in each format, under the run's autocast (``amp_dtype``), one warm-up each and then best of ``reps`` in alternating rounds,
-    and takes NCHW only when it is faster by more than ``margin``: timing noise cannot flip the
-    choice between formats that are about as fast, which keeps runs reproducible. The torch RNG
-    state is restored afterwards.
+    16 x 96 x 96 patches and 12-30 % slower for 4 x 512 x 512 slices (on session 19's AMX CPU it
+    was faster for both). So ``auto`` on a CPU times forward + backward of a throw-away copy of
+    the model on one real batch (``batch()``, called only then) in each format, under the run's
+    autocast (``amp_dtype``: oneDNN's bf16 kernels favour channels_last), one warm-up each and
+    then best of ``reps`` in alternating rounds, and takes NCHW only when it is faster by more
+    than ``margin``: timing noise cannot flip the choice between formats that are about as fast,
+    which keeps runs reproducible. The torch RNG state is restored afterwards.
 
     Returns:
         (format, seconds per step for each format timed; empty when nothing was timed).
@@ -544,10 +545,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         drop_last=True,
         persistent_workers=cfg.workers > 0,
     )
-    # Only rank 0 times the formats (the others would compete with it for the same cores); every
-    # rank trains in its choice.
     amp = resolve_amp(cfg.amp, device)
     amp_dtype = AMP_DTYPES.get(amp)
+    # Only rank 0 times the formats (the others would compete with it for the same cores); every
+    # rank trains in its choice.
     fmt, fmt_times = (
         choose_memory_format(
             model, lambda: first_batch(ds, cfg.batch_size), device, cfg.memory_format, amp_dtype=amp_dtype
