@@ -73,6 +73,15 @@ def machine() -> dict[str, object]:
     }
 
 
+def machine_line(m: dict[str, object]) -> str:
+    """:func:`machine` in one line, for the Markdown reports."""
+    bf16 = "yes" if m["cpu_bf16_fast"] else "no"
+    return (
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), CPU capability "
+        f"{m['cpu_capability']}, native bf16 {bf16}; GPU {m['cuda'] or 'none'}"
+    )
+
+
 def peak_gflops(rounds: int = 5) -> dict[str, float]:
     """The best of ``rounds`` short timings of each kernel: a peak, so the best, not the mean
     (on a shared machine a single timing can land in someone else's burst)."""

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_e2e import update_section  # noqa: E402
-from benchmarks.bench_engine import machine  # noqa: E402
+from benchmarks.bench_engine import machine, machine_line  # noqa: E402
 from segcore.inference import cpu_bf16_fast  # noqa: E402
 from segcore.preprocessing import PreprocessConfig  # noqa: E402
 from segcore.unet import UNet, UNetConfig  # noqa: E402
@@ -184,8 +184,7 @@ def main() -> int:
     md = [
         f"## Training throughput ({res['device']}, base {a.base_width}, {a.steps} steps each, {a.cases} 512x512 phantoms)",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), CPU capability "
-        f"{m['cpu_capability']}, native bf16 {'yes' if m['cpu_bf16_fast'] else 'no'}; GPU {m['cuda'] or 'none'}.",
+        f"Machine: {machine_line(m)}.",
         "",
         "| loop | memory format | amp | slices/s | input Mpixel/s | ratio to naive |",
         "|---|---|---|---|---|---|",

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_e2e import render, update_section  # noqa: E402
-from benchmarks.bench_engine import machine  # noqa: E402
+from benchmarks.bench_engine import machine, machine_line  # noqa: E402
 from benchmarks.load_test import _status_kb, start_service  # noqa: E402
 
 BOUNDARY = "kitsegbenchboundary"
@@ -56,11 +56,6 @@ def _serve(decode: bool, tmp: Path, device: str, precision: str) -> tuple[subpro
         "KITSEG_LOG_LEVEL": "WARNING",
     }
     return start_service(env, quiet=True)
-
-
-def _cpu_model() -> str:
-    m = machine()
-    return f"{m['cpu']}, {m['cores']} cores, capability {m['cpu_capability']}, native bf16 {'yes' if m['cpu_bf16_fast'] else 'no'}"
 
 
 def _body(payload: bytes) -> bytes:
@@ -205,7 +200,7 @@ def main() -> int:
     md = [
         f"{heading} single pass)",
         "",
-        f"Machine: {_cpu_model()}; model stage in {model} (the services' `/model`).",
+        f"Machine: {machine_line(machine())}; model stage in {model} (the services' `/model`).",
         "",
         f"`python benchmarks/bench_upload.py`: the {rows[0]['upload_mb']:.1f} MB upload of {a.slices} slices to two "
         f"services, decoding on and off, in turns, {a.repeat} requests each per link speed (0 = unpaced loopback), "
