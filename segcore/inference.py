@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from segcore.preprocessing import (
     model_slices,
     outputs_reading,
 )
-from segcore.unet import UNet, fold_batch_norm
+from segcore.unet import UNet, fold_batch_norm, padded_call
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,56 @@ def cpu_bf16_fast() -> bool:
         or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     )
     return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class CompiledUNet:
+    """A U-Net whose padded network runs through ``torch.compile`` (inductor, dynamic shapes,
+    frozen weights), called like the module.
+
+    Padding to the pooling multiple and the crop back stay outside the compiled graph (as around
+    ONNX Runtime, :func:`segcore.unet.padded_call`), so the graph has no shape-dependent branch;
+    inputs are brought to one memory format, and a batch of one slice runs as two, because
+    dynamo specialises on size 1. So one graph serves every batch size and window the engine
+    makes, and :meth:`Engine.warmup` pays its compile once.
+
+    If compiling or running the compiled graph fails (no C++ compiler for inductor's CPU code,
+    say), it logs the error once and runs eagerly from then on: the same numbers, slower.
+    Out-of-memory errors propagate, for the caller's retry with a smaller batch.
+    """
+
+    def __init__(self, net: UNet, channels_last: bool) -> None:
+        self.net = net
+        self.config = net.config
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = torch.compile(
+            net.forward_padded, dynamic=True, options={"freezing": True}
+        )
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = x.contiguous(memory_format=self.memory_format)
+        if n == 1:
+            x = torch.cat([x, x])
+        assert self.compiled is not None
+        try:
+            return self.compiled(x)[:n]
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            log.warning("torch.compile failed; running the model eagerly from now on", exc_info=True)
+            self.compiled = None
+            return self.net.forward_padded(x[:n])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            out: torch.Tensor = self.net(x)
+            return out
+        return padded_call(self.config, x, self._padded)
+
+
+def cpp_compiler_available() -> bool:
+    """Whether inductor finds the C++ compiler it builds CPU kernels with (``$CXX`` or g++)."""
+    return shutil.which(os.environ.get("CXX") or "g++") is not None
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -116,6 +168,12 @@ class Engine:
             run only where the network's own border padding reaches (docs/benchmarks.md).
             Networks with instance or group norm normalise over the whole input, so the crop
             would change every pixel: for them it stays off (``self.body_crop`` says which).
+        compile: ``on`` runs the network through ``torch.compile`` (:class:`CompiledUNet`; the
+            same masks, the compile paid in :meth:`warmup`: about 40 s on 2 CPU cores with a
+            fresh inductor cache), ``off`` eagerly, ``auto`` compiles where it was measured
+            faster: torch bf16 on a CPU (the model stage 1.17-1.32x faster on a 2-core AMX
+            Xeon, docs/benchmarks.md), given a C++ compiler. Not with ONNX Runtime.
+            ``self.compiled`` says what runs.
     """
 
     #: model-grid pixels of clipped background kept around the body on each side
@@ -133,6 +191,7 @@ class Engine:
         mirror: bool = False,
         backend: str = "auto",
         body_crop: bool = True,
+        compile: str = "off",
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -142,6 +201,8 @@ class Engine:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("fp16 is only supported on CUDA; use bf16 or fp32 on CPU")
+        if compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {compile!r}")
         self.meta = meta
         self.device = device
         self.batch_size = batch_size
@@ -152,12 +213,20 @@ class Engine:
             # mirrored evaluation ran 2.0-2.3x faster in bf16 (torch) than in fp32 (ONNX Runtime)
             # with the same Dice to 4 decimals on 60 development cases (docs/benchmarks.md).
             precision = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_fast()) else "fp32"
+        if compile == "auto":
+            # Measured only where the engine runs torch bf16 on a CPU with native bf16
+            # (docs/benchmarks.md, "torch.compile"); CUDA stays eager until a GPU run measures it.
+            # Inductor's CPU code needs a C++ compiler: without one (a slim container) auto is off.
+            compile = "on" if device.type == "cpu" and precision == "bf16" and cpp_compiler_available() else "off"
         cpu_fp32 = device.type == "cpu" and precision == "fp32"
         auto = backend == "auto"
         if auto:
-            backend = "onnxruntime" if cpu_fp32 and onnxruntime_available() else "torch"
+            # compile=on asks for torch: ONNX Runtime only where nothing else is asked of the backend.
+            backend = "onnxruntime" if cpu_fp32 and compile == "off" and onnxruntime_available() else "torch"
         elif backend == "onnxruntime" and not cpu_fp32:
             raise ValueError(f"the onnxruntime backend runs fp32 on CPU only, not {precision} on {device.type}")
+        elif backend == "onnxruntime" and compile == "on":
+            raise ValueError("compile=on is for the torch backend; ONNX Runtime does its own graph optimisation")
         self.precision = precision
         self.chunk_voxels = chunk_voxels
         self.mirror = mirror
@@ -180,7 +249,14 @@ class Engine:
             net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload,unused-ignore]
         self.backend = backend
         self.channels_last = channels_last
-        self.model: Callable[[torch.Tensor], torch.Tensor] = self.ort or net
+        self.model: Callable[[torch.Tensor], torch.Tensor] = self.ort or (
+            CompiledUNet(net, channels_last) if compile == "on" else net
+        )
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the network runs through ``torch.compile`` (false again after a failure)."""
+        return isinstance(self.model, CompiledUNet) and self.model.compiled is not None
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", **kwargs: object) -> Engine:
@@ -194,11 +270,24 @@ class Engine:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def warmup(self, size: tuple[int, int] = (128, 128)) -> None:
-        """One forward at a realistic size so the first request pays no lazy-initialisation cost."""
-        x = torch.zeros((min(2, self.batch_size), self.meta.model.in_slices, *size), device=self.device)
+    def warmup(self, size: tuple[int, int] = (128, 160)) -> None:
+        """One forward at a realistic size so the first request pays no lazy-initialisation cost.
+
+        With ``compile`` it also pays the compilation, so that no request does:
+        - the size is not square, or dynamo would assume height == width in every later call;
+        - it runs a batch of 2 and one of the engine's batch size, because the convolution
+          backend's heuristics guard the batch size (2-15 and 16 or more are two graphs in fp32
+          on CPU), and every batch predict makes lies in one of those ranges.
+        """
+        batches = [min(2, self.batch_size)]
+        if self.compiled and self.batch_size > 2:
+            batches.append(self.batch_size)
         with torch.inference_mode(), self._autocast():
-            self.model(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+            for b in batches:
+                # Made under inference mode, as predict's batches are: a compiled model's guards
+                # tell the two kinds of tensor apart, and would compile again on the first request.
+                x = torch.zeros((b, self.meta.model.in_slices, *size), device=self.device)
+                self.model(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         if self.ort is not None:
