@@ -46,8 +46,14 @@ def _load(settings: Settings) -> Engine:
         mirror=settings.mirror,
         backend=settings.backend,
         body_crop=settings.body_crop,
+        compile=settings.compile,
     )
     if settings.warmup:
+        if engine.compiled:
+            log.info(
+                "compiling the network (torch.compile; KITSEG_COMPILE=off skips it): about a minute on a "
+                "2-core CPU the first time, 10-20 s with inductor's cache"
+            )
         engine.warmup()
         warm_pipeline(engine, engine.meta.labels, settings.mask_compresslevel)
     return engine
@@ -107,10 +113,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sweeper = asyncio.create_task(_sweeper(store, max(5.0, min(60.0, s.result_ttl_s / 4))))
         app.state.ready = True
         log.info(
-            "ready: model %s on %s (%s, %s%s)%s",
+            "ready: model %s on %s (%s%s, %s%s)%s",
             engine.meta.name,
             engine.device,
             engine.backend,
+            ", compiled" if engine.compiled else "",
             engine.precision,
             ", mirrored" if engine.mirror else "",
             " [demo model: synthetic phantoms, not for clinical use]" if s.is_demo else "",

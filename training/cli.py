@@ -332,7 +332,10 @@ def _evaluate(a: argparse.Namespace) -> int:
         mirror=a.mirror,
         backend=a.backend,
         body_crop=a.body_crop,
+        compile=a.compile,
     )
+    if a.compile != "off":
+        engine.warmup()
     if a.min_tumor_ml is not None:
         post = dataclasses.replace(engine.meta.postprocessing, min_tumor_ml=a.min_tumor_ml)
         engine.meta = dataclasses.replace(engine.meta, postprocessing=post)
@@ -377,6 +380,7 @@ def _evaluate(a: argparse.Namespace) -> int:
                     "precision": engine.precision,
                     "mirror": engine.mirror,
                     "body_crop": engine.body_crop,
+                    "compiled": engine.compiled,
                     "postprocessing": engine.meta.postprocessing.to_dict(),
                 },
                 indent=2,
@@ -601,6 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="as the service does by default: run the network only on the box around the body (above the "
         "checkpoint's lower HU clip) plus a margin, background outside; --no-body-crop for whole slices (the "
         "tables in docs/ before session 12)",
+    )
+    ev.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="off",
+        help="torch.compile the network before the first volume (the same masks; 10-40 s of compiling on a "
+        "2-core CPU, so it pays off over dozens of volumes). auto: on for torch bf16 on CPU with a C++ compiler, "
+        "as the service does",
     )
     ev.add_argument(
         "--min-tumor-ml",

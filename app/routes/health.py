@@ -55,6 +55,7 @@ async def model_card(worker: WorkerDep) -> dict[str, Any]:
         "weights_sha256": m.weights_sha256,
         "device": str(worker.engine.device),
         "backend": worker.engine.backend,
+        "compiled": worker.engine.compiled,
         "precision": worker.engine.precision,
         "mirror": worker.engine.mirror,
         "body_crop": worker.engine.body_crop,

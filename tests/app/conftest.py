@@ -23,6 +23,9 @@ def make_settings(tmp_path: Path, **kw: object) -> Settings:
         "result_dir": tmp_path / "results",
         "device": "cpu",
         "warmup": False,
+        # Compiling the network takes 10-40 s; the tests that compile ask for it
+        # (tests/segcore/test_compile.py, test_api.py's compile tests).
+        "compile": "off",
         "log_level": "WARNING",
     }
     base.update(kw)

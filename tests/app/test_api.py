@@ -10,9 +10,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.settings import Settings
 from segcore.inference import cpu_bf16_fast
 from segcore.ort import onnxruntime_available
 from tests.app.conftest import make_settings
@@ -55,6 +57,59 @@ def test_health_ready_model(tiny_client: TestClient) -> None:
     bf16 = cpu_bf16_fast()
     assert card["precision"] == ("bf16" if bf16 else "fp32")
     assert card["backend"] == ("onnxruntime" if onnxruntime_available() and not bf16 else "torch")
+    assert card["compiled"] is False  # make_settings turns compile off
+
+
+def test_compile_setting_reaches_the_engine(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings(result_dir=tmp_path).compile == "auto"
+    monkeypatch.setenv("KITSEG_COMPILE", "on")
+    settings = Settings(result_dir=tmp_path / "results", checkpoint=tiny_checkpoint, device="cpu", warmup=False)
+    with TestClient(create_app(settings)) as c:  # no forward pass, so nothing is compiled yet
+        card = c.get("/model").json()
+        assert card["compiled"] is True and card["backend"] == "torch"
+
+
+def test_compiled_service_compiles_at_startup_and_not_per_request(tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    from segcore.checkpoint import KITS19_LABELS, CheckpointMeta, save_checkpoint
+    from segcore.preprocessing import PreprocessConfig
+    from segcore.unet import UNetConfig
+    from tests.segcore.test_ort import _random_net
+
+    # Large random weights, so that the masks compared below hold every class.
+    cfg = UNetConfig(in_slices=3, num_classes=3, base_width=4, depth=3)
+    tiny_checkpoint = tmp_path / "random.safetensors"
+    save_checkpoint(tiny_checkpoint, _random_net(cfg), CheckpointMeta(cfg, PreprocessConfig(), dict(KITS19_LABELS)))
+    torch._dynamo.reset()
+    counters.clear()
+    # fp32: compiling in bf16 takes 2-3x as long (about 50 s here), and the warm-up's job is the
+    # same in both; the benchmark covers bf16 (docs/benchmarks.md, "torch.compile").
+    app = create_app(make_settings(tmp_path, checkpoint=tiny_checkpoint, warmup=True, compile="on", precision="fp32"))
+    with TestClient(app) as c:
+        compiled = counters["frames"]["ok"]
+        assert compiled >= 1  # the warm-up compiled the network
+        data = _nifti_bytes(tmp_path)
+        r = c.post("/segment", files={"file": ("a.nii.gz", data)})
+        assert r.status_code == 200, r.text
+        assert c.get("/model").json()["compiled"] is True  # no fallback to eager
+        assert counters["frames"]["ok"] == compiled, "a request compiled again"
+        compiled_mask = _mask_of(c, r.json())
+    eager = make_settings(tmp_path / "eager", checkpoint=tiny_checkpoint, precision="fp32", backend="torch")
+    with TestClient(create_app(eager)) as c:
+        r2 = c.post("/segment", files={"file": ("a.nii.gz", data)})
+        assert r2.status_code == 200, r2.text
+        eager_mask = _mask_of(c, r2.json())
+    assert len(np.unique(eager_mask)) == 3  # every class present: the comparison means something
+    assert (compiled_mask != eager_mask).mean() < 1e-3  # the same mask, up to rounding at argmax ties
+
+
+def _mask_of(c: TestClient, result: dict) -> np.ndarray:
+    r = c.get(result["mask_url"])
+    assert r.status_code == 200
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj)
 
 
 def test_warmup_runs_a_whole_job_before_ready(

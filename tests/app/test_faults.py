@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -202,3 +203,34 @@ def test_predict_cli_writes_masks_and_statistics(tmp_path: Path, tiny_checkpoint
     rows = (out / "statistics.csv").read_text().splitlines()
     assert rows[0].startswith("input,label,name") and len(rows) == 1 + 2 * 2
     assert np.isfinite([r["classes"][0]["volume_ml"] for r in stats["results"]]).all()
+
+
+def test_predict_cli_compile_option_reaches_the_engine(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import segcore.inference
+    from app.predict_cli import main
+
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    write_nifti(tmp_path / "a.nii.gz", hu, aff)
+    compiled: list[object] = []
+    warmed: list[bool] = []
+    real_warmup = segcore.inference.Engine.warmup
+
+    def identity_compile(fn: object, **kw: object) -> object:  # the wrapper's logic, without inductor's cost
+        compiled.append(fn)
+        return fn
+
+    def spy_warmup(self: segcore.inference.Engine, *a: object) -> None:
+        warmed.append(self.compiled)
+        real_warmup(self, *a)
+
+    monkeypatch.setattr(segcore.inference.torch, "compile", identity_compile)
+    monkeypatch.setattr(segcore.inference.Engine, "warmup", spy_warmup)
+    args = [str(tmp_path / "a.nii.gz"), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert compiled == [] and warmed == []  # off by default: no compile, no warm-up
+    assert main([*args, "--out", str(tmp_path / "on"), "--compile", "on"]) == 0
+    assert len(compiled) == 1 and warmed == [True]  # compiled, and warmed before the first volume
+    masks = [nib.load(tmp_path / d / "a_mask.nii.gz").get_fdata() for d in ("eager", "on")]
+    np.testing.assert_array_equal(*masks)
