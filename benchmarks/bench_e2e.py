@@ -35,7 +35,7 @@ CHILD = r"""
 import json, os, resource, sys, tempfile, time
 from pathlib import Path
 import numpy as np, nibabel as nib
-n = int(sys.argv[1]); precision = sys.argv[2]; device = sys.argv[3]; mirror = sys.argv[4] == "1"; backend = sys.argv[5]; body_crop = sys.argv[6] == "1"; requests = int(sys.argv[7])
+n = int(sys.argv[1]); precision = sys.argv[2]; device = sys.argv[3]; mirror = sys.argv[4] == "1"; backend = sys.argv[5]; body_crop = sys.argv[6] == "1"; requests = int(sys.argv[7]); compile_ = sys.argv[9]
 tmp = Path(tempfile.mkdtemp(prefix="kitseg-bench-"))
 # The upload, rendered by the parent (so that rendering leaves nothing in this process's heap).
 payload = Path(sys.argv[8]).read_bytes()
@@ -49,10 +49,13 @@ from app.settings import Settings
 # Decoding during the upload is off here: the test client hands the whole body over at once, so
 # the decoding would move in front of the handler, out of the stage timings, without overlapping
 # anything. What it saves over a socket is bench_upload.py's to measure.
-app = create_app(Settings(result_dir=tmp / "results", device=device, precision=precision, mirror=mirror, backend=backend, body_crop=body_crop, log_level="WARNING", decode_during_upload=False))
+app = create_app(Settings(result_dir=tmp / "results", device=device, precision=precision, mirror=mirror, backend=backend, body_crop=body_crop, log_level="WARNING", decode_during_upload=False, compile=compile_))
+t_start = time.perf_counter()
 with TestClient(app) as c:
     c.get("/ready")
+    startup_s = time.perf_counter() - t_start  # loading, the warm-up job and any compiling
     backend = app.state.worker.engine.backend  # what "auto" resolved to
+    compiled = app.state.worker.engine.compiled
     base = rss_mb()
     # Reset the high-water mark so the peak is this request's (Linux >= 4.0).
     open("/proc/self/clear_refs", "w").write("5")
@@ -69,7 +72,7 @@ with TestClient(app) as c:
         later.append(r2.json()["timings_ms"])
 import shutil; shutil.rmtree(tmp, ignore_errors=True)  # the spool and the result
 print(json.dumps({"slices": n, "voxels": 512 * 512 * n, "upload_mb": len(payload) / 2**20, "wall_s": wall,
-                  "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "later_timings_ms": later, "precision": precision, "mirror": mirror, "backend": backend, "body_crop": body_crop}))
+                  "baseline_rss_mb": base, "peak_rss_mb": peak, "timings_ms": res["timings_ms"], "later_timings_ms": later, "precision": precision, "mirror": mirror, "backend": backend, "body_crop": body_crop, "compiled": compiled, "startup_s": startup_s}))
 """
 
 
@@ -151,6 +154,12 @@ def main() -> int:
         help="KITSEG_BODY_CROP (on by default, as in the service); --no-body-crop gets its own section",
     )
     ap.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="KITSEG_COMPILE; a non-auto choice gets its own section (auto: on for torch bf16 on CPU)",
+    )
+    ap.add_argument(
         "--out", type=Path, default=None, help="default: benchmarks/results/e2e[-mirror][-BACKEND][-whole-slices].json"
     )
     ap.add_argument("--no-docs", action="store_true", help="write the JSON only, leave docs/benchmarks.md alone")
@@ -158,6 +167,7 @@ def main() -> int:
     if a.out is None:
         suffix = ("-mirror" if a.mirror else "") + ("" if a.backend == "auto" else f"-{a.backend}")
         suffix += "" if a.body_crop else "-whole-slices"
+        suffix += "" if a.compile == "auto" else f"-compile-{a.compile}"
         a.out = ROOT / "benchmarks" / "results" / f"e2e{suffix}.json"
     rows = []
     with tempfile.TemporaryDirectory(prefix="kitseg-bench-") as tmp:
@@ -167,7 +177,7 @@ def main() -> int:
             runs = []
             for _ in range(a.repeat):
                 r = subprocess.run(
-                    [sys.executable, "-c", CHILD, *args, str(a.requests), str(upload)],
+                    [sys.executable, "-c", CHILD, *args, str(a.requests), str(upload), a.compile],
                     cwd=ROOT,
                     capture_output=True,
                     text=True,
@@ -213,11 +223,15 @@ def main() -> int:
         heading = f"## Backend {a.backend}: " + heading.removeprefix("## ").lower()
     if not a.body_crop:
         heading = "## Whole slices (no body crop): " + heading.removeprefix("## ").lower()
+    if a.compile != "auto":
+        heading = f"## Compile {a.compile}: " + heading.removeprefix("## ").lower()
     if a.device != "cpu":
         heading += f" on {a.device}"
     backends = ", ".join(sorted({r["backend"] for r in rows}))
+    compiled = "compiled" if all(r.get("compiled") for r in rows) else "eager"
+    startup = ", ".join(f"{r['startup_s']:.0f}" for r in rows if "startup_s" in r)
     md = [
-        f"{heading} (POST /segment, {a.device}, precision {a.precision}, backend {a.backend} = {backends}, mirror {'on' if a.mirror else 'off'}, body crop {'on' if a.body_crop else 'off'})",
+        f"{heading} (POST /segment, {a.device}, precision {a.precision}, backend {a.backend} = {backends}, compile {a.compile} = {compiled}, mirror {'on' if a.mirror else 'off'}, body crop {'on' if a.body_crop else 'off'})",
         "",
         "| slices | upload MB | "
         + " | ".join(f"{s} ms" for s in stages)
@@ -246,7 +260,7 @@ def main() -> int:
         "",
         f"Each row is the fastest of {a.repeat} requests, each in a fresh process (server ms of each: "
         + "; ".join(f"{r['slices']} slices {r['server_ms_of_each_run']}" for r in rows)
-        + ").",
+        + f"). Start-up of the kept processes, warm-up and any compiling included: {startup} s.",
     ]
     warm = [r for r in rows if "warm_timings_ms" in r]
     if warm:

@@ -30,14 +30,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
 import torch
 
 from segcore.checkpoint import load_checkpoint
-from segcore.inference import Engine, cpu_bf16_fast
+from segcore.inference import Engine, cpp_compiler_available, cpu_bf16_fast
 from segcore.io import Volume, load_volume
 from segcore.ort import onnxruntime_available
 from segcore.unet import flops_per_pixel, fold_batch_norm
@@ -189,20 +189,62 @@ def peers(ours: torch.nn.Module, in_slices: int, grid_px: int) -> dict[str, dict
     return out
 
 
+def _as_loaded(hu: np.ndarray, spacing: tuple[float, float, float]) -> Volume:
+    """``hu`` written as a KiTS19-layout case and read back, as the service would read it."""
+    from training.datasets import write_kits_case
+
+    tmp = Path(tempfile.mkdtemp(prefix="kitseg-bench-engine-"))
+    try:
+        write_kits_case(tmp / "case", hu, None, spacing)
+        return load_volume(tmp / "case" / "imaging.nii.gz")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compile_runs(model: torch.nn.Module, meta: object, slices: int) -> dict[str, object]:
+    """``compile=on`` against eager on the service's path: bf16 torch, mirrored, body crop, on one
+    phantom abdomen over ``slices`` 512x512 slices (``bench_e2e.py``'s realistic upload); each
+    engine warmed (the compiled one compiles there), then best of 3 each, in turns, same process."""
+    from training.synth import make_phantom
+
+    hu, _, sp = make_phantom(np.random.default_rng(0), inplane=512, slices=slices)
+    vol = _as_loaded(hu, (sp[0], 0.78, 0.78))
+    engines, warmup_s = {}, {}
+    for name, compile_ in (("eager", "off"), ("compiled", "on")):
+        t = time.perf_counter()
+        eng = Engine(model, meta, torch.device("cpu"), precision="bf16", backend="torch", mirror=True, compile=compile_)  # type: ignore[arg-type]
+        eng.warmup()
+        warmup_s[name] = time.perf_counter() - t
+        engines[name] = eng
+    best: dict[str, dict[str, float]] = {}
+    masks = {}
+    for _ in range(3):
+        for name, eng in engines.items():
+            t = time.perf_counter()
+            pred = eng.predict(vol)
+            dt = time.perf_counter() - t
+            masks[name] = pred.mask
+            if name not in best or dt < best[name]["seconds"]:
+                best[name] = {"seconds": dt, "model_ms": pred.timings_ms["model"]}
+    return {
+        "runs": best,
+        "warmup_s": warmup_s,
+        "still_compiled": engines["compiled"].compiled,
+        "speedup": best["eager"]["seconds"] / best["compiled"]["seconds"],
+        "model_speedup": best["eager"]["model_ms"] / best["compiled"]["model_ms"],
+        "mask_voxels_differing": int((masks["eager"] != masks["compiled"]).sum()),
+        "foreground_voxels": int((masks["eager"] > 0).sum()),
+    }
+
+
 def body_crop_runs(model: torch.nn.Module, meta: object, slices: int) -> dict[str, object]:
     """The fastest fp32 engine on a 512x512 phantom (KiTS IPL layout, air around the body), with the
     body crop and without it; best of 3 each, in turns, same process."""
-    from training.datasets import write_kits_case
     from training.synth import make_phantom
 
     hu, _, _ = make_phantom(np.random.default_rng(0), inplane=512)  # the e2e benchmark's phantom
     reps = int(np.ceil(slices / hu.shape[0]))
-    tmp = Path(tempfile.mkdtemp(prefix="kitseg-bench-engine-"))
-    try:
-        write_kits_case(tmp / "case", np.concatenate([hu] * reps)[:slices], None, (3.0, 0.78, 0.78))
-        vol = load_volume(tmp / "case" / "imaging.nii.gz")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    vol = _as_loaded(np.concatenate([hu] * reps)[:slices], (3.0, 0.78, 0.78))
     engines = {
         name: Engine(model, meta, torch.device("cpu"), batch_size=8, precision="fp32", body_crop=crop)  # type: ignore[arg-type]
         for name, crop in (("whole_slices", False), ("body_crop", True))
@@ -252,14 +294,22 @@ def main() -> int:
     gflop_per_slice = flops_per_pixel(meta.model) * grid_px**2 / 1e9
     results["model_grid"] = round(grid_px)
     results["gflop_per_slice"] = gflop_per_slice
-    configs = {"fp32_torch": ("fp32", "torch"), "bf16_torch": ("bf16", "torch")}
+    configs = {"fp32_torch": ("fp32", "torch", "off"), "bf16_torch": ("bf16", "torch", "off")}
     if onnxruntime_available():
-        configs["fp32_onnxruntime"] = ("fp32", "onnxruntime")
-    engines = {}
-    for name, (precision, backend) in configs.items():
-        eng = Engine(model, meta, torch.device("cpu"), batch_size=8, precision=precision, backend=backend)
-        eng.warmup((int(grid_px), int(grid_px)))
+        configs["fp32_onnxruntime"] = ("fp32", "onnxruntime", "off")
+    if cpu_bf16_fast() and cpp_compiler_available():
+        configs["bf16_torch_compiled"] = ("bf16", "torch", "on")  # what KITSEG_COMPILE=auto runs here
+    engines, warmup_s = {}, {}
+    for name, (precision, backend, compile_) in configs.items():
+        t = time.perf_counter()
+        eng = Engine(
+            model, meta, torch.device("cpu"), batch_size=8, precision=precision, backend=backend, compile=compile_
+        )
+        # Not square: a compiled engine would otherwise compile again for the first non-square input.
+        eng.warmup((int(grid_px), int(grid_px) + meta.model.multiple))
+        warmup_s[name] = time.perf_counter() - t  # with compile, the compile
         engines[name] = eng
+    results["warmup_s"] = warmup_s
     # Best of 3 whole predictions for each engine, taken in turns so that all meet the same
     # background load (the same rule as the peak they are compared with); where bf16 is a slow
     # path (no native bf16), it is run once.
@@ -283,6 +333,8 @@ def main() -> int:
     results["runs"] = runs
     results["peers"] = peers(model, meta.model.in_slices, round(grid_px))
     results["body_crop"] = bc = body_crop_runs(model, meta, a.slices)
+    if "bf16_torch_compiled" in configs:
+        results["compile"] = compile_runs(model, meta, a.slices)
     peak = cast(dict[str, float], results["peak"])
     results["speedup_vs_naive"] = {k: naive / runs[k]["seconds"] for k in configs}  # type: ignore[operator]
     # Each engine against the conv peak of its own precision.
@@ -318,7 +370,13 @@ def main() -> int:
         "",
         f"Peak here (best of 5, torch), {peaks}. Each engine is the best of 3 predictions, taken in turns"
         + ("" if cpu_bf16_fast() else " (bf16, a slow path on this CPU, once)")
-        + f". `precision=auto` on this CPU: {results['precision_auto']}.",
+        + f". `precision=auto` on this CPU: {results['precision_auto']}."
+        + (
+            f" bf16_torch_compiled is `compile=on` (what `KITSEG_COMPILE=auto` runs here); its warm-up, which "
+            f"compiles, took {warmup_s['bf16_torch_compiled']:.0f} s."
+            if "bf16_torch_compiled" in warmup_s
+            else ""
+        ),
     ]
     md += [
         "Model throughput as a share of the conv peak in its precision: "
@@ -345,6 +403,21 @@ def main() -> int:
         f"{bc['mask_voxels_differing']} mask voxels differ of {bc['foreground_voxels_whole_slices']} foreground. "
         "The noise volume above has no air, so the crop keeps every pixel there.",
     ]
+    if "compile" in results:
+        cr = cast(dict[str, Any], results["compile"])
+        e, c = cr["runs"]["eager"], cr["runs"]["compiled"]
+        md += [
+            "",
+            f"torch.compile on the service's path (bf16 torch, mirrored, body crop; one phantom abdomen over "
+            f"{a.slices} slices of 512x512, as `bench_e2e.py` uploads; best of 3 in turns): eager {e['seconds']:.2f} s "
+            f"(model {e['model_ms'] / 1000:.2f} s), compiled {c['seconds']:.2f} s (model {c['model_ms'] / 1000:.2f} s): "
+            f"**{cr['model_speedup']:.2f}x on the model stage**, {cr['speedup']:.2f}x per volume; "
+            f"{cr['mask_voxels_differing']} mask voxels differ of {cr['foreground_voxels']} foreground. "
+            f"Warm-up {cr['warmup_s']['eager']:.1f} s eager, {cr['warmup_s']['compiled']:.0f} s compiled (inductor's "
+            "cache was warm from the row above).",
+        ]
+    else:
+        md += ["", "torch.compile: not measured (it needs native bf16 and a C++ compiler; `auto` is off without them)."]
     update_section(ROOT / "docs" / "benchmarks.md", "## Engine", "\n".join(md))
     print("\n".join(md))
     return 0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks issues 2 and 5 ask for, as one short script for a lent GPU machine
-# (about 7 minutes on an H100/H200; needs the project installed with CUDA torch):
+# (about 8 minutes on an H100/H200; needs the project installed with CUDA torch):
 #   1. the GPU tests: a checkpoint written on CUDA loads on CPU and back (pytest -m gpu);
 #   2. a short CUDA training smoke with AMP (bf16) on 512x512 phantoms at native spacing,
 #      base 32, batch 16: the training log reports slices/s (target >= 400);
@@ -8,7 +8,9 @@
 #      (target <= 0.75 s); the fastest of 3 requests, each in a fresh process (about 1 minute);
 #   4. training throughput against the naive loop, on CUDA;
 #   5. the same upload over a real socket, decoding during the upload on and off (bench_upload.py):
-#      with it on, the time after the last byte is the server time the service really has.
+#      with it on, the time after the last byte is the server time the service really has;
+#   6. step 3 with KITSEG_COMPILE=on (torch.compile; `auto` leaves CUDA eager until this is measured):
+#      its server time against step 3's, and the start-up the compile costs (about 1 minute more).
 # Results go to $OUT (the device tool's output folder) or runs/gpu-check; docs/benchmarks.md is left
 # alone (the device machine's copy does not come back), so record them by hand.
 # DEVICE=cpu ITERS=2 SLICES=20 BATCH=2 runs the same steps on a CPU, to check the script itself
@@ -36,4 +38,5 @@ mkdir -p "$OUT"
   $PY benchmarks/bench_e2e.py --slices "$SLICES" --device "$DEVICE" --mirror --no-docs --out "$OUT/e2e.json"
   $PY benchmarks/bench_train.py --device "$DEVICE" --steps "$((ITERS / 2 + 2))" --no-docs --out "$OUT/train.json"
   $PY benchmarks/bench_upload.py --slices "$SLICES" --device "$DEVICE" --mbps 0 1000 --repeat 3 --no-docs --out "$OUT/upload.json"
+  $PY benchmarks/bench_e2e.py --slices "$SLICES" --device "$DEVICE" --mirror --compile on --repeat 2 --no-docs --out "$OUT/e2e-compiled.json"
 } 2>&1 | tee "$OUT/gpu-check.log"
