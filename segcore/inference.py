@@ -12,9 +12,11 @@ import copy
 import logging
 import os
 import shutil
+import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -106,8 +108,10 @@ class CompiledUNet:
 
 
 def cpp_compiler_available() -> bool:
-    """Whether inductor finds the C++ compiler it builds CPU kernels with (``$CXX`` or g++)."""
-    return shutil.which(os.environ.get("CXX") or "g++") is not None
+    """Whether inductor can build CPU kernels here: the C++ compiler it calls (``$CXX`` or g++)
+    and Python's headers, which its kernels include (a system Python may lack them)."""
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return shutil.which(os.environ.get("CXX") or "g++") is not None and headers.is_file()
 
 
 def pick_device(requested: str = "auto") -> torch.device:

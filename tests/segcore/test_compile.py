@@ -2,6 +2,7 @@
 none after it, a fallback to eager when compiling fails, and where ``auto`` turns it on."""
 
 import logging
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -113,3 +114,17 @@ def test_compile_on_chooses_torch_and_refuses_onnxruntime() -> None:
         Engine(net, meta, CPU, precision="fp32", backend="onnxruntime", compile="on")
     with pytest.raises(ValueError, match="compile must be"):
         Engine(net, meta, CPU, compile="yes")
+
+
+def test_cpp_compiler_available_needs_a_compiler_and_python_headers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "Python.h").write_text("")
+    monkeypatch.setattr(segcore.inference.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    monkeypatch.setattr(segcore.inference.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert segcore.inference.cpp_compiler_available()
+    monkeypatch.setattr(segcore.inference.shutil, "which", lambda name: None)
+    assert not segcore.inference.cpp_compiler_available()  # no compiler
+    monkeypatch.setattr(segcore.inference.shutil, "which", lambda name: f"/usr/bin/{name}")
+    (tmp_path / "Python.h").unlink()
+    assert not segcore.inference.cpp_compiler_available()  # no headers (a system Python without -dev)
