@@ -278,14 +278,17 @@ class Engine:
         """One forward at a realistic size so the first request pays no lazy-initialisation cost.
 
         With ``compile`` it also pays the compilation, so that no request does:
-        - the size is not square, or dynamo would assume height == width in every later call;
+        - the size is made not square, or dynamo would assume height == width in every later call;
         - it runs a batch of 2 and one of the engine's batch size, because the convolution
           backend's heuristics guard the batch size (2-15 and 16 or more are two graphs in fp32
           on CPU), and every batch predict makes lies in one of those ranges.
         """
         batches = [min(2, self.batch_size)]
-        if self.compiled and self.batch_size > 2:
-            batches.append(self.batch_size)
+        if self.compiled:
+            if size[0] == size[1]:
+                size = (size[0], size[1] + self.meta.model.multiple)
+            if self.batch_size > 2:
+                batches.append(self.batch_size)
         with torch.inference_mode(), self._autocast():
             for b in batches:
                 # Made under inference mode, as predict's batches are: a compiled model's guards
