@@ -201,6 +201,24 @@ def _as_loaded(hu: np.ndarray, spacing: tuple[float, float, float]) -> Volume:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _best_of_3_in_turns(
+    engines: dict[str, Engine], vol: Volume
+) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Each engine's fastest of 3 predictions of ``vol`` (seconds and model ms), taken in turns so
+    that all meet the same background load, and each engine's mask."""
+    best: dict[str, dict[str, float]] = {}
+    masks = {}
+    for _ in range(3):
+        for name, eng in engines.items():
+            t = time.perf_counter()
+            pred = eng.predict(vol)
+            dt = time.perf_counter() - t
+            masks[name] = pred.mask
+            if name not in best or dt < best[name]["seconds"]:
+                best[name] = {"seconds": dt, "model_ms": pred.timings_ms["model"]}
+    return best, masks
+
+
 def compile_runs(model: torch.nn.Module, meta: object, slices: int) -> dict[str, object]:
     """``compile=on`` against eager on the service's path: bf16 torch, mirrored, body crop, on one
     phantom abdomen over ``slices`` 512x512 slices (``bench_e2e.py``'s realistic upload); each
@@ -216,16 +234,7 @@ def compile_runs(model: torch.nn.Module, meta: object, slices: int) -> dict[str,
         eng.warmup()
         warmup_s[name] = time.perf_counter() - t
         engines[name] = eng
-    best: dict[str, dict[str, float]] = {}
-    masks = {}
-    for _ in range(3):
-        for name, eng in engines.items():
-            t = time.perf_counter()
-            pred = eng.predict(vol)
-            dt = time.perf_counter() - t
-            masks[name] = pred.mask
-            if name not in best or dt < best[name]["seconds"]:
-                best[name] = {"seconds": dt, "model_ms": pred.timings_ms["model"]}
+    best, masks = _best_of_3_in_turns(engines, vol)
     return {
         "runs": best,
         "warmup_s": warmup_s,
@@ -249,16 +258,7 @@ def body_crop_runs(model: torch.nn.Module, meta: object, slices: int) -> dict[st
         name: Engine(model, meta, torch.device("cpu"), batch_size=8, precision="fp32", body_crop=crop)  # type: ignore[arg-type]
         for name, crop in (("whole_slices", False), ("body_crop", True))
     }
-    best: dict[str, dict[str, float]] = {}
-    masks = {}
-    for _ in range(3):
-        for name, eng in engines.items():
-            t = time.perf_counter()
-            pred = eng.predict(vol)
-            dt = time.perf_counter() - t
-            masks[name] = pred.mask
-            if name not in best or dt < best[name]["seconds"]:
-                best[name] = {"seconds": dt, "model_ms": pred.timings_ms["model"]}
+    best, masks = _best_of_3_in_turns(engines, vol)
     fg = int((masks["whole_slices"] > 0).sum())
     return {
         "backend": engines["body_crop"].backend,
