@@ -51,8 +51,8 @@ def _load(settings: Settings) -> Engine:
     if settings.warmup:
         if engine.compiled:
             log.info(
-                "compiling the network (torch.compile; KITSEG_COMPILE=off skips it): about a minute on a "
-                "2-core CPU the first time, 10-20 s with inductor's cache"
+                "compiling the network (torch.compile; KITSEG_COMPILE=off skips it): 40-50 s on a "
+                "2-core CPU with a fresh inductor cache, 10-20 s with a warm one"
             )
         engine.warmup()
         warm_pipeline(engine, engine.meta.labels, settings.mask_compresslevel)
