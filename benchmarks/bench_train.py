@@ -50,6 +50,7 @@ from training.datasets import Augment, CaseCache, SliceDataset, find_cases, writ
 from training.synth import make_phantom  # noqa: E402
 from training.train import (  # noqa: E402
     AMP_DTYPES,
+    amp_autocast,
     choose_memory_format,
     dice_ce_loss,
     first_batch,
@@ -114,7 +115,7 @@ def ours(
     n = pixels = 0
     for _ in range(steps - 1):
         x, y = x.to(device).contiguous(memory_format=fmt), y.to(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with amp_autocast(device, dtype):
             logits = model(x)
         loss, _ = dice_ce_loss(logits, y)
         opt.zero_grad(set_to_none=True)

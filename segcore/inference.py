@@ -79,7 +79,6 @@ class CompiledUNet:
 
     def __init__(self, net: UNet, channels_last: bool) -> None:
         self.net = net
-        self.config = net.config
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = torch.compile(
             net.forward_padded, dynamic=True, options={"freezing": True}
@@ -104,7 +103,7 @@ class CompiledUNet:
         if self.compiled is None:
             out: torch.Tensor = self.net(x)
             return out
-        return padded_call(self.config, x, self._padded)
+        return padded_call(self.net.config, x, self._padded)
 
 
 def cpp_compiler_available() -> bool:

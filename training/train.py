@@ -252,6 +252,11 @@ def tune_cpu_malloc() -> bool:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def amp_autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
+    """The training forward's autocast: ``amp_dtype`` (from :data:`AMP_DTYPES`), or none for fp32."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """``auto`` -> bf16 on CUDA, ``off`` (fp32) on a CPU.
 
@@ -314,7 +319,7 @@ def choose_memory_format(
         for i in range(reps + 1):
             for name, (m, xx) in runs.items():
                 t0 = time.perf_counter()
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with amp_autocast(device, amp_dtype):
                     logits = m(xx)
                 loss, _ = dice_ce_loss(logits, y)
                 loss.backward()
@@ -659,9 +664,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             y = y.to(device, non_blocking=True)
             if use_cl:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(
-                device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-            ):
+            with amp_autocast(device, amp_dtype):
                 logits = model(x)
             if cfg.deep_supervision:
                 loss, dl = deep_supervision_loss(logits, y, dice=cfg.dice)
