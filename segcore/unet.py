@@ -2,7 +2,9 @@
 
 Each level has two 3x3 conv + norm + ReLU blocks; down-sampling is 2x2 max-pooling, up-sampling a
 2x2 transposed conv, and skips are concatenated. The input may be one axial slice or ``2k+1``
-neighbouring slices stacked as channels (2.5D context).
+neighbouring slices stacked as channels (2.5D context). With ``block="residual"`` each encoder
+level's two convs also get a shortcut, as in nnU-Net's residual-encoder U-Net; the decoder stays
+plain.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 M = TypeVar("M", bound=nn.Module)
 
 NORMS = ("batch", "instance", "group", "none")
+BLOCKS = ("plain", "residual")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,9 @@ class UNetConfig:
         depth: number of levels; the input is down-sampled ``depth - 1`` times.
         norm: one of ``batch``, ``instance``, ``group`` or ``none``.
         dropout: dropout probability in the bottleneck.
+        block: the encoder levels' block, ``plain`` (two conv + norm + ReLU) or ``residual``
+            (the same with a shortcut around both, a 1x1 conv + norm where the width changes,
+            and the second ReLU after the sum).
     """
 
     in_slices: int = 1
@@ -41,6 +47,7 @@ class UNetConfig:
     norm: str = "batch"
     dropout: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    block: str = "plain"
 
     def __post_init__(self) -> None:
         if self.in_slices < 1 or self.in_slices % 2 == 0:
@@ -60,6 +67,8 @@ class UNetConfig:
             raise ValueError(f"norm='group' uses 8 groups and needs base_width divisible by 8, got {self.base_width}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
 
     @property
     def context(self) -> int:
@@ -72,7 +81,10 @@ class UNetConfig:
         return int(2 ** (self.depth - 1))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["block"] == "plain":
+            del d["block"]  # so plain checkpoints stay readable by kitseg before the option
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
@@ -108,6 +120,28 @@ class ConvBlock(nn.Sequential):
         )
 
 
+class ResBlock(nn.Module):
+    """Two (3x3 conv -> norm) layers with a ReLU between them, plus a shortcut (identity, or a
+    1x1 conv -> norm where the width changes), then ReLU: ``relu(body(x) + shortcut(x))``."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str) -> None:
+        super().__init__()
+        bias = norm == "none"
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias),
+            _norm(norm, c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=bias),
+            _norm(norm, c_out),
+        )
+        self.shortcut: nn.Module = (
+            nn.Identity() if c_in == c_out else nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=bias), _norm(norm, c_out))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
 class UNet(nn.Module):
     """2D U-Net over axial slices; accepts any H x W.
 
@@ -121,8 +155,9 @@ class UNet(nn.Module):
         widths = [config.base_width * 2**i for i in range(config.depth)]
         self.down = nn.ModuleList()
         c_in = config.in_slices
+        encoder_block = ResBlock if config.block == "residual" else ConvBlock
         for w in widths:
-            self.down.append(ConvBlock(c_in, w, config.norm))
+            self.down.append(encoder_block(c_in, w, config.norm))
             c_in = w
         self.pool = nn.MaxPool2d(2)
         self.dropout = nn.Dropout2d(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -204,6 +239,8 @@ def flops_per_pixel(config: UNetConfig) -> float:
     for level, w in enumerate(widths):
         scale = 4.0**-level
         total += scale * 9 * (c_in * w + w * w)
+        if config.block == "residual" and c_in != w:
+            total += scale * c_in * w  # the 1x1 shortcut
         c_in = w
     for level in range(config.depth - 1, 0, -1):
         w_hi, w_lo = widths[level], widths[level - 1]

@@ -205,6 +205,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             kits23=a.kits23,
             base_width=a.base_width,
             depth=a.depth,
+            block=a.block,
             in_slices=a.in_slices,
             target_spacing_mm=a.spacing if a.spacing > 0 else None,
             antialias=a.antialias,
@@ -533,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--kits23", action="store_true", help="4 classes (with cyst)")
     tr.add_argument("--base-width", type=int, default=16)
     tr.add_argument("--depth", type=int, default=4)
+    tr.add_argument(
+        "--block",
+        choices=["plain", "residual"],
+        default="plain",
+        help="the encoder levels' block: plain (two conv + norm + ReLU, Ronneberger) or residual (the "
+        "same with a shortcut, as nnU-Net's residual-encoder U-Net); the decoder is plain either way",
+    )
     tr.add_argument("--in-slices", type=int, default=3, help="1, or 2k+1 for 2.5D context")
     tr.add_argument("--spacing", type=float, default=1.6, help="in-plane target spacing in mm; 0 keeps native")
     tr.add_argument(

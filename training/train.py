@@ -70,6 +70,8 @@ class TrainConfig:
     depth: int = 4
     in_slices: int = 3
     norm: str = "batch"
+    #: the encoder levels' block: ``plain`` or ``residual`` (segcore.unet.UNetConfig.block).
+    block: str = "plain"
     target_spacing_mm: float | None = 1.6
     #: antialiased in-plane resampling, recorded in the checkpoint's preprocessing.
     antialias: bool = False
@@ -519,7 +521,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     spacing = (cfg.target_spacing_mm, cfg.target_spacing_mm) if cfg.target_spacing_mm else None
     pp = PreprocessConfig(target_spacing_mm=spacing, clip_hu=clip, mean=mean, std=std, antialias=cfg.antialias)
     mcfg = UNetConfig(
-        in_slices=cfg.in_slices, num_classes=num_classes, base_width=cfg.base_width, depth=cfg.depth, norm=cfg.norm
+        in_slices=cfg.in_slices,
+        num_classes=num_classes,
+        base_width=cfg.base_width,
+        depth=cfg.depth,
+        norm=cfg.norm,
+        block=cfg.block,
     )
     # Validation applies it too, so the best epoch is picked on what the checkpoint will produce.
     post = PostprocessConfig(min_tumor_ml=cfg.min_tumor_ml)

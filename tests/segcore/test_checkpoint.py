@@ -22,8 +22,9 @@ def _meta(cfg: UNetConfig) -> CheckpointMeta:
     )
 
 
-def test_roundtrip_rebuilds_the_same_model(tmp_path: Path) -> None:
-    cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
+@pytest.mark.parametrize("block", ["plain", "residual"])
+def test_roundtrip_rebuilds_the_same_model(block: str, tmp_path: Path) -> None:
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3, block=block)
     torch.manual_seed(0)
     model = UNet(cfg).eval()
     p = tmp_path / "m.safetensors"

@@ -40,11 +40,11 @@ def _meta(cfg: UNetConfig, spacing: tuple[float, float] | None) -> CheckpointMet
 
 
 @needs_ort
-@pytest.mark.parametrize("norm", ["batch", "instance"])
+@pytest.mark.parametrize("norm, block", [("batch", "plain"), ("instance", "plain"), ("batch", "residual")])
 @pytest.mark.parametrize("hw", [(37, 53), (64, 64), (13, 9)])
-def test_ort_model_matches_the_network_at_any_size(norm: str, hw: tuple[int, int]) -> None:
+def test_ort_model_matches_the_network_at_any_size(norm: str, block: str, hw: tuple[int, int]) -> None:
     # Sizes that need the internal padding (and, for instance norm, more of it) and one that doesn't.
-    cfg = UNetConfig(in_slices=3, base_width=4, depth=3, norm=norm)
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3, norm=norm, block=block)
     net = fold_batch_norm(_random_net(cfg))
     x = torch.randn(3, 3, *hw)
     with torch.inference_mode():

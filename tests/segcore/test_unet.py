@@ -13,6 +13,8 @@ from segcore.unet import UNet, UNetConfig, flops_per_pixel, fold_batch_norm
         UNetConfig(base_width=4, depth=3),
         UNetConfig(in_slices=3, base_width=4, depth=4, norm="instance"),
         UNetConfig(in_slices=5, num_classes=4, base_width=8, depth=5, norm="group"),
+        UNetConfig(in_slices=3, base_width=4, depth=4, block="residual"),
+        UNetConfig(in_slices=1, base_width=8, depth=3, norm="instance", block="residual"),
     ],
 )
 def test_any_size_in_same_size_out(cfg: UNetConfig, hw: tuple[int, int]) -> None:
@@ -40,6 +42,7 @@ def test_kits_case_160_width() -> None:
         ({"base_width": 0}, "base_width"),
         ({"norm": "group", "base_width": 12}, "group"),
         ({"dropout": 1.0}, "dropout"),
+        ({"block": "dense"}, "block"),
     ],
 )
 def test_bad_config_fails_at_build_time(kwargs: dict, msg: str) -> None:
@@ -66,9 +69,38 @@ def test_config_roundtrip_and_unknown_field() -> None:
         UNetConfig.from_dict({**cfg.to_dict(), "attention": True})
 
 
-def test_folding_batch_norm_keeps_the_outputs() -> None:
+def test_residual_config_roundtrip_and_plain_checkpoints_unchanged() -> None:
+    res = UNetConfig(in_slices=3, base_width=8, block="residual")
+    assert UNetConfig.from_dict(res.to_dict()) == res and res.to_dict()["block"] == "residual"
+    # A plain network's config is written as before the option existed, so older kitseg reads it.
+    plain = UNetConfig(in_slices=3, base_width=8)
+    assert "block" not in plain.to_dict() and UNetConfig.from_dict(plain.to_dict()) == plain
+
+
+def test_residual_encoder_adds_a_shortcut_around_each_level() -> None:
     torch.manual_seed(0)
-    model = UNet(UNetConfig(in_slices=3, num_classes=3, base_width=8, depth=3))
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3, block="residual")
+    model = UNet(cfg).eval()
+    level = model.down[1]  # 4 -> 8 channels: a 1x1 conv + norm shortcut
+    x = torch.randn(2, 4, 12, 12)
+    with torch.no_grad():
+        body, short = level.body(x), level.shortcut(x)
+        torch.testing.assert_close(level(x), torch.relu(body + short))
+        assert not torch.allclose(level(x), torch.relu(body))
+        # With the body's last norm zeroed, only the shortcut is left.
+        level.body[-1].weight.zero_()
+        level.body[-1].bias.zero_()
+        torch.testing.assert_close(level(x), torch.relu(short))
+    # The decoder stays plain, and the 1x1 shortcuts are counted in the FLOPs.
+    assert isinstance(model.up_blocks[0], torch.nn.Sequential)
+    extra = flops_per_pixel(cfg) - flops_per_pixel(UNetConfig(in_slices=3, base_width=4, depth=3))
+    assert extra == pytest.approx(2 * (3 * 4 + 4 * 8 / 4 + 8 * 16 / 16))
+
+
+@pytest.mark.parametrize("block", ["plain", "residual"])
+def test_folding_batch_norm_keeps_the_outputs(block: str) -> None:
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(in_slices=3, num_classes=3, base_width=8, depth=3, block=block))
     # Non-trivial running statistics and affine parameters, as after training.
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from segcore.checkpoint import load_checkpoint, read_meta
+from segcore.inference import Engine
 from segcore.io import load_labels, load_volume
 from segcore.preprocessing import preprocess_case
 from segcore.unet import UNet, UNetConfig
@@ -333,6 +334,18 @@ def test_train_with_antialias_records_it_and_trains_on_antialiased_slices(tmp_pa
         want = preprocess_case(vol.data, vol.affine, lab, pp, 3).image
         assert want.shape[1:] == (42, 42)
         assert np.array_equal(np.load(cached), want) == aa
+
+
+def test_train_with_a_residual_encoder_records_it_and_the_engine_runs_it(tmp_path: Path) -> None:
+    args, run = _tiny_depth4_run(tmp_path, "contiguous")
+    args[args.index("--iters") + 1] = "1"
+    assert main([*args, "--block", "residual"]) == 0
+    model, meta = load_checkpoint(run / "best.safetensors")
+    assert meta.model.block == "residual" and meta.provenance["train_config"]["block"] == "residual"
+    assert any(name.startswith("down.1.shortcut.") for name in model.state_dict())
+    case = find_cases(tmp_path / "data")[0]
+    pred = Engine.from_checkpoint(str(run / "best.safetensors"), device="cpu").predict(load_volume(case.image))
+    assert pred.mask.shape == load_volume(case.image).shape
 
 
 def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path) -> None:
