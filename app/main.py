@@ -128,6 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.ready = False
             sweeper.cancel()
             await run_in_threadpool(worker.stop)
+            if s.purge_results_on_shutdown:
+                await run_in_threadpool(store.purge)
             log.info("stopped")
 
     s0 = settings or get_settings()

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(
         3600, ge=10, le=30 * 24 * 3600, description="results are deleted this long after creation"
     )
+    purge_results_on_shutdown: bool = Field(
+        False,
+        description="delete every result when the service stops (after the drain); by default results stay for "
+        "the next start, which sweeps the expired ones, so a service stopped for good leaves them on disk",
+    )
     queue_size: int = Field(4, ge=1, le=1000, description="requests waiting for the worker; more get 503")
     max_upload_bytes: int = Field(1 << 30, ge=1024, description="limit on the uploaded (compressed) file")
     max_decompressed_bytes: int = Field(2 << 30, ge=1024, description="limit after gunzip, checked while streaming")

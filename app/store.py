@@ -99,6 +99,21 @@ class ResultStore:
         shutil.rmtree(d, ignore_errors=True)
         return True
 
+    def purge(self) -> int:
+        """Delete every result, partial write and spooled upload; returns how many results."""
+        n = 0
+        for d in self.results.iterdir():
+            if d.is_dir() and ID_RE.fullmatch(d.name):
+                n += 1
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
+        for f in self.spool.iterdir():
+            f.unlink(missing_ok=True)
+        log.info("shutdown purge removed %d results", n)
+        return n
+
     def sweep(self) -> int:
         """Delete expired results and stale partial writes; returns how many were removed."""
         n = 0

@@ -184,6 +184,18 @@ def test_results_survive_a_restart(tmp_path: Path, tiny_checkpoint: Path, payloa
         assert c.get(f"/segmentations/{rid}/mask").status_code == 200
 
 
+def test_purge_on_shutdown_leaves_no_result_behind(tmp_path: Path, tiny_checkpoint: Path, payload: bytes) -> None:
+    with _client(tmp_path, tiny_checkpoint, purge_results_on_shutdown=True) as c:
+        rid = c.post("/segment", files={"file": ("v", payload)}).json()["id"]
+        store = c.app.state.store  # type: ignore[attr-defined]
+        assert store.mask_path(rid) is not None  # served while the service runs
+        (store.results / f".{'0' * 32}.partial").mkdir()  # a write the drain cut short
+    root = tmp_path / "results"
+    assert list((root / "results").iterdir()) == [] and list((root / "spool").iterdir()) == []
+    with _client(tmp_path, tiny_checkpoint) as c:
+        assert_error(c.get(f"/segmentations/{rid}"), 404)
+
+
 def test_predict_cli_writes_masks_and_statistics(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from app.predict_cli import main
 
