@@ -103,9 +103,8 @@ class ResultStore:
         """Delete every result, partial write and spooled upload; returns how many results."""
         n = 0
         for d in self.results.iterdir():
-            if d.is_dir() and ID_RE.fullmatch(d.name):
-                n += 1
             if d.is_dir():
+                n += bool(ID_RE.fullmatch(d.name))  # partial writes are removed but not counted
                 shutil.rmtree(d, ignore_errors=True)
             else:
                 d.unlink(missing_ok=True)
