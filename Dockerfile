@@ -23,7 +23,7 @@ WORKDIR /opt/kitseg
 # An optional .host-ca.crt in the build context is used by pip (networks with a TLS proxy; the
 # smoke test puts the host's bundle there). The glob keeps the build working without one.
 # Optional wheels in the context (e.g. a local CPU torch) are preferred by pip in the same way.
-COPY pyproject.toml README.md .host-ca.cr[t] *.wh[l] ./
+COPY pyproject.toml README.md LICENSE .host-ca.cr[t] *.wh[l] ./
 # Dependencies first: a code change does not reinstall torch.
 RUN if [ -f .host-ca.crt ]; then export PIP_CERT=/opt/kitseg/.host-ca.crt; fi \
     && if ls ./*.whl >/dev/null 2>&1; then export PIP_FIND_LINKS=/opt/kitseg; fi \
@@ -35,7 +35,7 @@ RUN if [ -f .host-ca.crt ]; then export PIP_CERT=/opt/kitseg/.host-ca.crt; fi \
 RUN if [ -f .host-ca.crt ]; then export PIP_CERT=/opt/kitseg/.host-ca.crt; fi \
     && mkdir -p segcore training app \
     && touch segcore/__init__.py training/__init__.py app/__init__.py \
-    && pip install "setuptools>=68" ".${EXTRAS:+[$EXTRAS]}" \
+    && pip install "setuptools>=77" ".${EXTRAS:+[$EXTRAS]}" \
     && pip uninstall -y kitseg \
     && rm -rf segcore training app build ./*.egg-info
 
