@@ -84,15 +84,20 @@ done
 curl -fsS "http://127.0.0.1:$PORT/ready"
 
 log "POST /segment with a phantom from the host"
-PY=${PYTHON:-python3}
+# The host side needs the project (phantoms) and httpx: the setup script's .venv when there is one.
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 "$PY" -m training phantoms --out "$WORK/phantom" --n 1 --size 128 --workers 1 >/dev/null
 "$PY" - "$PORT" "$WORK/phantom/case_00000" "$EXTRAS" <<'EOF'
 import gzip, sys
 import httpx, nibabel as nib, numpy as np
 port, case, extras = sys.argv[1], sys.argv[2], sys.argv[3]
 card = httpx.get(f"http://127.0.0.1:{port}/model", timeout=60).json()
-want = "onnxruntime" if "onnx" in extras.split(",") else "torch"
-assert card["backend"] == want, f"backend {card['backend']!r}, expected {want!r} for extras {extras!r}"
+# backend=auto: ONNX Runtime for fp32 on a CPU when the extra is installed; a CPU with native bf16
+# runs bf16 (precision=auto), and that is torch's.
+want = "onnxruntime" if "onnx" in extras.split(",") and card["precision"] == "fp32" else "torch"
+assert card["backend"] == want, (
+    f"backend {card['backend']!r}, expected {want!r} for extras {extras!r} at precision {card['precision']!r}"
+)
 with open(f"{case}/imaging.nii.gz", "rb") as f:
     r = httpx.post(f"http://127.0.0.1:{port}/segment", files={"file": f}, timeout=600)
 r.raise_for_status()
@@ -105,7 +110,7 @@ assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine, atol=1e-
 seg = np.asanyarray(nib.load(f"{case}/segmentation.nii.gz").dataobj)
 pred = np.asanyarray(mask.dataobj)
 dice = 2 * ((pred > 0) & (seg > 0)).sum() / ((pred > 0).sum() + (seg > 0).sum())
-print(f"smoke OK: backend {card['backend']}, kidney {res['classes'][0]['volume_ml']:.1f} mL, kidney Dice vs truth {dice:.3f}")
+print(f"smoke OK: backend {card['backend']} ({card['precision']}, compiled {card['compiled']}), kidney {res['classes'][0]['volume_ml']:.1f} mL, kidney Dice vs truth {dice:.3f}")
 assert dice > 0.8
 EOF
 log "passed"
