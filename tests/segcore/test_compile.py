@@ -28,11 +28,12 @@ def _ipl_volume() -> Volume:
     return Volume(hu, aff, nib.Nifti1Header(), (1.0, 1.0, 1.0))
 
 
-@pytest.mark.parametrize("batch_size", [4, 18])
-def test_compiled_engine_gives_the_eager_mask_and_compiles_only_in_warmup(batch_size: int) -> None:
+@pytest.mark.parametrize("batch_size, block", [(4, "plain"), (18, "plain"), (4, "residual")])
+def test_compiled_engine_gives_the_eager_mask_and_compiles_only_in_warmup(batch_size: int, block: str) -> None:
     vol = _ipl_volume()
-    meta = _meta(CFG, (1.3, 1.3))  # a model grid that needs the network's padding
-    net = _random_net(CFG)
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3, block=block)
+    meta = _meta(cfg, (1.3, 1.3))  # a model grid that needs the network's padding
+    net = _random_net(cfg)
     assert vol.shape[0] == 21
     # 4: batches of 4 and a last one of 1 slice, on which dynamo would specialise. 18: one batch
     # past the convolution heuristics' 16, and a last one of 3 below it (two graphs, both warmed).
