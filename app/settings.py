@@ -58,8 +58,9 @@ class Settings(BaseSettings):
     )
     purge_results_on_shutdown: bool = Field(
         False,
-        description="delete every result when the service stops (after the drain); by default results stay for "
-        "the next start, which sweeps the expired ones, so a service stopped for good leaves them on disk",
+        description="delete every result in result_dir when the service stops (after the drain; not for replicas "
+        "that share one result_dir); by default results stay for the next start, which sweeps the expired ones, so "
+        "a service stopped for good leaves them on disk",
     )
     queue_size: int = Field(4, ge=1, le=1000, description="requests waiting for the worker; more get 503")
     max_upload_bytes: int = Field(1 << 30, ge=1024, description="limit on the uploaded (compressed) file")
