@@ -35,11 +35,22 @@ def _mean_index(sel: npt.NDArray[np.bool_], p: list[int], n: int) -> npt.NDArray
     """Mean voxel index (in the caller's axes) of the ``n`` voxels of ``sel``, a memory-ordered
     array whose axis ``a`` is the caller's axis ``p[a]``. From the counts per index along each
     axis: integer sums, so the result is the same in any layout (and equals ``argwhere().mean()``)."""
+    # Two passes over the bytes instead of one per axis: counts per (axis 0, axis 1) pair summed
+    # along the fastest axis, then per index of the fastest axis (rows added elementwise).
+    u = np.ascontiguousarray(sel).view(np.uint8)
+    plane = np.add.reduce(u, axis=2, dtype=np.int64)
+    last = np.add.reduce(u.reshape(-1, u.shape[2]), axis=0, dtype=np.int64)
     out = np.empty(3)
-    for a in range(3):
-        per_index = np.count_nonzero(sel, axis=tuple(o for o in range(3) if o != a))
+    for a, per_index in enumerate((plane.sum(axis=1), plane.sum(axis=0), last)):
         out[p[a]] = float(np.arange(sel.shape[a], dtype=np.int64) @ per_index) / n
     return out
+
+
+def _component_sizes(cc: npt.NDArray[np.integer], sel: npt.NDArray[np.bool_], n: int) -> npt.NDArray[np.intp]:
+    """Voxels per label of ``cc``, a labelling of ``sel`` with labels ``1..n`` (``sizes[0] = 0``).
+    Counted over the labelled voxels only: a bincount of the whole box converts every label to
+    int64 first, 3-4x the time on a kidney's box."""
+    return np.bincount(cc[sel], minlength=n + 1)
 
 
 def max_axial_diameter_mm(mask: npt.NDArray[np.bool_], volume: Volume) -> float:
@@ -125,8 +136,7 @@ def class_statistics(
     p = memory_axes(crop)
     cm = np.ascontiguousarray(crop.transpose(p))
     cc, ncomp = cc3d.connected_components(cm, connectivity=26, return_N=True)
-    sizes = np.bincount(cc.reshape(-1))
-    sizes[0] = 0
+    sizes = _component_sizes(cc, cm, ncomp)
     out["components"] = int(ncomp)
     out["largest_component_ml"] = float(sizes.max()) * voxel_ml
     largest = None
@@ -200,8 +210,7 @@ def kidney_sides(
     cc, n = cc3d.connected_components(cm, connectivity=26, return_N=True)
     ax, x0 = volume.affine[0, :3], float(volume.affine[0, 3])
     if n >= 2:
-        sizes = np.bincount(cc.reshape(-1))
-        sizes[0] = 0
+        sizes = _component_sizes(cc, cm, n)
 
         def voxels() -> tuple[npt.NDArray[np.integer], npt.NDArray[np.intp]]:
             idx = np.nonzero(cc)  # in memory order; the mask's own index order breaks ties
