@@ -102,7 +102,11 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
     drop_lut = np.ones(n + 1, dtype=bool)
     drop_lut[0] = False
     drop_lut[keep] = False
-    crop[drop_lut[cc]] = 0  # crop is a view of view, which is one of mask: this writes into mask
+    # Only the dropped voxels are written, found among the foreground's (in the order of
+    # ``labels``): looking every voxel of the box up in the table cost 4x more, though the
+    # dropped components are usually a few specks.
+    gone = np.flatnonzero(fg)[drop_lut[labels]]
+    crop[np.unravel_index(gone, crop.shape)] = 0  # crop is a view of mask's: this writes into mask
     return mask
 
 
