@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,13 @@ log = logging.getLogger("kitseg.store")
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
+CLOSED = "the service is shutting down and has purged its results"
+
+
+class StoreClosed(RuntimeError):
+    """The results were purged at shutdown: nothing is written after that."""
+
+
 class ResultStore:
     def __init__(self, root: Path, ttl_s: int) -> None:
         self.root = Path(root)
@@ -34,6 +42,11 @@ class ResultStore:
         self.results.mkdir(parents=True, exist_ok=True)
         self.spool.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        # purge() closes the store under this lock, and write() renames a result into place only
+        # under it while the store is open: a job the shutdown's drain left running can't leave a
+        # result behind the purge.
+        self._lock = threading.Lock()
+        self._closed = False
         # Uploads spooled by a previous process that died are never going to be processed.
         for f in self.spool.iterdir():
             f.unlink(missing_ok=True)
@@ -65,9 +78,14 @@ class ResultStore:
             if finalize is not None:
                 finalize(result)
             atomic_write(tmp / "result.json", json.dumps(result).encode())
-            os.replace(tmp, d)
-        except BaseException:
+            with self._lock:
+                if self._closed:
+                    raise StoreClosed(CLOSED)
+                os.replace(tmp, d)
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if self._closed and isinstance(e, OSError):  # the purge removed the partial write under it
+                raise StoreClosed(CLOSED) from e
             raise
 
     def _expired(self, d: Path) -> bool:
@@ -100,16 +118,19 @@ class ResultStore:
         return True
 
     def purge(self) -> int:
-        """Delete every result, partial write and spooled upload; returns how many results."""
+        """Delete every result, partial write and spooled upload, and close the store: a later
+        :meth:`write` raises :class:`StoreClosed` and leaves nothing. Returns how many results."""
         n = 0
-        for d in self.results.iterdir():
-            if d.is_dir():
-                n += bool(ID_RE.fullmatch(d.name))  # partial writes are removed but not counted
-                shutil.rmtree(d, ignore_errors=True)
-            else:
-                d.unlink(missing_ok=True)
-        for f in self.spool.iterdir():
-            f.unlink(missing_ok=True)
+        with self._lock:
+            self._closed = True
+            for d in self.results.iterdir():
+                if d.is_dir():
+                    n += bool(ID_RE.fullmatch(d.name))  # partial writes are removed but not counted
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    d.unlink(missing_ok=True)
+            for f in self.spool.iterdir():
+                f.unlink(missing_ok=True)
         log.info("shutdown purge removed %d results", n)
         return n
 

@@ -25,9 +25,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from app.errors import InsufficientStorage, OutOfMemory, Overloaded
+from app.errors import InsufficientStorage, NotReady, OutOfMemory, Overloaded
 from app.settings import Settings
-from app.store import ResultStore
+from app.store import ResultStore, StoreClosed
 from segcore.checkpoint import CheckpointMeta, file_sha256
 from segcore.inference import Engine
 from segcore.io import Volume, encode_mask, load_volume
@@ -257,6 +257,8 @@ class InferenceWorker:
 
         try:
             self.store.write(job.rid, result, mask_gz, finalize)
+        except StoreClosed as e:
+            raise NotReady(str(e)) from e
         except OSError as e:
             raise InsufficientStorage(f"could not write the result: {e.strerror or e}") from e
         return result

@@ -196,6 +196,33 @@ def test_purge_on_shutdown_leaves_no_result_behind(tmp_path: Path, tiny_checkpoi
         assert_error(c.get(f"/segmentations/{rid}"), 404)
 
 
+def test_a_write_the_purge_overtakes_leaves_nothing(tmp_path: Path) -> None:
+    from app.store import ResultStore, StoreClosed
+
+    store = ResultStore(tmp_path / "r", ttl_s=60)
+    kept = store.new_id()
+    store.write(kept, {"id": kept}, b"mask")
+    assert store.get(kept) == {"id": kept}
+    # A job the shutdown's drain left running: the purge runs between its mask and its rename.
+    rid = store.new_id()
+    with pytest.raises(StoreClosed):
+        store.write(rid, {"id": rid}, b"mask", finalize=lambda r: store.purge())
+    with pytest.raises(StoreClosed):  # and any write after it
+        store.write(store.new_id(), {}, b"mask")
+    assert list(store.results.iterdir()) == [] and list(store.spool.iterdir()) == []
+
+
+def test_a_job_finishing_after_the_purge_is_refused_with_the_error_shape(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    with _client(tmp_path, tiny_checkpoint, purge_results_on_shutdown=True) as c:
+        c.app.state.store.purge()  # type: ignore[attr-defined]
+        assert_error(c.post("/segment", files={"file": ("v", payload)}), 503, "not_ready")
+        assert c.get("/health").status_code == 200
+    assert list((tmp_path / "results" / "results").iterdir()) == []
+    _clean(tmp_path)
+
+
 def test_predict_cli_writes_masks_and_statistics(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from app.predict_cli import main
 
