@@ -72,8 +72,8 @@ def test_loss_learns_a_tiny_problem() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = first if first is not None else float(loss)
-    assert float(loss) < 0.5 * first
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.5 * first
     acc = (model.eval()(x).argmax(1) == y).float().mean()
     assert acc > 0.9
 
