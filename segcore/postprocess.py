@@ -103,8 +103,8 @@ def keep_largest_components(mask: npt.NDArray[np.uint8], cfg: PostprocessConfig)
     drop_lut[0] = False
     drop_lut[keep] = False
     # Only the dropped voxels are written, found among the foreground's (in the order of
-    # ``labels``): looking every voxel of the box up in the table cost 4x more, though the
-    # dropped components are usually a few specks.
+    # ``labels``): looking every voxel of the box up in the table cost 1.6x more on a
+    # 200-slice case, though the dropped components are usually a few specks.
     gone = np.flatnonzero(fg)[drop_lut[labels]]
     crop[np.unravel_index(gone, crop.shape)] = 0  # crop is a view of mask's: this writes into mask
     return mask
