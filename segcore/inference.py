@@ -525,14 +525,15 @@ class _Upsampler:
         ``conf_sum`` / ``conf_cnt`` (background is not scored; those pixels all lie in the box).
         """
         margin = logits[:, 1:] - logits[:, :1]  # (B, K-1, h, w)
-        cand = margin.amax(dim=1) > -self.EPS  # (B, h, w)
+        # Each pixel's best margin over the classes and the batch, then its rows' and columns'
+        # (float reductions, which every device has: with the margins, 3.5x faster here than any()
+        # over boolean maps along the same axes).
+        best = margin.amax(dim=1).amax(dim=0)  # (h, w)
         oy, ox = origin
-        # One plane for the batch, then its rows and columns (amax: any() is 3-7x slower here).
-        plane = cand.amax(dim=0)
-        rows = self._span(self.ty, plane.amax(dim=1), oy)
+        rows = self._span(self.ty, best.amax(dim=1) > -self.EPS, oy)
         if rows is None:
             return None
-        cols = self._span(self.tx, plane.amax(dim=0), ox)
+        cols = self._span(self.tx, best.amax(dim=0) > -self.EPS, ox)
         if cols is None:
             return None
         r0, r1, a0, a1 = rows  # model-grid ranges a, b are in whole-grid coordinates ...
