@@ -127,13 +127,7 @@ class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, norm: str) -> None:
         super().__init__()
         bias = norm == "none"
-        self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias),
-            _norm(norm, c_out),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=bias),
-            _norm(norm, c_out),
-        )
+        self.body = nn.Sequential(*list(ConvBlock(c_in, c_out, norm))[:-1])  # the plain block, less its last ReLU
         self.shortcut: nn.Module = (
             nn.Identity() if c_in == c_out else nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=bias), _norm(norm, c_out))
         )
