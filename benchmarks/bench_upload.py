@@ -119,6 +119,12 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "upload.json")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument(
+        "--label",
+        default="",
+        help="prefix for the docs section's heading, so that runs on different machines keep their own "
+        "sections (for example 'Session 23, AVX2 CPU: '); default: the plain 'Decoding during the upload'",
+    )
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="kitseg-bench-") as tmpdir:
@@ -193,7 +199,7 @@ def main() -> int:
 
     (model,) = set(engine.values())
     heading = (
-        "## Decoding during the upload"
+        f"## {a.label}{'d' if a.label else 'D'}ecoding during the upload"
         + (", first requests of fresh processes" if a.fresh else "")
         + f" (POST /segment over 127.0.0.1, {a.device}, {model},"
     )
