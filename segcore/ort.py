@@ -4,22 +4,27 @@ On the 2-core AVX2 development CPU, ONNX Runtime runs the demo U-Net's model sta
 faster than torch (docs/benchmarks.md: mostly because its memory arena keeps activation buffers
 for the length of a volume), with logits equal to about 2e-5. The checkpoint stays the one
 source of truth: the BatchNorm-folded network is exported to ONNX when an engine is built (a
-fraction of a second, through a temporary file that is removed at once). CUDA keeps torch, with
+fraction of a second, through a temporary file that is removed at once; about 8 s through
+``torch.export`` on a torch without the deprecated TorchScript exporter). CUDA keeps torch, with
 AMP and channels_last.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from segcore.unet import UNet, padded_call
+
+log = logging.getLogger(__name__)
 
 #: ``Engine(backend=...)`` values. ``auto``: onnxruntime for fp32 on CPU when it is installed,
 #: torch otherwise.
@@ -40,30 +45,68 @@ class _Padded(nn.Module):
         return self.net.forward_padded(x)
 
 
-def export_onnx(model: UNet) -> bytes:
+def export_onnx(model: UNet, exporter: str = "auto") -> bytes:
     """The eval-mode network as ONNX bytes, with dynamic batch, height and width.
 
     Only :meth:`UNet.forward_padded` is exported: the padding to a multiple of ``2**(depth-1)``
     depends on the input's size, so :class:`OrtModel` does it around the session with
     :func:`segcore.unet.padded_call`, as :meth:`UNet.forward` does around the network.
+
+    ``exporter``: ``torchscript`` (a fraction of a second here), ``dynamo`` (``torch.export``
+    through onnxscript: about 8-10 s for the demo network on the 2-core development CPU, the
+    same logits to 2e-5) or ``auto``: TorchScript, and ``dynamo`` where TorchScript fails. torch
+    has deprecated its TorchScript exporter; this graph has no control flow, so both are exact,
+    and ``auto`` keeps ONNX Runtime working on a torch without it.
     """
+    if exporter not in ("auto", "torchscript", "dynamo"):
+        raise ValueError(f"exporter must be auto, torchscript or dynamo, got {exporter!r}")
+    if exporter == "auto":
+        try:
+            return export_onnx(model, "torchscript")
+        except Exception:
+            if importlib.util.find_spec("onnxscript") is None:
+                raise
+            log.warning("the TorchScript ONNX exporter failed; exporting through torch.export instead (about 10 s)")
+            return export_onnx(model, "dynamo")
     m = model.config.multiple
-    sample = torch.zeros(1, model.config.in_slices, 2 * m, 2 * m)
+    dynamo = exporter == "dynamo"
+    # For torch.export a batch above 1 and a slice that isn't square: it specialises on size 1,
+    # and on equal sizes would take height == width for every input.
+    sample = (
+        torch.zeros(2, model.config.in_slices, 2 * m, 3 * m)
+        if dynamo
+        else torch.zeros(1, model.config.in_slices, 2 * m, 2 * m)
+    )
     with tempfile.TemporaryDirectory(prefix="kitseg-onnx-") as tmp, warnings.catch_warnings():
         path = Path(tmp) / "unet.onnx"  # the exporter's typed interface takes a path
-        # The TorchScript exporter is deprecated in favour of torch.export, which needs
-        # onnxscript and takes seconds; this graph has no control flow, so the old one is exact.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _Padded(model.eval()),
-            (sample,),
-            path,
-            input_names=["x"],
-            output_names=["logits"],
-            dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
-            opset_version=17,
-            dynamo=False,
+        warnings.simplefilter("ignore")  # the exporters' deprecation notices
+        axes = {0: "batch", 2: "height", 3: "width"}
+        kwargs: dict[str, Any] = (
+            {
+                "dynamic_shapes": ({d: torch.export.Dim.DYNAMIC for d in axes},),
+                "external_data": False,  # one file, weights inside, as the session reads bytes
+                "verbose": False,
+                "opset_version": 18,
+            }
+            if dynamo
+            else {"dynamic_axes": {"x": axes, "logits": axes}, "opset_version": 17}
         )
+        # The dynamo exporter logs a line for every optional operator library it can't find.
+        torch_onnx_log = logging.getLogger("torch.onnx")
+        level = torch_onnx_log.level
+        torch_onnx_log.setLevel(logging.ERROR)
+        try:
+            torch.onnx.export(
+                _Padded(model.eval()),
+                (sample,),
+                path,
+                input_names=["x"],
+                output_names=["logits"],
+                dynamo=dynamo,
+                **kwargs,
+            )
+        finally:
+            torch_onnx_log.setLevel(level)
         return path.read_bytes()
 
 

@@ -2,6 +2,8 @@
 clear choice of backend."""
 
 import dataclasses
+import importlib.util
+import logging
 import sys
 
 import nibabel as nib
@@ -14,7 +16,7 @@ import segcore.inference
 from segcore.checkpoint import KITS19_LABELS, CheckpointMeta
 from segcore.inference import Engine
 from segcore.io import Volume
-from segcore.ort import OrtModel, onnxruntime_available
+from segcore.ort import OrtModel, export_onnx, onnxruntime_available
 from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig, fold_batch_norm, padding
@@ -139,6 +141,43 @@ def test_auto_falls_back_to_torch_when_the_export_fails(monkeypatch: pytest.Monk
     assert Engine(net, meta, CPU, precision="fp32").backend == "torch"  # the service still starts
     with pytest.raises(RuntimeError, match="exporter removed"):
         Engine(net, meta, CPU, precision="fp32", backend="onnxruntime")  # asked for: no silent fallback
+
+
+@needs_ort
+@pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None, reason="the dynamo exporter needs onnxscript")
+def test_without_the_torchscript_exporter_the_model_is_exported_through_torch_export(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A torch whose TorchScript exporter is gone (it is deprecated): ONNX Runtime still runs,
+    # from the torch.export graph, with the network's logits at any batch and size.
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
+    net = fold_batch_norm(_random_net(cfg))
+    real = torch.onnx.export
+    calls: list[bool] = []
+
+    def export(*args: object, dynamo: bool = True, **kwargs: object) -> object:
+        calls.append(dynamo)
+        if not dynamo:
+            raise RuntimeError("the TorchScript exporter was removed")
+        return real(*args, dynamo=dynamo, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with caplog.at_level(logging.WARNING, logger="segcore.ort"):
+        model = OrtModel(net)
+    assert calls == [False, True]
+    assert "TorchScript ONNX exporter failed" in caplog.text
+    for shape in [(1, 3, 13, 9), (4, 3, 37, 53), (2, 3, 64, 64)]:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            ref = net(x)
+        out = model(x)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_an_unknown_exporter_is_refused() -> None:
+    with pytest.raises(ValueError, match="exporter must be"):
+        export_onnx(UNet(UNetConfig(in_slices=1, base_width=4, depth=2)), "tflite")
 
 
 @needs_ort
