@@ -199,7 +199,7 @@ def main() -> int:
 
     (model,) = set(engine.values())
     heading = (
-        f"## {a.label}{'d' if a.label else 'D'}ecoding during the upload"
+        (f"## {a.label}decoding during the upload" if a.label else "## Decoding during the upload")
         + (", first requests of fresh processes" if a.fresh else "")
         + f" (POST /segment over 127.0.0.1, {a.device}, {model},"
     )
