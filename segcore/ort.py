@@ -63,34 +63,33 @@ def export_onnx(model: UNet, exporter: str = "auto") -> bytes:
     if exporter == "auto":
         try:
             return export_onnx(model, "torchscript")
-        except Exception:
+        except Exception as e:
             if importlib.util.find_spec("onnxscript") is None:
                 raise
-            log.warning("the TorchScript ONNX exporter failed; exporting through torch.export instead (about 10 s)")
+            log.warning(
+                "the TorchScript ONNX exporter failed (%s); exporting through torch.export instead (about 10 s)", e
+            )
             return export_onnx(model, "dynamo")
     m = model.config.multiple
     dynamo = exporter == "dynamo"
-    # For torch.export a batch above 1 and a slice that isn't square: it specialises on size 1,
-    # and on equal sizes would take height == width for every input.
-    sample = (
-        torch.zeros(2, model.config.in_slices, 2 * m, 3 * m)
-        if dynamo
-        else torch.zeros(1, model.config.in_slices, 2 * m, 2 * m)
-    )
+    axes = {0: "batch", 2: "height", 3: "width"}
+    kwargs: dict[str, Any]
+    if dynamo:
+        # A batch above 1 and a slice that isn't square: torch.export specialises on size 1, and
+        # on equal sizes would take height == width for every input.
+        sample = torch.zeros(2, model.config.in_slices, 2 * m, 3 * m)
+        kwargs = {
+            "dynamic_shapes": ({d: torch.export.Dim.DYNAMIC for d in axes},),
+            "external_data": False,  # one file, weights inside, as the session reads bytes
+            "verbose": False,
+            "opset_version": 18,
+        }
+    else:
+        sample = torch.zeros(1, model.config.in_slices, 2 * m, 2 * m)
+        kwargs = {"dynamic_axes": {"x": axes, "logits": axes}, "opset_version": 17}
     with tempfile.TemporaryDirectory(prefix="kitseg-onnx-") as tmp, warnings.catch_warnings():
         path = Path(tmp) / "unet.onnx"  # the exporter's typed interface takes a path
         warnings.simplefilter("ignore")  # the exporters' deprecation notices
-        axes = {0: "batch", 2: "height", 3: "width"}
-        kwargs: dict[str, Any] = (
-            {
-                "dynamic_shapes": ({d: torch.export.Dim.DYNAMIC for d in axes},),
-                "external_data": False,  # one file, weights inside, as the session reads bytes
-                "verbose": False,
-                "opset_version": 18,
-            }
-            if dynamo
-            else {"dynamic_axes": {"x": axes, "logits": axes}, "opset_version": 17}
-        )
         # The dynamo exporter logs a line for every optional operator library it can't find.
         torch_onnx_log = logging.getLogger("torch.onnx")
         level = torch_onnx_log.level
