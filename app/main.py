@@ -1,8 +1,9 @@
 """The app factory. ``uvicorn app.main:app`` serves it; run one process per GPU.
 
 The lifespan loads the checkpoint (the bundled demo model when none is configured), warms the
-model up, starts the one worker that owns the device and a retention sweeper, and only then
-reports ready. A checkpoint that fails to load stops startup with its message.
+model up, starts the one worker that owns the device (which first runs one whole synthetic job)
+and a retention sweeper, and only then reports ready. A checkpoint that fails to load stops
+startup with its message.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from app.routes import health, segment
 from app.settings import Settings, get_settings
 from app.store import ResultStore
 from app.upload import UploadDecodeMiddleware, UploadDecoder, decoder_for
-from app.worker import InferenceWorker, warm_pipeline
+from app.worker import InferenceWorker
 from segcore.errors import CheckpointError
 from segcore.inference import Engine
 
@@ -55,7 +56,6 @@ def _load(settings: Settings) -> Engine:
                 "2-core CPU with a fresh inductor cache, 10-20 s with a warm one"
             )
         engine.warmup()
-        warm_pipeline(engine, engine.meta.labels, settings.mask_compresslevel)
     return engine
 
 
@@ -104,11 +104,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         try:
             engine = await run_in_threadpool(_load, s)
+            worker = InferenceWorker(engine, s, store)
+            worker.start(warm=s.warmup)
+            await run_in_threadpool(worker.wait_warm)
         except (CheckpointError, RuntimeError, OSError, ValueError) as e:
             log.error("startup failed: %s", e)
             raise RuntimeError(f"kitseg cannot start: {e}") from e
-        worker = InferenceWorker(engine, s, store)
-        worker.start()
         app.state.worker = worker
         sweeper = asyncio.create_task(_sweeper(store, max(5.0, min(60.0, s.result_ttl_s / 4))))
         app.state.ready = True

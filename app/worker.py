@@ -73,6 +73,7 @@ def warm_pipeline(engine: Engine, labels: dict[int, str], compresslevel: int, sl
     """One whole job (segment, statistics, encode) on a synthetic 512x512 CT before the service
     reports ready, so that the first real request doesn't pay for lazy imports, first calls and
     the allocator's first growth to request-sized buffers (docs/benchmarks.md, "First requests").
+    The worker runs it on its own thread (:meth:`InferenceWorker.start`).
 
     The volume is one chunk of slices (the engine's working set per chunk is the same at any
     slice count); its statistics use a synthetic mask, since the model may find nothing in it.
@@ -115,9 +116,23 @@ class InferenceWorker:
         self.busy = threading.Event()
         self.accepting = True
         self.processed = 0
+        self._warm = False
+        self._warmed = threading.Event()
+        self._warm_error: BaseException | None = None
 
-    def start(self) -> None:
+    def start(self, warm: bool = False) -> None:
+        """Start the thread; with ``warm`` it first runs :func:`warm_pipeline` (see
+        :meth:`wait_warm`). The warm-up runs on this thread, not the caller's: glibc gives each
+        thread its own malloc arena, and a warm-up elsewhere grows an arena that no job uses
+        (it halved the first request's extra page faults, docs/benchmarks.md)."""
+        self._warm = warm
         self.thread.start()
+
+    def wait_warm(self) -> None:
+        """Block until the warm-up is over; raise its error, if it failed (the thread has ended)."""
+        self._warmed.wait()
+        if self._warm_error is not None:
+            raise self._warm_error
 
     def model_info(self) -> dict[str, Any]:
         return {
@@ -145,6 +160,14 @@ class InferenceWorker:
         self.thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            if self._warm:
+                warm_pipeline(self.engine, self.meta.labels, self.settings.mask_compresslevel)
+        except BaseException as e:
+            self._warm_error = e
+            return
+        finally:
+            self._warmed.set()
         while True:
             job = self.queue.get()
             if job is None:

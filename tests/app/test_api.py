@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -118,11 +119,13 @@ def test_warmup_runs_a_whole_job_before_ready(
     import app.worker as worker_module
 
     seen: list[str] = []
+    threads: set[threading.Thread] = set()
     for name in ("compute_statistics", "encode_mask"):
         real = getattr(worker_module, name)
 
         def spy(*a: object, _real=real, _name=name, **k: object) -> object:
             seen.append(_name)
+            threads.add(threading.current_thread())
             return _real(*a, **k)
 
         monkeypatch.setattr(worker_module, name, spy)
@@ -130,6 +133,8 @@ def test_warmup_runs_a_whole_job_before_ready(
     with TestClient(app) as c:
         assert c.get("/ready").json()["status"] == "ready"
         assert seen == ["compute_statistics", "encode_mask"]  # before any request
+        # On the thread that will run the jobs, whose malloc arena the warm-up is meant to grow.
+        assert threads == {app.state.worker.thread}
         assert list((tmp_path / "results" / "results").iterdir()) == []  # nothing stored
         assert c.post("/segment", files={"file": ("v.nii.gz", _nifti_bytes(tmp_path))}).status_code == 200
 
@@ -270,6 +275,20 @@ def test_not_ready_and_bad_checkpoint_stop_startup(tmp_path: Path) -> None:
     bad.write_bytes(b"garbage")
     app = create_app(make_settings(tmp_path, checkpoint=bad))
     with pytest.raises(RuntimeError, match="cannot start"), TestClient(app):
+        pass
+
+
+def test_a_failing_warm_up_stops_startup(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.worker as worker_module
+
+    def broken(*a: object, **k: object) -> None:
+        raise ValueError("the warm-up's encoder is broken")
+
+    monkeypatch.setattr(worker_module, "encode_mask", broken)
+    app = create_app(make_settings(tmp_path, checkpoint=tiny_checkpoint, warmup=True))
+    with pytest.raises(RuntimeError, match="cannot start: the warm-up's encoder is broken"), TestClient(app):
         pass
 
 
