@@ -184,6 +184,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         if not a.data or not a.out:
             print("train needs --data and --out (or --dry-run)", file=sys.stderr)
             return 2
+        if a.fit_schedule and a.max_minutes is None:
+            print("--fit-schedule fits the LR schedule to --max-minutes; give --max-minutes too", file=sys.stderr)
+            return 2
         cfg = TrainConfig(
             data=a.data,
             out=a.out,
@@ -201,6 +204,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             amp=a.amp,
             workers=a.workers,
             max_minutes=a.max_minutes,
+            fit_schedule=a.fit_schedule,
             resume=a.resume,
             kits23=a.kits23,
             base_width=a.base_width,
@@ -530,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="on CPU (glibc), leave malloc alone instead of keeping big freed buffers for reuse (about 1.7x per step)",
     )
     tr.add_argument("--max-minutes", type=float, help="stop after the epoch that crosses this wall time")
+    tr.add_argument(
+        "--fit-schedule",
+        action="store_true",
+        help="with --max-minutes: after each epoch, shorten the cosine LR schedule to the epochs that fit in "
+        "--max-minutes at the median epoch time so far, so that a slow machine's run anneals instead of being "
+        "cut off mid-schedule (where all --epochs fit, nothing changes)",
+    )
     tr.add_argument("--resume", help="a last.state.pt to continue from")
     tr.add_argument("--kits23", action="store_true", help="4 classes (with cyst)")
     tr.add_argument("--base-width", type=int, default=16)

@@ -64,6 +64,9 @@ class TrainConfig:
     amp: str = "auto"
     workers: int = 0
     max_minutes: float | None = None
+    #: with ``max_minutes``: the LR schedule's length becomes the epochs that fit in it, measured as
+    #: training goes (see :func:`epochs_that_fit`), so that a run the budget ends has annealed.
+    fit_schedule: bool = False
     resume: str | None = None
     kits23: bool = False
     base_width: int = 16
@@ -448,15 +451,36 @@ class Distributed:
             dist.barrier()
 
     def broadcast_flag(self, flag: bool) -> bool:
+        return bool(self.broadcast_int(1 if flag else 0))
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([1 if flag else 0])
+            return value
+        t = torch.tensor([value])
         dist.broadcast(t, src=0)
-        return bool(t.item())
+        return int(t.item())
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def epochs_that_fit(done: int, durations: list[float], elapsed_s: float, budget_s: float, planned: int) -> int:
+    """How many epochs a run of ``planned`` can have when ``budget_s`` of wall time bounds it.
+
+    ``done`` epochs are finished, ``elapsed_s`` into the budget, and ``durations`` are this
+    process's epoch times so far (training and validation). The answer is ``done`` plus as many
+    more as the rest of the budget holds at their median, counting the one that crosses the
+    budget, as the ``max_minutes`` guard does (it stops after that one); never below ``done`` nor
+    above ``planned``. Time-bounded runs do better annealed to the budget than cut off mid-schedule
+    (Li et al., "Budgeted training", ICLR 2020), which is what the guard alone does on a slow CPU.
+    """
+    if not durations:
+        return planned
+    per = float(np.median(durations))
+    more = math.ceil((budget_s - elapsed_s) / per) if per > 0 else planned
+    return max(done, min(planned, done + max(0, more)))
 
 
 def _infinite(loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -471,6 +495,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     if not 0.0 <= cfg.ema < 1.0:
         raise ValueError(f"ema decay must be in [0, 1), got {cfg.ema}")
+    if cfg.fit_schedule and cfg.max_minutes is None:
+        raise ValueError("fit_schedule fits the LR schedule to max_minutes; set max_minutes too")
     if cfg.deep_supervision:
         # Checked before any preprocessing, so a wrong flag fails at once.
         DeepSupervision.check(cfg.deep_supervision, cfg.depth, cfg.patch)
@@ -592,11 +618,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.ema
         else None
     )
-    total_iters = cfg.epochs * cfg.iters_per_epoch
+    schedule_epochs = cfg.epochs  # fit_schedule shortens it to the epochs that fit in max_minutes
 
     def lr_at(it: int) -> float:
         if cfg.lr_schedule == "constant":
             return cfg.lr
+        total_iters = schedule_epochs * cfg.iters_per_epoch
         return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / total_iters)))
 
     start_epoch, history, best = 0, [], -1.0
@@ -651,7 +678,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log_path.unlink()
     best_metrics: dict[str, Any] = {}
     stop = False
+    epoch_seconds: list[float] = []
     for epoch in range(start_epoch, cfg.epochs):
+        if epoch >= schedule_epochs:
+            break
         ds.set_epoch(epoch)
         model.train()
         t_ep = time.perf_counter()
@@ -694,6 +724,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "train_loss": float(np.mean(losses)),
             "train_dice_loss": float(np.mean(dices)),
             "lr": lr_at((epoch + 1) * cfg.iters_per_epoch),
+            "schedule_epochs": schedule_epochs,
             "train_seconds": train_secs,
             "train_slices_per_s": slices_per_s,
         }
@@ -765,6 +796,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 tqdm.write(msg)
             if cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 > cfg.max_minutes:
                 stop = True
+            if cfg.fit_schedule and cfg.max_minutes is not None:
+                epoch_seconds.append(time.perf_counter() - t_ep)
+                fit = epochs_that_fit(
+                    epoch + 1, epoch_seconds, time.perf_counter() - t_start, 60 * cfg.max_minutes, cfg.epochs
+                )
+                if fit != schedule_epochs:
+                    log.info("the LR schedule now ends after epoch %d (what fits in --max-minutes)", fit)
+                schedule_epochs = fit
+        if cfg.fit_schedule:
+            schedule_epochs = ddp.broadcast_int(schedule_epochs)
         if ddp.broadcast_flag(stop):
             break
     ddp.barrier()

@@ -25,6 +25,7 @@ from training.train import (
     choose_memory_format,
     deep_supervision_loss,
     dice_ce_loss,
+    epochs_that_fit,
     plain_unet,
     resolve_amp,
 )
@@ -346,6 +347,46 @@ def test_train_with_a_residual_encoder_records_it_and_the_engine_runs_it(tmp_pat
     case = find_cases(tmp_path / "data")[0]
     pred = Engine.from_checkpoint(str(run / "best.safetensors"), device="cpu").predict(load_volume(case.image))
     assert pred.mask.shape == load_volume(case.image).shape
+
+
+def test_epochs_that_fit_by_hand() -> None:
+    # 12-minute budget, 100 s of setup, epochs of 40 s (median of 38, 40, 60): after epoch 3 at
+    # 238 s, (720 - 238) / 40 = 12.05 -> 13 more, counting the one that crosses the budget.
+    assert epochs_that_fit(3, [38.0, 40.0, 60.0], 238.0, 720.0, 30) == 16
+    assert epochs_that_fit(3, [38.0, 40.0, 60.0], 238.0, 720.0, 10) == 10  # never more than planned
+    assert epochs_that_fit(5, [40.0] * 5, 700.0, 720.0, 30) == 6  # one more crosses the budget
+    assert epochs_that_fit(5, [40.0] * 5, 730.0, 720.0, 30) == 5  # past it: stop now
+    assert epochs_that_fit(0, [], 10.0, 720.0, 30) == 30  # nothing measured yet
+
+
+def test_fit_schedule_ends_the_run_annealed_where_the_budget_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.train as train_module
+
+    args, run = _tiny_depth4_run(tmp_path, "contiguous")
+    args[args.index("--epochs") + 1] = "4"
+    args[args.index("--iters") + 1] = "1"
+    assert main([*args, "--fit-schedule"]) == 2  # only with --max-minutes
+    calls: list[tuple[int, int]] = []
+
+    def two_fit(done: int, durations: list[float], elapsed_s: float, budget_s: float, planned: int) -> int:
+        calls.append((done, planned))
+        assert len(durations) == done and budget_s == 600.0
+        return 2  # as if the budget held two of the four epochs
+
+    monkeypatch.setattr(train_module, "epochs_that_fit", two_fit)
+    assert main([*args, "--max-minutes", "10", "--fit-schedule"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and calls == [(1, 4), (2, 4)]
+    assert [r["schedule_epochs"] for r in rows] == [4, 2]
+    assert rows[-1]["lr"] == pytest.approx(0.02 * 1e-3)  # annealed to the floor at the end of epoch 2
+    _, meta = load_checkpoint(run / "last.safetensors")
+    assert meta.provenance["train_config"]["fit_schedule"] is True
+    # Without it the same budget keeps the 4-epoch schedule, whose LR at epoch 2 is half way down.
+    assert main([*args, "--max-minutes", "10"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[1]["lr"] == pytest.approx(0.51e-3)
 
 
 def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path) -> None:
