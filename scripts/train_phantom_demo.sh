@@ -6,9 +6,10 @@
 #   docs/training.md): the long recipe's training (2.0 mm, 96-pixel patches, batch Dice, 30 epochs)
 #   in fp32 under a 12-minute guard, without post-processing; evaluated on test seed 14
 #   (14000-14029). On session 20's CPU (2 cores of a Xeon with AVX-512 BF16 + AMX) all 30 epochs fit
-#   (613-692 s). On a slower CPU the guard stops training early, before the cosine schedule has
-#   annealed: on the AVX2 machine of sessions 1-18 it would stop around epoch 15 of 30, and there
-#   RECIPE=r is the recipe that fits.
+#   (613-692 s). On a slower CPU fewer fit: since session 24, --fit-schedule shortens the cosine
+#   schedule to the epochs that fit, so the run anneals instead of being cut off (candidate LT;
+#   on the AVX2 machine 15-16 of 30, a tie with the cut-off run on the development sets), and the
+#   test seed is 15 (15000-15029). On the AVX2 machine R scores higher (RECIPE=r).
 # RECIPE=r: the 15-minute recipe of sessions 14-19 (candidate R): a 2.5 mm grid, 80-pixel patches,
 #   per-patch Dice, 25 epochs, 12-minute guard, then tumor components under 0.5 mL become kidney
 #   (`kitseg-train postprocess`; the weights are those training picked, unchanged). About 13
@@ -19,16 +20,16 @@
 #   AVX2 machine). This is the checkpoint shipped in app/demo_model. It was chosen on the
 #   development sets and evaluated once on seed 7 (30 cases, 7000-7029). No post-processing: on the
 #   development sets the 0.5 mL rule cost its checkpoint 0.004 of composite (docs/training.md).
-# Test seeds 1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 13 and 14 have been used to report (seed 5 also to
+# Test seeds 1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14 and 15 have been used to report (seed 5 also to
 # choose between) recipes. Seeds 3 (cases 3000-3019) and 8 (8000-8039) are the development sets
-# recipes are chosen on (docs/training.md). A new recipe needs a new test seed (15 onwards).
+# recipes are chosen on (docs/training.md). A new recipe needs a new test seed (16 onwards).
 # Usage: [RECIPE=quick|r|long] scripts/train_phantom_demo.sh [WORKDIR]   (default: runs/phantom-demo[-r|-long])
 set -euo pipefail
 RECIPE=${RECIPE:-quick}
 case "$RECIPE" in
     quick)
-        EPOCHS=30 TEST_SEED=14 W=${1:-runs/phantom-demo}
-        RECIPE_ARGS=(--patch 96 --spacing 2.0 --dice batch --max-minutes 12) MIN_TUMOR_ML=0 ;;
+        EPOCHS=30 TEST_SEED=15 W=${1:-runs/phantom-demo}
+        RECIPE_ARGS=(--patch 96 --spacing 2.0 --dice batch --max-minutes 12 --fit-schedule) MIN_TUMOR_ML=0 ;;
     r)
         EPOCHS=25 TEST_SEED=12 W=${1:-runs/phantom-demo-r}
         RECIPE_ARGS=(--patch 80 --spacing 2.5 --dice sample --max-minutes 12) MIN_TUMOR_ML=0.5 ;;
