@@ -65,7 +65,8 @@ class TrainConfig:
     workers: int = 0
     max_minutes: float | None = None
     #: with ``max_minutes``: the LR schedule's length becomes the epochs that fit in it, measured as
-    #: training goes (see :func:`epochs_that_fit`), so that a run the budget ends has annealed.
+    #: training goes (see :func:`epochs_that_fit`), so that a run the budget ends has annealed. A
+    #: resumed run starts from the planned length again and fits it to its own ``max_minutes``.
     fit_schedule: bool = False
     resume: str | None = None
     kits23: bool = False
