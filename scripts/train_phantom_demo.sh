@@ -8,7 +8,8 @@
 #   (14000-14029). On session 20's CPU (2 cores of a Xeon with AVX-512 BF16 + AMX) all 30 epochs fit
 #   (613-692 s). On a slower CPU fewer fit: since session 24, --fit-schedule shortens the cosine
 #   schedule to the epochs that fit, so the run anneals instead of being cut off (candidate LT;
-#   on the AVX2 machine 15-16 of 30, a tie with the cut-off run on the development sets), and the
+#   on the AVX2 machine 15-22 of 30, 0.006 above the cut-off run on the development sets over two
+#   seeds), and the
 #   test seed is 15 (15000-15029): kidney 0.974 / tumor 0.841 there on the AVX2 machine, 14.0 min
 #   (16 epochs). On the AVX2 machine R scores higher on the development sets (RECIPE=r).
 # RECIPE=r: the 15-minute recipe of sessions 14-19 (candidate R): a 2.5 mm grid, 80-pixel patches,
