@@ -9,9 +9,8 @@
 #   (613-692 s). On a slower CPU fewer fit: since session 24, --fit-schedule shortens the cosine
 #   schedule to the epochs that fit, so the run anneals instead of being cut off (candidate LT;
 #   on the AVX2 machine 15-22 of 30, 0.006 above the cut-off run on the development sets over two
-#   seeds), and the
-#   test seed is 15 (15000-15029): kidney 0.974 / tumor 0.841 there on the AVX2 machine, 14.0 min
-#   (16 epochs). On the AVX2 machine R scores higher on the development sets (RECIPE=r).
+#   seeds), and the test seed is 15 (15000-15029): kidney 0.974 / tumor 0.841 there on the AVX2
+#   machine, 14.0 min (16 epochs). On the AVX2 machine R scores higher on the development sets (RECIPE=r).
 # RECIPE=r: the 15-minute recipe of sessions 14-19 (candidate R): a 2.5 mm grid, 80-pixel patches,
 #   per-patch Dice, 25 epochs, 12-minute guard, then tumor components under 0.5 mL become kidney
 #   (`kitseg-train postprocess`; the weights are those training picked, unchanged). About 13
