@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             engine = await run_in_threadpool(_load, s)
             worker = InferenceWorker(engine, s, store)
-            worker.start(warm=s.warmup)
+            worker.start()
             await run_in_threadpool(worker.wait_warm)
         except (CheckpointError, RuntimeError, OSError, ValueError) as e:
             log.error("startup failed: %s", e)

@@ -116,16 +116,14 @@ class InferenceWorker:
         self.busy = threading.Event()
         self.accepting = True
         self.processed = 0
-        self._warm = False
         self._warmed = threading.Event()
         self._warm_error: BaseException | None = None
 
-    def start(self, warm: bool = False) -> None:
-        """Start the thread; with ``warm`` it first runs :func:`warm_pipeline` (see
+    def start(self) -> None:
+        """Start the thread; with ``settings.warmup`` it first runs :func:`warm_pipeline` (see
         :meth:`wait_warm`). The warm-up runs on this thread, not the caller's: glibc gives each
         thread its own malloc arena, and a warm-up elsewhere grows an arena that no job uses
         (it halved the first request's extra page faults, docs/benchmarks.md)."""
-        self._warm = warm
         self.thread.start()
 
     def wait_warm(self) -> None:
@@ -161,7 +159,7 @@ class InferenceWorker:
 
     def _run(self) -> None:
         try:
-            if self._warm:
+            if self.settings.warmup:
                 warm_pipeline(self.engine, self.meta.labels, self.settings.mask_compresslevel)
         except BaseException as e:
             self._warm_error = e
