@@ -795,16 +795,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             log.info(msg)
             if cfg.progress:
                 tqdm.write(msg)
-            if cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 > cfg.max_minutes:
-                stop = True
-            if cfg.fit_schedule and cfg.max_minutes is not None:
-                epoch_seconds.append(time.perf_counter() - t_ep)
-                fit = epochs_that_fit(
-                    epoch + 1, epoch_seconds, time.perf_counter() - t_start, 60 * cfg.max_minutes, cfg.epochs
-                )
-                if fit != schedule_epochs:
-                    log.info("the LR schedule now ends after epoch %d (what fits in --max-minutes)", fit)
-                schedule_epochs = fit
+            if cfg.max_minutes is not None:
+                now = time.perf_counter()
+                stop = (now - t_start) / 60 > cfg.max_minutes
+                if cfg.fit_schedule:
+                    epoch_seconds.append(now - t_ep)
+                    fit = epochs_that_fit(epoch + 1, epoch_seconds, now - t_start, 60 * cfg.max_minutes, cfg.epochs)
+                    if fit != schedule_epochs:
+                        log.info("the LR schedule now ends after epoch %d (what fits in --max-minutes)", fit)
+                    schedule_epochs = fit
         if cfg.fit_schedule:
             schedule_epochs = ddp.broadcast_int(schedule_epochs)
         if ddp.broadcast_flag(stop):
