@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA checks issues 2 and 5 ask for, as one short script for a lent GPU machine
-# (about 8 minutes on an H100/H200; needs the project installed with CUDA torch):
-#   1. the GPU tests: a checkpoint written on CUDA loads on CPU and back (pytest -m gpu);
+# (about 9 minutes on an H100/H200; needs the project installed with CUDA torch):
+#   1. the GPU tests (pytest -m gpu): a checkpoint written on CUDA loads on CPU and back; the CUDA
+#      engine puts labels where the CPU engine does (KiTS IPL and oblique LPS, fp32 and bf16); a
+#      tiny CUDA training run (bf16, channels_last, cuDNN benchmark) whose checkpoint loads on CPU;
 #   2. a short CUDA training smoke with AMP (bf16) on 512x512 phantoms at native spacing,
-#      base 32, batch 16: the training log reports slices/s (target >= 400);
+#      base 32, batch 16: the training log reports slices/s (target >= 400); then the same with
+#      --no-cudnn-benchmark on the same cache, so the two slices/s show what cuDNN's search buys
+#      (each epoch's figure includes its first step, where the search runs);
 #   3. POST /segment for a 200x512x512 .nii.gz on CUDA: server time = total - receive
 #      (target <= 0.75 s); the fastest of 3 requests, each in a fresh process (about 1 minute);
 #   4. training throughput against the naive loop, on CUDA;
@@ -34,6 +38,11 @@ mkdir -p "$OUT"
       --batch-size "$BATCH" --patch 512 --spacing 0 --base-width 32 --amp "$([ "$DEVICE" = cuda ] && echo bf16 || echo off)" \
       --device "$DEVICE" --workers 4 --no-progress
   cp "$OUT/run/metrics.jsonl" "$OUT/train-smoke.jsonl"
+  $PY -m training train --data "$OUT/data" --out "$OUT/run-nobench" --cache "$OUT/run/cache" --val-fraction 0.2 \
+      --epochs 1 --iters "$ITERS" --batch-size "$BATCH" --patch 512 --spacing 0 --base-width 32 \
+      --amp "$([ "$DEVICE" = cuda ] && echo bf16 || echo off)" --device "$DEVICE" --workers 4 --no-progress \
+      --no-cudnn-benchmark
+  cp "$OUT/run-nobench/metrics.jsonl" "$OUT/train-smoke-no-cudnn-benchmark.jsonl"
   rm -rf "$OUT/run/cache" "$OUT/data"
   $PY benchmarks/bench_e2e.py --slices "$SLICES" --device "$DEVICE" --mirror --no-docs --out "$OUT/e2e.json"
   $PY benchmarks/bench_train.py --device "$DEVICE" --steps "$((ITERS / 2 + 2))" --no-docs --out "$OUT/train.json"

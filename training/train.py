@@ -101,6 +101,9 @@ class TrainConfig:
     memory_format: str = "auto"
     #: On CPU with glibc, keep large freed buffers for reuse (see tune_cpu_malloc).
     tune_malloc: bool = True
+    #: On CUDA, let cuDNN time its convolution algorithms for each new shape and keep the fastest
+    #: (``torch.backends.cudnn.benchmark``, as nnU-Net trains): training patches have one shape.
+    cudnn_benchmark: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -511,6 +514,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.cuda.set_device(device)
     seed_everything(cfg.seed + ddp.rank)
     malloc_tuned = device.type == "cpu" and cfg.tune_malloc and tune_cpu_malloc()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.cache) if cfg.cache else out / "cache"
@@ -673,6 +678,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "memory_format": memory_format_name(fmt),
         "amp": amp,
         "malloc_tuned": malloc_tuned,
+        "cudnn_benchmark": device.type == "cuda" and cfg.cudnn_benchmark,
     }
     log_path = out / "metrics.jsonl"
     if start_epoch == 0 and ddp.main and log_path.exists():
@@ -686,7 +692,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ds.set_epoch(epoch)
         model.train()
         t_ep = time.perf_counter()
-        losses, dices = [], []
+        losses: list[torch.Tensor] = []
+        dices: list[torch.Tensor] = []
         it = _infinite(loader)
         bar = tqdm(
             range(cfg.iters_per_epoch),
@@ -714,16 +721,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             scaler.update()
             if ema is not None:
                 ema.update_parameters(plain_unet(model))
-            losses.append(float(loss.detach()))
-            dices.append(float(dl.detach()))
-            if i % 5 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            # Kept on the device: reading a loss back waits for the step to finish, and on a GPU
+            # a wait per step leaves it idle while the next step is queued. Read once per epoch,
+            # and every 5 steps for a progress bar that is shown.
+            losses.append(loss.detach())
+            dices.append(dl.detach())
+            if i % 5 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{float(torch.stack(losses[-20:]).mean()):.3f}")
+        epoch_losses = torch.stack([torch.stack(losses), torch.stack(dices)]).float().mean(dim=1).tolist()
         train_secs = time.perf_counter() - t_ep
         slices_per_s = cfg.iters_per_epoch * cfg.batch_size * ddp.world / train_secs
         row: dict[str, Any] = {
             "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)),
-            "train_dice_loss": float(np.mean(dices)),
+            "train_loss": epoch_losses[0],
+            "train_dice_loss": epoch_losses[1],
             "lr": lr_at((epoch + 1) * cfg.iters_per_epoch),
             "schedule_epochs": schedule_epochs,
             "train_seconds": train_secs,

@@ -1,6 +1,7 @@
 """Geometry: masks must come back on the input grid and line up in world space, whatever the
 orientation (KiTS IPL, RAS, LPS, a permuted one, and oblique)."""
 
+import copy
 import dataclasses
 import json
 
@@ -106,6 +107,43 @@ def test_engine_mask_aligns_in_world_space_with_resampling(name: str, oblique: f
     assert dice(pred.mask == 2, truth == 2) > 0.9
     # A mirrored mask (a classic orientation bug) must score far lower.
     assert dice(pred.mask[::-1, ::-1, ::-1] == 2, truth == 2) < 0.2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name, oblique", [("IPL", 0.0), ("LPS", 25.0)])
+def test_cuda_engine_puts_labels_where_the_cpu_engine_does(name: str, oblique: float, precision: str) -> None:
+    # The CUDA path (pinned copies, resampling taps on the device, autocast, channels_last) must
+    # give the CPU path's mask on the input grid, for the KiTS layout and an oblique LPS volume.
+    hu, aff, truth = make_volume(ORIENTATIONS[name], oblique_deg=oblique)
+    vol = Volume(hu, aff, nib.Nifti1Header(), (1.0, 1.0, 1.0))
+    pp = PreprocessConfig(target_spacing_mm=(1.6, 1.6), clip_hu=GEOM_PP.clip_hu, mean=GEOM_PP.mean, std=GEOM_PP.std)
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
+    # No component filter: one flipped voxel could change which component is the largest.
+    meta = CheckpointMeta(cfg, pp, dict(KITS19_LABELS), postprocessing=PostprocessConfig(keep_largest=False))
+    torch.manual_seed(1)
+    net = UNet(cfg).eval()
+    with torch.no_grad():  # large random weights: every class wins somewhere
+        for prm in net.parameters():
+            prm.normal_(0.0, 0.5)
+    for model in (IntensityModel(cfg, pp), net):
+        masks = {}
+        for dev in ("cpu", "cuda"):
+            eng = Engine(
+                copy.deepcopy(model),  # type: ignore[arg-type]
+                meta,
+                torch.device(dev),
+                batch_size=4,
+                precision=precision if dev == "cuda" else "fp32",
+                backend="torch",
+            )
+            masks[dev] = eng.predict(vol).mask
+        assert masks["cuda"].shape == hu.shape and masks["cuda"].dtype == np.uint8
+        if isinstance(model, IntensityModel):
+            assert dice(masks["cuda"] > 0, truth > 0) > 0.95 and dice(masks["cuda"] == 2, truth == 2) > 0.9
+        assert set(np.unique(masks["cuda"])) == set(np.unique(masks["cpu"]))
+        # TF32 or bf16 arithmetic may flip voxels whose classes are nearly tied, and no more.
+        assert float((masks["cuda"] != masks["cpu"]).mean()) < (0.002 if precision == "fp32" else 0.02)
 
 
 class _MirrorAveraged(torch.nn.Module):

@@ -253,6 +253,55 @@ def _tiny_depth4_run(tmp_path: Path, memory_format: str) -> tuple[list[str], Pat
     return args, run
 
 
+def test_training_steps_leave_the_loss_on_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reading a tensor back (float(), item(), tolist(), ...) waits for the device; on a GPU a wait
+    # per step leaves it idle while the next step is queued. So the trainer's own reads must not
+    # grow with the steps: the losses are read once per epoch (and by a shown progress bar).
+    args, run = _tiny_depth4_run(tmp_path, "contiguous")
+    train_file = str(ROOT / "training" / "train.py")
+    reads: list[int] = []
+
+    def counted(name: str) -> None:
+        orig = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *a: object, **k: object) -> object:
+            if sys._getframe(1).f_code.co_filename == train_file:
+                reads[-1] += 1
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__"):
+        counted(name)
+    for iters in ("2", "8"):
+        args[args.index("--iters") + 1] = iters
+        reads.append(0)
+        assert main(args) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(rows[0]["train_loss"]) and rows[0]["train_loss"] > rows[0]["train_dice_loss"] > 0
+    assert reads[0] > 0 and reads[1] == reads[0]
+
+
+@pytest.mark.gpu
+def test_cuda_training_smoke_in_bf16_channels_last_with_cudnn_benchmark(tmp_path: Path) -> None:
+    args, run = _tiny_depth4_run(tmp_path, "auto")
+    args[args.index("--device") + 1] = "cuda"
+    before = torch.backends.cudnn.benchmark
+    try:
+        assert main(args) == 0
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(row["train_loss"]) and row["train_slices_per_s"] > 0
+    # The checkpoint written by a CUDA run loads on a CPU.
+    model, meta = load_checkpoint(run / "best.safetensors", device="cpu")
+    assert next(model.parameters()).device.type == "cpu"
+    prov = meta.provenance
+    assert prov["device"].startswith("cuda") and prov["amp"] == "bf16"
+    assert prov["memory_format"] == "channels_last" and prov["cudnn_benchmark"] is True
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_train_under_autocast_with_deep_supervision(amp: str, tmp_path: Path) -> None:
     # CUDA trains under autocast (bf16 by default); CPU autocast runs the same code path here:
