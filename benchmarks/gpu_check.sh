@@ -36,11 +36,11 @@ mkdir -p "$OUT"
   $PY -m training phantoms --out "$OUT/data" --n 6 --size 512 --seed 0 --workers 4
   $PY -m training train --data "$OUT/data" --out "$OUT/run" --val-fraction 0.2 --epochs 1 --iters "$ITERS" \
       --batch-size "$BATCH" --patch 512 --spacing 0 --base-width 32 --amp "$([ "$DEVICE" = cuda ] && echo bf16 || echo off)" \
-      --device "$DEVICE" --workers 4 --no-progress
+      --device "$DEVICE" --no-progress
   cp "$OUT/run/metrics.jsonl" "$OUT/train-smoke.jsonl"
   $PY -m training train --data "$OUT/data" --out "$OUT/run-nobench" --cache "$OUT/run/cache" --val-fraction 0.2 \
       --epochs 1 --iters "$ITERS" --batch-size "$BATCH" --patch 512 --spacing 0 --base-width 32 \
-      --amp "$([ "$DEVICE" = cuda ] && echo bf16 || echo off)" --device "$DEVICE" --workers 4 --no-progress \
+      --amp "$([ "$DEVICE" = cuda ] && echo bf16 || echo off)" --device "$DEVICE" --no-progress \
       --no-cudnn-benchmark
   cp "$OUT/run-nobench/metrics.jsonl" "$OUT/train-smoke-no-cudnn-benchmark.jsonl"
   rm -rf "$OUT/run/cache" "$OUT/data"

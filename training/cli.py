@@ -522,7 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision. auto: bf16 on CUDA, off on CPU. bf16 on a CPU with AVX-512 BF16 or AMX trains "
         "1.9-2.3x faster, but scored lower than fp32 on the development sets (docs/training.md)",
     )
-    tr.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    tr.add_argument(
+        "--workers",
+        type=int,
+        help="DataLoader worker processes (default: 0 on a CPU, whose cores the training step uses; "
+        "on CUDA one per spare CPU core, shared among the node's ranks, at most 12)",
+    )
     tr.add_argument(
         "--memory-format",
         default="auto",

@@ -213,7 +213,10 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.fg_fraction = fg_fraction
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
+        # In shared memory: DataLoader workers hold copies of the dataset, and persistent ones
+        # keep theirs across epochs, so a plain attribute set in the main process would leave
+        # them drawing epoch 0's patches every epoch.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.fg_slices = [np.nonzero(np.asarray(lab).reshape(lab.shape[0], -1).any(1))[0] for _, lab in cases]
         self.tumor_slices = [np.nonzero((np.asarray(lab) == 2).reshape(lab.shape[0], -1).any(1))[0] for _, lab in cases]
         self.tumor_sampling = tumor_sampling
@@ -225,8 +228,14 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Draw epoch ``epoch``'s patches from now on, in this process and in every DataLoader
+        worker (call it between epochs, when no batch is in flight)."""
+        self._epoch.fill_(epoch)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, self.epoch, i))

@@ -62,7 +62,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
-    workers: int = 0
+    #: DataLoader worker processes; None: :func:`default_workers` (0 on a CPU, several on CUDA).
+    workers: int | None = None
     max_minutes: float | None = None
     #: with ``max_minutes``: the LR schedule's length becomes the epochs that fit in it, measured as
     #: training goes (see :func:`epochs_that_fit`), so that a run the budget ends has annealed. A
@@ -435,16 +436,34 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def collective_device(backend: str, local_rank: int) -> torch.device:
+    """Where a rank's small control tensors (the memory format, the stop flag, the schedule's
+    length) must be for ``backend``: NCCL broadcasts only CUDA tensors, and a CPU one fails with
+    "No backend type associated with device type cpu"; gloo takes CPU tensors."""
+    return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+
+
 class Distributed:
-    """Rank/world size from ``torchrun``'s environment; a no-op when not launched by it."""
+    """Rank/world size from ``torchrun``'s environment; a no-op when not launched by it.
+
+    On CUDA each rank is bound to its GPU (``LOCAL_RANK``) before NCCL starts, and NCCL is told
+    which one (``device_id``), so that it never has to guess; elsewhere the backend is gloo."""
 
     def __init__(self, device: torch.device) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
+        self.backend = "nccl" if device.type == "cuda" else "gloo"
         if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            if self.backend == "nccl":
+                torch.cuda.set_device(self.local_rank)
+                dist.init_process_group(backend="nccl", device_id=torch.device("cuda", self.local_rank))
+            else:
+                dist.init_process_group(backend="gloo")
+        if self.enabled:
+            self.backend = str(dist.get_backend())
+        self.control_device = collective_device(self.backend, self.local_rank)
 
     @property
     def main(self) -> bool:
@@ -461,7 +480,7 @@ class Distributed:
         """Rank 0's ``value`` on every rank."""
         if not self.enabled:
             return value
-        t = torch.tensor([value])
+        t = torch.tensor([value], device=self.control_device)
         dist.broadcast(t, src=0)
         return int(t.item())
 
@@ -487,6 +506,22 @@ def epochs_that_fit(done: int, durations: list[float], elapsed_s: float, budget_
     return max(done, min(planned, done + max(0, more)))
 
 
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers when ``--workers`` is not given.
+
+    0 on a CPU: the training step already uses every core, and workers would take them from it.
+    On CUDA the GPU waits for the patches, so one worker per core this rank can spare (the cores
+    the process may run on, shared among the node's ranks, less one for the training loop
+    itself), at most 12. One worker cuts about 60 whole 512x512 training slices a second on the
+    development CPU (17 ms each, augmentation included), and a GPU trains on 400-500 a second.
+    """
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(12, cores // ranks - 1))
+
+
 def _infinite(loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
         yield from loader
@@ -510,8 +545,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         device = torch.device(cfg.device)
     ddp = Distributed(device)
     if device.type == "cuda" and ddp.enabled:
-        device = torch.device("cuda", ddp.local_rank)
-        torch.cuda.set_device(device)
+        device = torch.device("cuda", ddp.local_rank)  # Distributed bound the rank to it
     seed_everything(cfg.seed + ddp.rank)
     malloc_tuned = device.type == "cpu" and cfg.tune_malloc and tune_cpu_malloc()
     if device.type == "cuda":
@@ -580,14 +614,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         augment=Augment(),
         seed=cfg.seed * 1000 + ddp.rank,
     )
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
     loader = DataLoader(
         ds,
         batch_size=cfg.batch_size,
         shuffle=False,
-        num_workers=cfg.workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
-        persistent_workers=cfg.workers > 0,
+        persistent_workers=workers > 0,
     )
     amp = resolve_amp(cfg.amp, device)
     amp_dtype = AMP_DTYPES.get(amp)
@@ -678,6 +713,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "memory_format": memory_format_name(fmt),
         "amp": amp,
         "malloc_tuned": malloc_tuned,
+        "workers": workers,
         "cudnn_benchmark": device.type == "cuda" and cfg.cudnn_benchmark,
     }
     log_path = out / "metrics.jsonl"

@@ -133,6 +133,43 @@ def test_cache_and_sampler_oversample_foreground(tmp_path: Path) -> None:
     assert fg > 32, "foreground slices must be oversampled"
 
 
+def test_dataloader_workers_draw_each_epochs_own_patches(tmp_path: Path) -> None:
+    # Persistent DataLoader workers keep their own copy of the dataset across epochs: the epoch
+    # must still reach them, or every epoch repeats epoch 0's patches. The labels are compared
+    # (the intensity noise comes from each process's own torch RNG).
+    from torch.utils.data import DataLoader
+
+    from segcore.preprocessing import PreprocessConfig
+    from training.datasets import Augment
+
+    for i in range(2):
+        _one_phantom((i, str(tmp_path / "d"), 64, False, 0))
+    cache = CaseCache(tmp_path / "c", PreprocessConfig(target_spacing_mm=None), 3)
+    arrays = [cache.get(c) for c in find_cases(tmp_path / "d")]
+    labels: dict[int, list[torch.Tensor]] = {}
+    for workers in (0, 2):
+        ds = SliceDataset(arrays, context=1, patch=32, length=8, fg_fraction=0.8, augment=Augment(), seed=0)
+        loader = DataLoader(ds, batch_size=4, num_workers=workers, persistent_workers=workers > 0)
+        labels[workers] = []
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            labels[workers].append(torch.cat([y for _, y in loader]))
+    for a, b in zip(labels[0], labels[2], strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(labels[2][0], labels[2][1]) and not torch.equal(labels[2][1], labels[2][2])
+
+
+def test_default_workers_none_on_a_cpu_and_the_spare_cores_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.train as tt
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for cores, ranks, want in ((16, 1, 12), (32, 1, 12), (16, 4, 3), (6, 1, 5), (2, 1, 1), (4, 8, 1)):
+        monkeypatch.setattr(tt.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert tt.default_workers(cuda) == want, (cores, ranks)
+        assert tt.default_workers(cpu) == 0
+
+
 def test_component_sampling_trains_on_small_tumors_as_often_as_large() -> None:
     # One case: a 3-voxel tumor in one slice, and a 20-slice one far from it.
     lab = np.zeros((32, 64, 64), dtype=np.uint8)
@@ -282,6 +319,33 @@ def test_training_steps_leave_the_loss_on_the_device(tmp_path: Path, monkeypatch
     assert reads[0] > 0 and reads[1] == reads[0]
 
 
+def test_ddp_on_cuda_binds_each_rank_to_its_gpu_and_keeps_control_tensors_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Multi-GPU runs can't be launched here, so the NCCL set-up is checked with the process-group
+    # calls stubbed: a CPU tensor in an NCCL broadcast fails ("No backend type associated with
+    # device type cpu"), and the memory-format flag is broadcast at the start of every DDP run.
+    import training.train as tt
+
+    assert tt.collective_device("nccl", 3) == torch.device("cuda", 3)
+    assert tt.collective_device("gloo", 3) == torch.device("cpu")
+    calls: list[object] = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(tt.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tt.dist, "init_process_group", lambda **kw: calls.append(("init", kw)))
+    monkeypatch.setattr(tt.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(tt.torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    ddp = tt.Distributed(torch.device("cuda"))
+    assert calls == [("set_device", 1), ("init", {"backend": "nccl", "device_id": torch.device("cuda", 1)})]
+    assert ddp.enabled and ddp.rank == 2 and ddp.control_device == torch.device("cuda", 1)
+    calls.clear()
+    monkeypatch.setattr(tt.dist, "get_backend", lambda: "gloo")
+    ddp = tt.Distributed(torch.device("cpu"))
+    assert calls == [("init", {"backend": "gloo"})] and ddp.control_device == torch.device("cpu")
+
+
 @pytest.mark.gpu
 def test_cuda_training_smoke_in_bf16_channels_last_with_cudnn_benchmark(tmp_path: Path) -> None:
     args, run = _tiny_depth4_run(tmp_path, "auto")
@@ -300,6 +364,7 @@ def test_cuda_training_smoke_in_bf16_channels_last_with_cudnn_benchmark(tmp_path
     prov = meta.provenance
     assert prov["device"].startswith("cuda") and prov["amp"] == "bf16"
     assert prov["memory_format"] == "channels_last" and prov["cudnn_benchmark"] is True
+    assert prov["workers"] >= 1  # the CUDA default: the GPU must not wait for the patches
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -314,6 +379,7 @@ def test_train_under_autocast_with_deep_supervision(amp: str, tmp_path: Path) ->
     _, meta = load_checkpoint(run / "best.safetensors")
     assert meta.provenance["train_config"]["amp"] == amp
     assert meta.provenance["amp"] == amp
+    assert meta.provenance["workers"] == 0  # the CPU default
 
 
 def test_amp_auto_is_bf16_on_cuda_and_fp32_on_any_cpu(
