@@ -11,6 +11,8 @@
 #   1. the GPU tests (pytest -m gpu): a checkpoint written on CUDA loads on CPU and back; the CUDA
 #      engine puts labels where the CPU engine does (KiTS IPL and oblique LPS, fp32 and bf16); a
 #      tiny CUDA training run (bf16, channels_last, cuDNN benchmark) whose checkpoint loads on CPU;
+#      the service on CUDA (bf16, warm-up) whose masks line up in world space (KiTS IPL and LPS)
+#      and match the CPU service's;
 #   2. a short CUDA training smoke with AMP (bf16) on 512x512 phantoms at native spacing,
 #      base 32, batch 16: the training log reports slices/s (target >= 400); 2b. the same with
 #      --no-cudnn-benchmark on the same cache, so the two slices/s show what cuDNN's search buys

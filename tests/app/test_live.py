@@ -15,6 +15,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 from app.main import create_app
 from segcore.metrics import dice
@@ -89,6 +90,38 @@ def test_mask_aligns_with_ground_truth_in_world_space(
     kidney = res["classes"][0]
     assert kidney["voxels"] == int((pred == 1).sum())
     assert {"left", "right"} <= set(kidney["sides"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["IPL", "LPS"])
+def test_cuda_service_mask_aligns_and_matches_the_cpu_service(phantom_case: Path, tmp_path: Path, variant: str) -> None:
+    # The service as `docker compose up` runs it on a GPU host (KITSEG_DEVICE=cuda, precision
+    # auto = bf16, the warm-up job on the worker's thread), against the same upload on a CPU in fp32.
+    img = nib.load(str(phantom_case / "imaging.nii.gz"))
+    if variant == "LPS":
+        img = _reorient(img, ("L", "P", "S"))
+    up = tmp_path / "in.nii.gz"
+    nib.save(img, str(up))
+    masks = {}
+    for device, precision in (("cuda", "auto"), ("cpu", "fp32")):
+        app = create_app(make_settings(tmp_path / device, device=device, precision=precision, warmup=True))
+        with TestClient(app, raise_server_exceptions=False) as c:
+            card = c.get("/model").json()
+            assert card["device"].startswith(device)
+            if device == "cuda":
+                assert card["precision"] == "bf16" and card["backend"] == "torch"
+            r = c.post("/segment", files={"file": ("scan", up.read_bytes())})
+            assert r.status_code == 200, r.text
+            m = c.get(r.json()["mask_url"])
+            assert m.status_code == 200
+        mask = nib.Nifti1Image.from_bytes(gzip.decompress(m.content))
+        np.testing.assert_allclose(mask.affine, img.affine, atol=1e-4)
+        masks[device] = np.asanyarray(mask.dataobj)
+    truth = _truth_in_mask_grid(nib.load(str(phantom_case / "segmentation.nii.gz")), img.affine, masks["cuda"].shape)
+    kd = dice(masks["cuda"] > 0, truth > 0)
+    assert kd > 0.85, f"{variant}: kidney Dice {kd:.3f} on CUDA"
+    # bf16 against fp32 may flip voxels on class boundaries, and no more.
+    assert float((masks["cuda"] != masks["cpu"]).mean()) < 0.01
 
 
 def test_overload_gives_503_with_retry_after_and_the_rest_succeed(tmp_path: Path, tiny_checkpoint: Path) -> None:
