@@ -61,11 +61,12 @@ from training.train import (  # noqa: E402
 )
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for the device: CUDA runs ahead of the host, so a clock read without this would stop
-    before the queued steps had run."""
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished: CUDA runs ahead of the host, so a
+    clock read without the wait would stop before the queued steps had run."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def naive(cases: list[Path], steps: int, base: int, device: torch.device) -> dict[str, float]:
@@ -78,8 +79,7 @@ def naive(cases: list[Path], steps: int, base: int, device: torch.device) -> dic
     warm = int(device.type == "cuda")
     for step in range(steps + warm):
         if step == warm:
-            _sync(device)
-            t0 = time.perf_counter()
+            t0 = _clock(device)
         case = cases[rng.integers(len(cases))]
         img = nib.load(case / "imaging.nii.gz").get_fdata()  # float64, decompressed every step
         seg = np.asanyarray(nib.load(case / "segmentation.nii.gz").dataobj)
@@ -93,8 +93,7 @@ def naive(cases: list[Path], steps: int, base: int, device: torch.device) -> dic
         if step >= warm:
             n_slices += 4
             pixels += x.shape[-1] * x.shape[-2] * 4
-    _sync(device)
-    dt = time.perf_counter() - t0
+    dt = _clock(device) - t0
     return {"seconds": dt, "slices_per_s": n_slices / dt, "mpix_per_s": pixels / dt / 1e6}
 
 
@@ -137,8 +136,7 @@ def ours(
     n = pixels = 0
     for step in range(steps - 1 + warm):
         if step == warm:
-            _sync(device)
-            t0 = time.perf_counter()
+            t0 = _clock(device)
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
         y = y.to(device, non_blocking=True)
         with amp_autocast(device, dtype):
@@ -151,8 +149,7 @@ def ours(
             n += x.shape[0]
             pixels += x.shape[0] * x.shape[-1] * x.shape[-2]
         x, y = next(it)
-    _sync(device)
-    dt = time.perf_counter() - t0
+    dt = _clock(device) - t0
     return {
         "seconds": dt,
         "slices_per_s": n / dt,

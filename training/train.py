@@ -454,16 +454,16 @@ class Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
-        self.backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if self.enabled and not dist.is_initialized():
-            if self.backend == "nccl":
+            if backend == "nccl":
                 torch.cuda.set_device(self.local_rank)
                 dist.init_process_group(backend="nccl", device_id=torch.device("cuda", self.local_rank))
             else:
                 dist.init_process_group(backend="gloo")
-        if self.enabled:
-            self.backend = str(dist.get_backend())
-        self.control_device = collective_device(self.backend, self.local_rank)
+        if self.enabled:  # the group's own backend, also where it was started before
+            backend = str(dist.get_backend())
+        self.control_device = collective_device(backend, self.local_rank)
 
     @property
     def main(self) -> bool:
