@@ -123,7 +123,9 @@ def _synth_ct(a: argparse.Namespace, src: Path) -> int:
     from training.datasets import find_cases
 
     cases = [
-        c for c in find_cases(src, need_image=False) if c.label is not None and c.label.parent.name.startswith("case_")
+        c
+        for c in find_cases(src, need_image=False, label_file=a.label_file)
+        if c.label is not None and c.label.parent.name.startswith("case_")
     ]
     if a.cases:
         lo, hi = (int(v) for v in a.cases.split(":"))
@@ -131,7 +133,7 @@ def _synth_ct(a: argparse.Namespace, src: Path) -> int:
     if a.dry_run:
         cases = cases[:1]
     if not cases:
-        print(f"no case_XXXXX/segmentation.nii.gz found under {src}", file=sys.stderr)
+        print(f"no case_XXXXX/{a.label_file or 'segmentation.nii.gz'} found under {src}", file=sys.stderr)
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +209,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             fit_schedule=a.fit_schedule,
             resume=a.resume,
             kits23=a.kits23,
+            label_file=a.label_file,
             base_width=a.base_width,
             depth=a.depth,
             block=a.block,
@@ -324,7 +327,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def _evaluate(a: argparse.Namespace) -> int:
     from segcore.inference import Engine
     from segcore.metrics import summarize, tumor_dice_by_size
-    from training.datasets import find_cases
+    from training.datasets import find_cases, labelled
     from training.train import evaluate_cases
 
     if not a.checkpoint or not a.data:
@@ -345,9 +348,14 @@ def _evaluate(a: argparse.Namespace) -> int:
     if a.min_tumor_ml is not None:
         post = dataclasses.replace(engine.meta.postprocessing, min_tumor_ml=a.min_tumor_ml)
         engine.meta = dataclasses.replace(engine.meta, postprocessing=post)
-    cases = find_cases(a.data)
+    cases = labelled(find_cases(a.data, label_file=a.label_file), a.data, a.label_file)
     if a.cases:
         wanted = set(a.cases.split(","))
+        if missing := wanted - {c.case_id for c in cases}:
+            print(
+                f"case(s) not found with imaging and labels in {a.data}: {', '.join(sorted(missing))}", file=sys.stderr
+            )
+            return 2
         cases = [c for c in cases if c.case_id in wanted]
     if a.limit:
         cases = cases[: a.limit]
@@ -435,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sc.add_argument("--labels", default="../shared/data/kits19-labels", help="folder of case_XXXXX/segmentation.nii.gz")
+    sc.add_argument(
+        "--label-file",
+        help="the label file in each case folder (default: segmentation.nii.gz, else KiTS21's aggregated_MAJ_seg.nii.gz)",
+    )
     sc.add_argument("--out", required=True, help="output folder (KiTS19 layout)")
     sc.add_argument("--cases", help="range lo:hi of case numbers, e.g. 0:150")
     sc.add_argument("--seed", type=int, default=0)
@@ -554,6 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--resume", help="a last.state.pt to continue from")
     tr.add_argument("--kits23", action="store_true", help="4 classes (with cyst)")
+    tr.add_argument(
+        "--label-file",
+        help="each case folder's label file (default: segmentation.nii.gz as in KiTS19/23, else KiTS21's aggregated_MAJ_seg.nii.gz; e.g. aggregated_OR_seg.nii.gz for KiTS21's union). Cases without one "
+        "(KiTS19's test cases 210-299) are left out",
+    )
     tr.add_argument("--base-width", type=int, default=16)
     tr.add_argument("--depth", type=int, default=4)
     tr.add_argument(
@@ -611,6 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cases", help="comma-separated case ids")
     ev.add_argument("--limit", type=int)
     ev.add_argument("--kits23", action="store_true", help="also compute KiTS21/23 regions and Surface Dice")
+    ev.add_argument(
+        "--label-file",
+        help="each case folder's label file (default: segmentation.nii.gz as in KiTS19/23, else KiTS21's aggregated_MAJ_seg.nii.gz; e.g. aggregated_OR_seg.nii.gz for KiTS21's union). Cases without one "
+        "(KiTS19's test cases 210-299) are left out",
+    )
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -661,11 +683,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from segcore.errors import CheckpointError
+    from segcore.errors import KitsegError
+    from training.datasets import DatasetError
 
     try:
         return int(args.func(args))
-    except CheckpointError as e:  # missing, tampered or mismatched: the message says which
+    # A checkpoint missing, tampered or mismatched; an unreadable volume; a dataset folder missing,
+    # without labelled cases or with labels the model has no class for: the message says which.
+    except (KitsegError, DatasetError, FileNotFoundError) as e:
         print(f"kitseg-train {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

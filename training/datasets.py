@@ -2,8 +2,11 @@
 2D/2.5D slice sampler used for training.
 
 KiTS19: ``case_XXXXX/imaging.nii.gz`` + ``segmentation.nii.gz``, arrays ``(slices, H, W)``, IPL.
-KiTS21/23: same folders; labels add 3 = cyst (KiTS23 also accepts ``case_XXXXX/segmentation.nii.gz``
-next to ``imaging.nii.gz``; a flat ``case_XXXXX_segmentation.nii.gz`` is accepted for labels only).
+The official download also holds the 90 test cases (210-299) with imaging only.
+KiTS21: the same folders, with the annotators' majority vote ``aggregated_MAJ_seg.nii.gz`` (and
+the ``AND`` / ``OR`` aggregates) instead of ``segmentation.nii.gz``; labels add 3 = cyst.
+KiTS23: ``case_XXXXX/imaging.nii.gz`` + ``segmentation.nii.gz``, with the cyst label. A flat
+``case_XXXXX_segmentation.nii.gz`` is accepted for labels only.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from segcore.preprocessing import PreprocessConfig, preprocess_case
 log = logging.getLogger(__name__)
 
 
+class DatasetError(ValueError):
+    """A dataset that can't be trained or evaluated on as asked; the message says why."""
+
+
 @dataclass(frozen=True)
 class Case:
     case_id: str
@@ -32,22 +39,53 @@ class Case:
     label: Path | None
 
 
-def find_cases(root: str | Path, need_image: bool = True) -> list[Case]:
-    """All cases under ``root`` in KiTS19/21/23 layout, sorted by id."""
+#: label files of a case folder, in order of preference when none is named: KiTS19's and KiTS23's,
+#: then KiTS21's majority vote of its annotators
+LABEL_FILES = ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
+
+
+def find_cases(root: str | Path, need_image: bool = True, label_file: str | None = None) -> list[Case]:
+    """All cases under ``root`` in KiTS19/21/23 layout, sorted by id.
+
+    ``label`` is the case folder's ``label_file`` when given (KiTS21's ``aggregated_OR_seg.nii.gz``,
+    say), else the first of :data:`LABEL_FILES` that exists, and None when there is none (KiTS19's
+    test cases): callers that need labels keep the cases that have them (:func:`labelled`).
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
+    if label_file is not None and (not label_file or Path(label_file).name != label_file):
+        raise DatasetError(f"label_file must be a file name inside each case folder, got {label_file!r}")
+    names = (label_file,) if label_file else LABEL_FILES
     cases: list[Case] = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("case_")):
         img = d / "imaging.nii.gz"
-        seg = d / "segmentation.nii.gz"
         if need_image and not img.exists():
             continue
-        cases.append(Case(d.name, img if img.exists() else None, seg if seg.exists() else None))
-    if not need_image:
+        seg = next((d / n for n in names if (d / n).exists()), None)
+        cases.append(Case(d.name, img if img.exists() else None, seg))
+    if not need_image and label_file is None:
         for f in sorted(root.glob("case_*_segmentation.nii.gz")):
             cases.append(Case(f.name.removesuffix("_segmentation.nii.gz"), None, f))
     return cases
+
+
+def labelled(cases: list[Case], root: str | Path, label_file: str | None = None) -> list[Case]:
+    """The cases that have both imaging and labels, logging how many were left out (KiTS19's
+    download holds 90 test cases with imaging only). An error when none is left."""
+    keep = [c for c in cases if c.image is not None and c.label is not None]
+    names = label_file or " or ".join(LABEL_FILES)
+    if len(keep) < len(cases):
+        left = [c.case_id for c in cases if c not in keep]
+        log.info(
+            "%d case(s) without %s left out: %s",
+            len(left),
+            names,
+            ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""),
+        )
+    if not keep:
+        raise DatasetError(f"no case_XXXXX/ folder under {root} has both imaging.nii.gz and {names}")
+    return keep
 
 
 def kits_affine(spacing_zyx: tuple[float, float, float], shape_zyx: tuple[int, int, int]) -> npt.NDArray[np.float64]:
@@ -111,13 +149,32 @@ class CaseCache:
             vol = load_volume(case.image)
             lab, _ = load_labels(case.label)
             if lab.shape != vol.shape:
-                raise ValueError(f"{case.case_id}: label shape {lab.shape} != image shape {vol.shape}")
+                raise DatasetError(f"{case.case_id}: label shape {lab.shape} != image shape {vol.shape}")
+            check_labels(lab, self.num_classes, case)
             pc = preprocess_case(vol.data, vol.affine, lab, self.cfg, self.num_classes)
             assert pc.label is not None
             np.save(img_p, pc.image)
             np.save(lab_p, pc.label)
             stamp_p.write_text(stamp)
+        else:  # made by a run with more classes, perhaps (the key is the preprocessing's only)
+            check_labels(np.load(lab_p, mmap_mode="r"), self.num_classes, case)
         return np.load(img_p, mmap_mode="r"), np.load(lab_p, mmap_mode="r")
+
+
+def check_labels(lab: npt.NDArray[np.uint8], num_classes: int, case: Case) -> None:
+    """Refuse label values the model has no class for, instead of training on them: resampling
+    would fold them into the last class (a cyst would become tumor) and a native-grid cache would
+    hand the loss a target it can't index."""
+    top = int(lab.max()) if lab.size else 0
+    if top < num_classes:
+        return
+    hint = ""
+    if top == 3 and num_classes == 3:
+        hint = " (3 is cyst in KiTS21/23: train with --kits23 for background, kidney, tumor and cyst)"
+    name = case.label.name if case.label is not None else "labels"
+    raise DatasetError(
+        f"{case.case_id}: {name} holds label {top}, but a {num_classes}-class model has labels 0-{num_classes - 1}{hint}"
+    )
 
 
 @dataclass

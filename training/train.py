@@ -40,7 +40,7 @@ from segcore.metrics import kits19, kits23, pixel_accuracy, summarize, tumor_siz
 from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
-from training.datasets import Augment, Case, CaseCache, SliceDataset, find_cases, split_cases
+from training.datasets import Augment, Case, CaseCache, DatasetError, SliceDataset, find_cases, labelled, split_cases
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class TrainConfig:
     fit_schedule: bool = False
     resume: str | None = None
     kits23: bool = False
+    #: each case folder's label file; None: segmentation.nii.gz, else KiTS21's aggregated_MAJ_seg.nii.gz
+    label_file: str | None = None
     base_width: int = 16
     depth: int = 4
     in_slices: int = 3
@@ -554,11 +556,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.cache) if cfg.cache else out / "cache"
 
-    all_cases = find_cases(cfg.data)
+    all_cases = labelled(find_cases(cfg.data, label_file=cfg.label_file), cfg.data, cfg.label_file)
     if len(all_cases) < 2:
-        raise ValueError(f"need at least 2 cases with imaging and segmentation in {cfg.data}, found {len(all_cases)}")
+        raise DatasetError(f"need at least 2 cases with imaging and labels in {cfg.data}, found {len(all_cases)}")
     if cfg.val_cases:
         wanted = set(cfg.val_cases)
+        if missing := wanted - {c.case_id for c in all_cases}:
+            raise DatasetError(
+                f"validation case(s) not found with imaging and labels in {cfg.data}: {', '.join(sorted(missing))}"
+            )
         val_cases = [c for c in all_cases if c.case_id in wanted]
         train_cases = [c for c in all_cases if c.case_id not in wanted]
     else:

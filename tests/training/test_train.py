@@ -19,7 +19,15 @@ from segcore.io import load_labels, load_volume
 from segcore.preprocessing import preprocess_case
 from segcore.unet import UNet, UNetConfig
 from training.cli import _one_phantom, main
-from training.datasets import CaseCache, SliceDataset, find_cases, split_cases, tumor_components
+from training.datasets import (
+    CaseCache,
+    DatasetError,
+    SliceDataset,
+    find_cases,
+    labelled,
+    split_cases,
+    tumor_components,
+)
 from training.train import (
     DeepSupervision,
     choose_memory_format,
@@ -112,6 +120,115 @@ def test_split_is_by_patient_and_deterministic(tmp_path: Path) -> None:
     tr, va = split_cases(cases, 0.4, seed=1)
     assert {c.case_id for c in tr}.isdisjoint({c.case_id for c in va}) and len(tr) + len(va) == 5
     assert split_cases(cases, 0.4, seed=1) == (tr, va)
+
+
+def test_find_cases_reads_the_kits19_kits21_and_kits23_layouts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def case(name: str, *files: str) -> None:
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_bytes(b"")
+
+    case("case_00000", "imaging.nii.gz", "segmentation.nii.gz")  # KiTS19 training case; KiTS23
+    case("case_00001", "imaging.nii.gz", "aggregated_MAJ_seg.nii.gz", "aggregated_OR_seg.nii.gz")  # KiTS21
+    case("case_00002", "imaging.nii.gz")  # KiTS19's test cases 210-299: imaging only
+    case("case_00003", "imaging.nii.gz", "segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
+    case("case_00004", "segmentation.nii.gz")  # labels only (the synth-ct input)
+    case("notes")
+    cases = find_cases(tmp_path)
+    assert {c.case_id: c.label.name if c.label else None for c in cases} == {
+        "case_00000": "segmentation.nii.gz",
+        "case_00001": "aggregated_MAJ_seg.nii.gz",
+        "case_00002": None,
+        "case_00003": "segmentation.nii.gz",
+    }
+    with caplog.at_level(logging.INFO, logger="training.datasets"):
+        kept = labelled(cases, tmp_path)
+    assert [c.case_id for c in kept] == ["case_00000", "case_00001", "case_00003"]
+    assert "1 case(s) without segmentation.nii.gz or aggregated_MAJ_seg.nii.gz left out: case_00002" in caplog.text
+    # A named label file is the only one looked for.
+    union = find_cases(tmp_path, label_file="aggregated_OR_seg.nii.gz")
+    assert [c.case_id for c in labelled(union, tmp_path, "aggregated_OR_seg.nii.gz")] == ["case_00001"]
+    labels_only = find_cases(tmp_path, need_image=False)
+    assert [c.case_id for c in labels_only if c.label is not None] == [
+        "case_00000",
+        "case_00001",
+        "case_00003",
+        "case_00004",
+    ]
+    with pytest.raises(DatasetError, match=r"has both imaging\.nii\.gz and segmentation\.nii\.gz or"):
+        labelled([c for c in cases if c.label is None], tmp_path)
+    for bad in ("", "../segmentation.nii.gz", "sub/segmentation.nii.gz"):
+        with pytest.raises(DatasetError, match="a file name inside each case folder"):
+            find_cases(tmp_path, label_file=bad)
+
+
+def _tiny_train_args(data: Path, run: Path) -> list[str]:
+    args = ["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--iters", "2", "--batch-size", "2"]
+    args += ["--patch", "32", "--base-width", "4", "--depth", "3", "--val-fraction", "0.34", "--no-progress"]
+    return [*args, "--device", "cpu", "--memory-format", "contiguous", "--no-tune-malloc"]
+
+
+def test_train_and_evaluate_leave_out_cases_without_labels_and_read_kits21_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The KiTS19 download holds the 90 test cases with imaging only, and KiTS21 names its labels
+    # aggregated_MAJ_seg.nii.gz: training used to stop on an AssertionError for the first.
+    data = tmp_path / "data"
+    for i in range(5):
+        _one_phantom((i, str(data), 48, False, 0))
+    (data / "case_00003" / "segmentation.nii.gz").unlink()
+    (data / "case_00004" / "segmentation.nii.gz").rename(data / "case_00004" / "aggregated_MAJ_seg.nii.gz")
+    run = tmp_path / "run"
+    assert main(_tiny_train_args(data, run)) == 0
+    _, meta = load_checkpoint(run / "best.safetensors")
+    used = meta.provenance["train_cases"] + meta.provenance["val_cases"]
+    assert sorted(used) == ["case_00000", "case_00001", "case_00002", "case_00004"]
+    ev = ["evaluate", "--checkpoint", str(run / "best.safetensors"), "--data", str(data), "--device", "cpu"]
+    assert main([*ev, "--out", str(tmp_path / "ev")]) == 0
+    rows = json.loads((tmp_path / "ev" / "summary.json").read_text())["cases"]
+    assert [r["case"] for r in rows] == ["case_00000", "case_00001", "case_00002", "case_00004"]
+    capsys.readouterr()
+    # Asked-for cases that can't be scored are errors, not silent skips.
+    assert main([*ev, "--cases", "case_00003,case_00001"]) == 2
+    assert "case(s) not found with imaging and labels" in capsys.readouterr().err
+    assert main([*_tiny_train_args(data, tmp_path / "run2"), "--val-cases", "case_00003"]) == 2
+    assert "validation case(s) not found with imaging and labels" in capsys.readouterr().err
+    # A folder with imaging only: a message and status 2 for both commands.
+    for d in ("case_00000", "case_00001", "case_00002"):
+        (data / d / "segmentation.nii.gz").unlink()
+    (data / "case_00004" / "aggregated_MAJ_seg.nii.gz").unlink()
+    assert main(_tiny_train_args(data, tmp_path / "run3")) == 2
+    assert main(ev) == 2
+    assert capsys.readouterr().err.count("has both imaging.nii.gz and") == 2
+
+
+def test_kits21_cysts_train_a_four_class_model_and_are_refused_by_a_three_class_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    for i in range(3):
+        _one_phantom((i, str(data), 48, True, 0))
+        case = data / f"case_{i:05d}"
+        (case / "segmentation.nii.gz").rename(case / "aggregated_MAJ_seg.nii.gz")
+    assert (load_labels(data / "case_00000" / "aggregated_MAJ_seg.nii.gz")[0] == 3).any()
+    run = tmp_path / "run"
+    # A 3-class model has no class for the cysts: resampling would have trained them as tumor.
+    three = [*_tiny_train_args(data, run), "--val-cases", "case_00001"]
+    assert main(three) == 2
+    err = capsys.readouterr().err
+    assert "case_00000: aggregated_MAJ_seg.nii.gz holds label 3, but a 3-class model" in err and "--kits23" in err
+    assert main([*three, "--kits23"]) == 0
+    _, meta = load_checkpoint(run / "best.safetensors")
+    assert meta.model.num_classes == 4 and meta.label_value("cyst") == 3
+    # The 4-class run's cache holds cysts; a 3-class run reading it refuses them the same way.
+    assert main([*three, "--cache", str(run / "cache")]) == 2
+    assert "holds label 3" in capsys.readouterr().err
+    ev = ["evaluate", "--checkpoint", str(run / "best.safetensors"), "--data", str(data), "--device", "cpu"]
+    assert main([*ev, "--out", str(tmp_path / "ev")]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())["summary"]
+    assert {"kits23_masses_dice", "kits23_tumor_dice"} <= set(summary)
 
 
 def test_cache_and_sampler_oversample_foreground(tmp_path: Path) -> None:
