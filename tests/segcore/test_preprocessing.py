@@ -215,6 +215,26 @@ def test_preprocess_case_resamples_labels_and_normalises() -> None:
         assert abs((pc.label == c).mean() - (truth == c).mean()) < 0.2 * (truth == c).mean()
 
 
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("orientation", ["IPL", "LPS"])
+def test_preprocess_case_labels_are_the_one_hot_resampling_of_every_slice(orientation: str, antialias: bool) -> None:
+    # Only slices with foreground are resampled, and the argmax is max's indices: the labels must
+    # still be those of the whole volume's one-hot maps resampled and argmaxed, ties included.
+    hu, aff, truth = make_volume(ORIENTATIONS[orientation], shape_ras=(72, 60, 30))
+    pp = PreprocessConfig(target_spacing_mm=(2.0, 2.0), antialias=antialias)
+    pc = preprocess_case(hu, aff, truth, pp, num_classes=3, chunk=7)
+    assert pc.label is not None
+    canon = canonical_info(aff, truth.shape)
+    lab = torch.from_numpy(np.ascontiguousarray(canonical_view(truth, canon)).astype(np.int64))
+    has_fg = (lab > 0).flatten(1).any(1)
+    assert 0 < int(has_fg.sum()) < len(lab)  # both kinds of slice, in chunks of 7
+    onehot = F.one_hot(lab, 3).permute(0, 3, 1, 2).float()
+    size = tuple(pc.label.shape[1:])
+    want = F.interpolate(onehot, size=size, mode="bilinear", align_corners=False, antialias=antialias).argmax(1)
+    assert np.array_equal(pc.label, want.numpy())
+    assert (pc.label[~has_fg.numpy()] == 0).all() and (pc.label[has_fg.numpy()] > 0).any()
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
