@@ -205,6 +205,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             device=a.device,
             amp=a.amp,
             workers=a.workers,
+            cache_workers=a.cache_workers,
             max_minutes=a.max_minutes,
             fit_schedule=a.fit_schedule,
             resume=a.resume,
@@ -539,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="DataLoader worker processes (default: 0 on a CPU, whose cores the training step uses; "
         "on CUDA one per spare CPU core, shared among the node's ranks, at most 12)",
+    )
+    tr.add_argument(
+        "--cache-workers",
+        type=int,
+        help="processes that preprocess the cases into the cache before training, each rank its share "
+        "(default: one per available CPU core, at most 8; none when the images total under 64 MB)",
     )
     tr.add_argument(
         "--memory-format",

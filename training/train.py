@@ -40,7 +40,17 @@ from segcore.metrics import kits19, kits23, pixel_accuracy, summarize, tumor_siz
 from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
-from training.datasets import Augment, Case, CaseCache, DatasetError, SliceDataset, find_cases, labelled, split_cases
+from training.datasets import (
+    Augment,
+    Case,
+    CaseCache,
+    DatasetError,
+    SliceDataset,
+    available_cores,
+    find_cases,
+    labelled,
+    split_cases,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,8 @@ class TrainConfig:
     amp: str = "auto"
     #: DataLoader worker processes; None: :func:`default_workers` (0 on a CPU, several on CUDA).
     workers: int | None = None
+    #: processes that build the preprocessed cache; None: :func:`training.datasets.default_cache_workers`.
+    cache_workers: int | None = None
     max_minutes: float | None = None
     #: with ``max_minutes``: the LR schedule's length becomes the epochs that fit in it, measured as
     #: training goes (see :func:`epochs_that_fit`), so that a run the budget ends has annealed. A
@@ -519,9 +531,7 @@ def default_workers(device: torch.device) -> int:
     """
     if device.type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(12, cores // ranks - 1))
+    return max(1, min(12, available_cores() - 1))
 
 
 def _infinite(loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -603,9 +613,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Validation applies it too, so the best epoch is picked on what the checkpoint will produce.
     post = PostprocessConfig(min_tumor_ml=cfg.min_tumor_ml)
     cache = CaseCache(cache_dir, pp, num_classes)
-    if ddp.main:
-        for c in tqdm(train_cases, desc="preprocess", disable=not cfg.progress):
-            cache.get(c)
+    # Every rank builds its share of the cache (a first run's preprocessing: minutes for KiTS19),
+    # so that no rank waits long at the barrier (NCCL's default timeout is 10 minutes).
+    cache.fill(train_cases[ddp.rank :: ddp.world], workers=cfg.cache_workers, progress=cfg.progress and ddp.main)
     ddp.barrier()
     arrays = [cache.get(c) for c in train_cases]
 

@@ -250,6 +250,35 @@ def test_cache_and_sampler_oversample_foreground(tmp_path: Path) -> None:
     assert fg > 32, "foreground slices must be oversampled"
 
 
+def test_cache_fill_in_worker_processes_builds_what_the_process_itself_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segcore.preprocessing import PreprocessConfig
+    from training import datasets
+
+    for i in range(3):
+        _one_phantom((i, str(tmp_path / "d"), 48, False, 0))
+    cases = find_cases(tmp_path / "d")
+    pp = PreprocessConfig(target_spacing_mm=(2.0, 2.0))
+    alone, pool = CaseCache(tmp_path / "a", pp, 3), CaseCache(tmp_path / "p", pp, 3)
+    assert alone.fill(cases[:1], workers=0) == 1
+    assert alone.fill(cases, workers=0) == 2  # only what isn't cached yet
+    assert pool.fill(cases, workers=2) == 3  # two spawned processes
+    assert pool.fill(cases, workers=2) == 0 and all(pool.cached(c) for c in cases)
+    for c in cases:
+        for x, y in zip(alone.get(c), pool.get(c), strict=True):
+            assert np.array_equal(x, y)
+    # A changed source file is built again.
+    os.utime(cases[1].label, (1, 1))
+    assert not pool.cached(cases[1]) and pool.fill(cases, workers=0) == 1
+    # By default small jobs stay in the process, and large ones get a process per core, at most 8.
+    assert datasets.default_cache_workers(cases) == 0
+    monkeypatch.setattr(datasets, "CACHE_POOL_MIN_BYTES", 0)
+    assert datasets.default_cache_workers(cases) == min(8, datasets.available_cores())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * (os.cpu_count() or 1)))
+    assert datasets.available_cores() == 1
+
+
 def test_dataloader_workers_draw_each_epochs_own_patches(tmp_path: Path) -> None:
     # Persistent DataLoader workers keep their own copy of the dataset across epochs: the epoch
     # must still reach them, or every epoch repeats epoch 0's patches. The labels are compared
@@ -742,6 +771,8 @@ def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # Each rank preprocessed its share of the 2 training cases.
+    assert r.stderr.count("preprocessed 1 of 1 case(s)") == 2, r.stderr[-3000:]
     _, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
     assert meta.provenance["world_size"] == 2
     assert meta.provenance["train_config"]["deep_supervision"] == int(deep_supervision)
