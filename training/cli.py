@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-workers",
         type=int,
         help="processes that preprocess the cases into the cache before training, each rank its share "
-        "(default: one per available CPU core, at most 8; none when the images total under 64 MB)",
+        "(default: one per available CPU core, at most 8; none with under 4 cores or under 64 MB of images)",
     )
     tr.add_argument(
         "--memory-format",

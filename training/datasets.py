@@ -235,9 +235,12 @@ CACHE_POOL_MIN_BYTES = 64 * 2**20
 
 def default_cache_workers(todo: list[Case]) -> int:
     """Processes that build the cache: one per available core, at most 8 (each holds a whole
-    volume in float32, about 1 GB for 1000 slices of 512x512), and none for a small job."""
+    volume in float32, about 1 GB for 1000 slices of 512x512); none for a small job, or with
+    under 4 cores (on 2, two processes built 4 KiTS-sized cases 0.9-1.15x as fast as one
+    process with 2 threads, docs/benchmarks.md)."""
+    cores = available_cores()
     size = sum(c.image.stat().st_size for c in todo if c.image is not None)
-    return 0 if size < CACHE_POOL_MIN_BYTES else min(8, available_cores())
+    return 0 if size < CACHE_POOL_MIN_BYTES or cores < 4 else min(8, cores)
 
 
 def check_labels(lab: npt.NDArray[np.uint8], num_classes: int, case: Case) -> None:

@@ -271,10 +271,15 @@ def test_cache_fill_in_worker_processes_builds_what_the_process_itself_would(
     # A changed source file is built again.
     os.utime(cases[1].label, (1, 1))
     assert not pool.cached(cases[1]) and pool.fill(cases, workers=0) == 1
-    # By default small jobs stay in the process, and large ones get a process per core, at most 8.
+    # By default small jobs stay in the process, and large ones get a process per core, at most
+    # 8, given 4 cores or more.
+    monkeypatch.setattr(datasets, "available_cores", lambda: 16)
     assert datasets.default_cache_workers(cases) == 0
     monkeypatch.setattr(datasets, "CACHE_POOL_MIN_BYTES", 0)
-    assert datasets.default_cache_workers(cases) == min(8, datasets.available_cores())
+    assert datasets.default_cache_workers(cases) == 8
+    monkeypatch.setattr(datasets, "available_cores", lambda: 3)
+    assert datasets.default_cache_workers(cases) == 0
+    monkeypatch.undo()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * (os.cpu_count() or 1)))
     assert datasets.available_cores() == 1
 
