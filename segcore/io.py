@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from isal import igzip, isal_zlib
+from nibabel.volumeutils import apply_read_scaling
 
 from segcore.errors import CorruptData, InvalidVolume, NotNifti, VolumeTooLarge
 
@@ -382,15 +383,19 @@ def load_volume(
 
 
 def load_labels(path: str | os.PathLike[str]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:
-    """Read a label map as uint8 plus its affine; values must fit in 0..255."""
-    img = nib.load(str(path))
-    arr = np.asanyarray(img.dataobj)
+    """Read a label map as uint8 plus its affine; values must fit in 0..255.
+
+    What ``nib.load`` gives (its scaling, its best affine), read as images are: gzip with ISA-L
+    (nibabel's reader took 0.9 s for a 600-slice KiTS19 label map), uncompressed files mapped.
+    """
+    hdr, raw = _read_image(path, None, None, mmap=True)
+    arr = apply_read_scaling(raw, *hdr.get_slope_inter())
     arr = arr.reshape(_squeeze_to_3d(arr.shape), order="A")
     if arr.dtype != np.uint8:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise InvalidVolume(f"label map {path} has values outside 0..255")
         arr = arr.astype(np.uint8)
-    return arr, np.asarray(img.affine, dtype=np.float64)
+    return arr, np.asarray(hdr.get_best_affine(), dtype=np.float64)
 
 
 def mask_image(mask: npt.NDArray[np.uint8], like: Volume) -> nib.Nifti1Image:
@@ -453,6 +458,34 @@ def atomic_write(path: str | os.PathLike[str], payload: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def decompress_to(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Write ``src``'s NIfTI bytes, gunzipped when it is gzip, to ``dst`` (atomically, streamed):
+    an uncompressed copy that :func:`load_volume` can map instead of decompressing again.
+
+    Raises:
+        CorruptData: the gzip stream is truncated, corrupt or fails its CRC (nothing is written).
+    """
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".tmp-", suffix=".part")
+    try:
+        stream, gz = _open_stream(src)
+        with stream, os.fdopen(fd, "wb") as f:
+            while True:
+                try:
+                    chunk = stream.read(_CHUNK)
+                except _GZIP_ERRORS as e:
+                    if not gz:
+                        raise
+                    raise CorruptData(f"corrupt or truncated gzip stream: {e}") from e
+                if not chunk:
+                    break
+                f.write(chunk)
+        os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

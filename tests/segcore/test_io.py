@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from segcore.errors import CorruptData, InvalidVolume, NotNifti, VolumeTooLarge
-from segcore.io import Volume, load_labels, load_volume, save_mask
+from segcore.io import Volume, decompress_to, load_labels, load_volume, save_mask
 from tests.conftest import ORIENTATIONS, make_volume, write_nifti
 
 
@@ -175,3 +175,46 @@ def test_mapped_uncompressed_files_read_the_same_and_writes_stay_private(tmp_pat
     short.write_bytes(before[:-100])
     with pytest.raises(InvalidVolume, match="truncated"):
         load_volume(short, mmap=True)
+
+
+def test_decompress_to_writes_the_nifti_bytes_that_load_the_same(tmp_path: Path) -> None:
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    gz = write_nifti(tmp_path / "ct.nii.gz", hu, aff)
+    decompress_to(gz, tmp_path / "ct.nii")
+    assert (tmp_path / "ct.nii").read_bytes() == gzip.decompress(gz.read_bytes())
+    a, b = load_volume(gz), load_volume(tmp_path / "ct.nii", mmap=True)
+    assert _is_mapped(b.stored)
+    np.testing.assert_array_equal(a.stored, b.stored)
+    np.testing.assert_array_equal(a.affine, b.affine)
+    # A file that isn't gzip is copied as it is.
+    decompress_to(tmp_path / "ct.nii", tmp_path / "again.nii")
+    assert (tmp_path / "again.nii").read_bytes() == (tmp_path / "ct.nii").read_bytes()
+    # A truncated gzip stream is CorruptData, and leaves nothing behind.
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(gz.read_bytes()[:-2000])
+    with pytest.raises(CorruptData, match="gzip"):
+        decompress_to(cut, tmp_path / "cut.nii")
+    assert not (tmp_path / "cut.nii").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("kind", ["nifti1.nii.gz", "nifti2.nii.gz", "nifti1.nii", "scaled.nii.gz", "4d.nii"])
+def test_labels_read_as_nibabel_reads_them(tmp_path: Path, kind: str) -> None:
+    # load_labels reads gzip with ISA-L and maps uncompressed files; values and affine must be
+    # what nibabel gives, scaling included.
+    _, aff, truth = make_volume(ORIENTATIONS["LPS"], oblique_deg=10.0)
+    data = truth.astype(np.int16)
+    klass = nib.Nifti2Image if kind.startswith("nifti2") else nib.Nifti1Image
+    img = klass(data[..., None] if kind.startswith("4d") else data, aff)
+    img.set_data_dtype(np.int16)
+    if kind.startswith("scaled"):
+        img = nib.Nifti1Image((data * 2).astype(np.int16), aff)
+        img.set_data_dtype(np.int16)
+        img.header.set_slope_inter(0.5, 0.0)
+    path = tmp_path / kind
+    nib.save(img, str(path))
+    got, got_aff = load_labels(path)
+    ref = nib.load(str(path))
+    assert got.dtype == np.uint8 and got.shape == truth.shape
+    np.testing.assert_array_equal(got, np.asanyarray(ref.dataobj).reshape(truth.shape).astype(np.uint8))
+    np.testing.assert_array_equal(got, truth)
+    np.testing.assert_array_equal(got_aff, ref.affine)
