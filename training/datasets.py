@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from segcore.io import load_labels, load_volume, save_image
+from segcore.io import decompress_to, load_labels, load_volume, save_image
 from segcore.preprocessing import PreprocessConfig, preprocess_case
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,38 @@ class CaseCache:
         else:  # made by a run with more classes, perhaps (the key is the preprocessing's only)
             check_labels(np.load(lab_p, mmap_mode="r"), self.num_classes, case)
         return np.load(img_p, mmap_mode="r"), np.load(lab_p, mmap_mode="r")
+
+
+class DecodedCopies:
+    """Uncompressed copies of cases' files under ``root``, made once and again when a source
+    changes: validation reads the same cases every epoch, and maps these instead of gunzipping
+    them each time (about 2 s for the image and labels of a 600-slice KiTS19 case, more than a GPU
+    takes to segment it). They take the uncompressed size on disk (KiTS19's 42-case validation
+    set: about 7 GB); files that aren't gzip are used as they are."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def get(self, case: Case) -> Case:
+        if case.image is None or case.label is None:
+            raise FileNotFoundError(f"case {case.case_id} needs both imaging and segmentation")
+        return Case(case.case_id, self._copy(case.case_id, case.image), self._copy(case.case_id, case.label))
+
+    def _copy(self, case_id: str, src: Path) -> Path:
+        with open(src, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                return src
+        folder = self.root / case_id
+        dst = folder / src.name.removesuffix(".gz")
+        if dst.name == src.name:
+            dst = dst.with_name(dst.name + ".nii")  # a gzip file not named .gz
+        stamp, st = folder / f"{dst.name}.stamp", src.stat()
+        want = f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if not (dst.exists() and stamp.exists() and stamp.read_text() == want):
+            folder.mkdir(parents=True, exist_ok=True)
+            decompress_to(src, dst)
+            stamp.write_text(want)
+        return dst
 
 
 def available_cores() -> int:

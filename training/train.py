@@ -45,6 +45,7 @@ from training.datasets import (
     Case,
     CaseCache,
     DatasetError,
+    DecodedCopies,
     SliceDataset,
     available_cores,
     find_cases,
@@ -409,7 +410,7 @@ def evaluate_cases(
     rows: list[dict[str, Any]] = []
     for c in tqdm(cases, desc="evaluate", disable=not progress, leave=False):
         assert c.image is not None and c.label is not None
-        vol = load_volume(c.image)
+        vol = load_volume(c.image, mmap=True)  # mapped when uncompressed (DecodedCopies)
         ref, _ = load_labels(c.label)
         t0 = time.perf_counter()
         pred = engine.predict(vol)
@@ -618,6 +619,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cache.fill(train_cases[ddp.rank :: ddp.world], workers=cfg.cache_workers, progress=cfg.progress and ddp.main)
     ddp.barrier()
     arrays = [cache.get(c) for c in train_cases]
+    # Rank 0 validates every epoch on whole volumes: from uncompressed copies, gunzipped once.
+    val_files = [DecodedCopies(cache_dir / "val").get(c) for c in val_cases] if ddp.main else []
 
     model: nn.Module = UNet(mcfg).to(device)
     ds = SliceDataset(
@@ -806,7 +809,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 channels_last=use_cl,
             )
             t_val = time.perf_counter()
-            rows = evaluate_cases(engine, val_cases, kits23_metrics=False)
+            rows = evaluate_cases(engine, val_files, kits23_metrics=False)
             summ = summarize([{k: v for k, v in r.items() if k != "case"} for r in rows])
             row.update({f"val_{k}": v for k, v in summ.items() if k != "seconds"})
             row["val_seconds"] = time.perf_counter() - t_val

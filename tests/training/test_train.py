@@ -1,4 +1,5 @@
 import dataclasses
+import gzip
 import json
 import logging
 import os
@@ -284,6 +285,32 @@ def test_cache_fill_in_worker_processes_builds_what_the_process_itself_would(
     assert datasets.available_cores() == 1
 
 
+def test_validation_copies_are_decompressed_once_and_again_when_a_source_changes(tmp_path: Path) -> None:
+    from training.datasets import DecodedCopies
+
+    _one_phantom((0, str(tmp_path / "d"), 48, False, 0))
+    (case,) = find_cases(tmp_path / "d")
+    assert case.image is not None and case.label is not None
+    copies = DecodedCopies(tmp_path / "val")
+    got = copies.get(case)
+    assert got.case_id == case.case_id and got.image is not None and got.label is not None
+    assert (got.image.name, got.label.name) == ("imaging.nii", "segmentation.nii")
+    np.testing.assert_array_equal(load_volume(got.image, mmap=True).stored, load_volume(case.image).stored)
+    np.testing.assert_array_equal(load_labels(got.label)[0], load_labels(case.label)[0])
+    made = {p: p.stat().st_mtime_ns for p in (got.image, got.label)}
+    assert copies.get(case) == got and {p: p.stat().st_mtime_ns for p in made} == made  # not made again
+    os.utime(case.label, ns=(1, 1))
+    copies.get(case)
+    assert got.label.stat().st_mtime_ns != made[got.label] and got.image.stat().st_mtime_ns == made[got.image]
+    # Files that aren't gzip are read where they are.
+    plain = tmp_path / "plain" / "case_00001"
+    plain.mkdir(parents=True)
+    for f in ("imaging.nii.gz", "segmentation.nii.gz"):
+        (plain / f).write_bytes(gzip.decompress((case.image.parent / f).read_bytes()))
+    (plain_case,) = find_cases(plain.parent)
+    assert copies.get(plain_case) == plain_case
+
+
 def test_dataloader_workers_draw_each_epochs_own_patches(tmp_path: Path) -> None:
     # Persistent DataLoader workers keep their own copy of the dataset across epochs: the epoch
     # must still reach them, or every epoch repeats epoch 0's patches. The labels are compared
@@ -387,6 +414,9 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     assert {"val_kidney_dice", "val_tumor_dice", "val_composite", "train_loss"} <= set(rows[0])
     _, meta = load_checkpoint(run / "best.safetensors")
     assert meta.provenance["val_cases"] and not set(meta.provenance["val_cases"]) & set(meta.provenance["train_cases"])
+    # Validation read uncompressed copies of its cases, made once.
+    for case_id in meta.provenance["val_cases"]:
+        assert (run / "cache" / "val" / case_id / "imaging.nii").is_file()
     assert meta.provenance["memory_format"] == "contiguous" and meta.provenance["malloc_tuned"] is False
     assert meta.postprocessing.min_tumor_ml == 0.25
     # `postprocess` rewrites only the post-processing; the weights and their hash stay.
