@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA checks issues 2 and 5 ask for, as one short script for a lent GPU machine (about 9
-# minutes on an H100/H200). The steps run in the order 1, 2, 3, 5, 2b, 4, 6, so that a run cut
+# minutes on an H100/H200). The steps run in the order 1, 2, 3, 5, 2b, 4, 6, 7, so that a run cut
 # short loses the least. It needs CUDA torch and the project's runtime dependencies. On an
 # offline GPU host that has CUDA torch (and pytest) but not the rest, download the other
 # dependencies' wheels elsewhere (`pip download --no-deps --only-binary=:all: --python-version
@@ -23,7 +23,9 @@
 #   5. the same upload over a real socket, decoding during the upload on and off (bench_upload.py):
 #      with it on, the time after the last byte is the server time the service really has;
 #   6. step 3 with KITSEG_COMPILE=on (torch.compile; `auto` leaves CUDA eager until this is measured):
-#      its server time against step 3's, and the start-up the compile costs (about 1 minute more).
+#      its server time against step 3's, and the start-up the compile costs (about 1 minute more);
+#   7. the training cache built in one process against --cache-workers processes, on the host's
+#      cores (bench_preprocess.py; on the 2-core development CPU two processes gained nothing).
 # Results go to $OUT (the device tool's output folder) or runs/gpu-check; docs/benchmarks.md is left
 # alone (the device machine's copy does not come back), so record them by hand.
 # DEVICE=cpu ITERS=2 SLICES=20 BATCH=2 runs the same steps on a CPU, to check the script itself;
@@ -41,7 +43,7 @@ BATCH=${BATCH:-16}
 GPU_TESTS=${GPU_TESTS:-$([ "$DEVICE" = cuda ] && echo 1 || echo 0)}  # 1 on a CPU checks step 1 too
 AMP=$([ "$DEVICE" = cuda ] && echo bf16 || echo off)
 mkdir -p "$OUT"
-# Phantoms, caches and checkpoints stay out of $OUT: only the results below go there (the device
+# Phantoms, caches and checkpoints stay out of $OUT: only the 8 results below go there (the device
 # tool brings back at most 8 files from it).
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -83,5 +85,8 @@ smoke() {  # one epoch of ITERS steps at 512x512, base 32; extra arguments are a
   step "6. server time with torch.compile"
   run $PY benchmarks/bench_e2e.py --slices "$SLICES" --device "$DEVICE" --mirror --compile on --repeat 2 --no-docs \
       --out "$OUT/e2e-compiled.json"
+  step "7. the training cache in one process and in several"
+  if [ "$DEVICE" = cuda ]; then PP=(--cases 8 --slices 200); else PP=(--cases 2 --slices 40 --repeat 1); fi
+  run $PY benchmarks/bench_preprocess.py "${PP[@]}" --no-docs --out "$OUT/preprocess.json"
   step "done"
 } 2>&1 | tee "$OUT/gpu-check.log"
