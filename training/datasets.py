@@ -192,8 +192,12 @@ class CaseCache:
                 initializer=torch.set_num_threads,
                 initargs=(threads,),
             ) as ex:
-                for _ in ex.map(self.build, todo):
-                    bar.update()
+                try:
+                    for _ in ex.map(self.build, todo):
+                        bar.update()
+                except BaseException:  # a case that can't be built: stop, rather than build the rest first
+                    ex.shutdown(cancel_futures=True)
+                    raise
         else:
             for c in todo:
                 self.build(c)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -269,6 +270,16 @@ def test_cache_fill_in_worker_processes_builds_what_the_process_itself_would(
     for c in cases:
         for x, y in zip(alone.get(c), pool.get(c), strict=True):
             assert np.array_equal(x, y)
+    # A case that can't be built stops the pool with its own error.
+    bad = tmp_path / "bad"
+    for i in range(3):
+        _one_phantom((i, str(bad), 48, False, 0))
+    seg = nib.load(str(bad / "case_00001" / "segmentation.nii.gz"))
+    labels = np.asanyarray(seg.dataobj).copy()
+    labels[labels == 2] = 3
+    nib.save(nib.Nifti1Image(labels, seg.affine), str(bad / "case_00001" / "segmentation.nii.gz"))
+    with pytest.raises(DatasetError, match=r"case_00001: segmentation\.nii\.gz holds label 3"):
+        CaseCache(tmp_path / "b", pp, 3).fill(find_cases(bad), workers=2)
     # A changed source file is built again.
     os.utime(cases[1].label, (1, 1))
     assert not pool.cached(cases[1]) and pool.fill(cases, workers=0) == 1
