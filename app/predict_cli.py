@@ -1,6 +1,10 @@
 """``kitseg-predict``: the service's engine offline, over one NIfTI file or a folder of them.
 
-Writes ``<name>_mask.nii.gz`` for each input plus ``statistics.json`` and ``statistics.csv``.
+Writes ``<name>_mask.nii.gz`` for each input plus ``statistics.json`` and ``statistics.csv``. A
+folder is searched recursively and its structure kept under ``--out``, so that a KiTS folder's
+``case_XXXXX/imaging.nii.gz`` files each get their own ``case_XXXXX/imaging_mask.nii.gz``; its
+label maps and earlier masks are skipped (:data:`NOT_CT`) unless ``--glob`` says which files to
+take.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +28,35 @@ from segcore.io import load_volume, save_mask
 from segcore.ort import BACKENDS
 from segcore.stats import compute_statistics
 
+#: file names in a folder that are not CT: the KiTS layouts' label maps (KiTS19/23's, KiTS21's
+#: aggregates, the flat ``case_XXXXX_segmentation.nii.gz``) and this tool's own masks
+NOT_CT = ("segmentation.nii.gz", "*_segmentation.nii.gz", "aggregated_*_seg.nii.gz", "*_mask.nii.gz")
 
-def _inputs(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
-    return [path]
+
+def _inputs(path: Path, pattern: str | None = None) -> tuple[list[Path], int]:
+    """The NIfTI files to segment (``path`` itself, or those under it matching ``pattern``, else
+    all but :data:`NOT_CT`), and how many were left out as not CT."""
+    if not path.is_dir():
+        return [path], 0
+    files = sorted(p for p in path.rglob(pattern or "*") if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+    if pattern:
+        return files, 0
+    keep = [p for p in files if not any(fnmatch(p.name, n) for n in NOT_CT)]
+    return keep, len(files) - len(keep)
+
+
+def _mask_paths(files: list[Path], root: Path, out: Path) -> dict[Path, Path]:
+    """``out/<the file's folder under root>/<name>_mask.nii.gz`` for each file; where two names
+    differ only in their extension (``a.nii``, ``a.nii.gz``), the later keeps its extension in
+    the mask's name, so that no mask is written over another."""
+    paths: dict[Path, Path] = {}
+    for f in files:
+        folder = out / (f.parent.relative_to(root) if root.is_dir() else Path())
+        m = folder / f"{_stem(f)}_mask.nii.gz"
+        if m in paths.values():
+            m = folder / f"{f.name.replace('.', '_')}_mask.nii.gz"
+        paths[f] = m
+    return paths
 
 
 def _stem(p: Path) -> str:
@@ -40,7 +69,16 @@ def _stem(p: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kitseg-predict", description=__doc__)
-    ap.add_argument("input", type=Path, help="a .nii/.nii.gz file or a folder searched recursively")
+    ap.add_argument(
+        "input",
+        type=Path,
+        help="a .nii/.nii.gz file, or a folder searched recursively (its sub-folders are kept under --out)",
+    )
+    ap.add_argument(
+        "--glob",
+        help="in a folder, only the files whose name matches this pattern, e.g. 'imaging.nii.gz' (default: every "
+        "NIfTI file but label maps named as in KiTS19/21/23 and earlier *_mask.nii.gz outputs)",
+    )
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--checkpoint", type=Path, default=None, help="checkpoint; default: the bundled demo model")
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
@@ -90,11 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     if a.compile != "off":
         engine.warmup()
-    files = _inputs(a.input)
+    files, skipped = _inputs(a.input, a.glob)
+    if skipped:
+        print(
+            f"skipped {skipped} label map(s) or earlier mask(s) under {a.input} (--glob picks files)", file=sys.stderr
+        )
     if not files:
-        print(f"no .nii or .nii.gz files under {a.input}", file=sys.stderr)
+        print(f"no .nii or .nii.gz files to segment under {a.input}", file=sys.stderr)
         return 2
     a.out.mkdir(parents=True, exist_ok=True)
+    mask_paths = _mask_paths(files, a.input, a.out)
     results: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     failures = 0
@@ -108,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"skip {f}: {e}")
             results.append({"input": str(f), "error": str(e)})
             continue
-        stem = _stem(f)
-        mask_path = a.out / f"{stem}_mask.nii.gz"
+        mask_path = mask_paths[f]
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
         save_mask(pred.mask, vol, mask_path)
         classes = compute_statistics(pred.mask, vol, engine.meta.labels, pred.confidence, pred.box)
         results.append(

@@ -244,6 +244,56 @@ def test_predict_cli_writes_masks_and_statistics(tmp_path: Path, tiny_checkpoint
     assert np.isfinite([r["classes"][0]["volume_ml"] for r in stats["results"]]).all()
 
 
+def test_predict_cli_keeps_a_kits_folders_cases_apart_and_skips_its_label_maps(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every KiTS case is case_XXXXX/imaging.nii.gz: their masks went to one imaging_mask.nii.gz,
+    # each over the last, and the label maps next to them were segmented as if they were CT.
+    from app.predict_cli import main
+
+    src = tmp_path / "kits"
+    truths = {}
+    for case, codes, shape in (("case_00000", "IPL", (72, 60, 20)), ("case_00001", "LPS", (64, 56, 24))):
+        hu, aff, truth = make_volume(ORIENTATIONS[codes], shape_ras=shape)
+        (src / case).mkdir(parents=True)
+        write_nifti(src / case / "imaging.nii.gz", hu, aff)
+        write_nifti(
+            src / case / ("segmentation.nii.gz" if case.endswith("0") else "aggregated_MAJ_seg.nii.gz"), truth, aff
+        )
+        truths[case] = truth
+    write_nifti(src / "case_00002_segmentation.nii.gz", truths["case_00000"], np.eye(4))
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--no-mirror"]
+    assert main([str(src), "--out", str(out), *args]) == 0
+    assert "skipped 3 label map(s)" in capsys.readouterr().err
+    stats = json.loads((out / "statistics.json").read_text())["results"]
+    assert [Path(r["input"]).relative_to(src).as_posix() for r in stats] == [
+        "case_00000/imaging.nii.gz",
+        "case_00001/imaging.nii.gz",
+    ]
+    for case, truth in truths.items():
+        mask = nib.load(out / case / "imaging_mask.nii.gz")
+        assert mask.shape == truth.shape
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")) == [
+        "case_00000/imaging_mask.nii.gz",
+        "case_00001/imaging_mask.nii.gz",
+    ]
+    # Run again with the masks inside the input folder: they are not taken for CT either.
+    assert main([str(src), "--out", str(src / "preds"), *args]) == 0
+    assert main([str(src), "--out", str(tmp_path / "again"), *args]) == 0
+    assert "skipped 5 label map(s) or earlier mask(s)" in capsys.readouterr().err
+    # --glob picks the files; names that differ only in their extension get masks of their own.
+    assert main([str(src), "--glob", "segmentation.nii.gz", "--out", str(tmp_path / "seg"), *args]) == 0
+    assert (tmp_path / "seg" / "case_00000" / "segmentation_mask.nii.gz").exists()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    hu, aff, _ = make_volume(ORIENTATIONS["RAS"])
+    write_nifti(flat / "a.nii.gz", hu, aff)
+    write_nifti(flat / "a.nii", hu, aff)
+    assert main([str(flat), "--out", str(tmp_path / "flat-out"), *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "flat-out").glob("*.nii.gz")) == ["a_mask.nii.gz", "a_nii_gz_mask.nii.gz"]
+
+
 def test_predict_cli_compile_option_reaches_the_engine(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
