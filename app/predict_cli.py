@@ -155,8 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         mask_path.parent.mkdir(parents=True, exist_ok=True)
         save_mask(pred.mask, vol, mask_path)
         classes = compute_statistics(pred.mask, vol, engine.meta.labels, pred.confidence, pred.box)
+        warnings = vol.ct_warnings()
+        for message in warnings:
+            tqdm.write(f"warning: {f}: {message}")
         results.append(
-            {"input": str(f), "mask": str(mask_path), "seconds": time.perf_counter() - t0, "classes": classes}
+            {
+                "input": str(f),
+                "mask": str(mask_path),
+                "seconds": time.perf_counter() - t0,
+                "warnings": warnings,
+                "classes": classes,
+            }
         )
         for c in classes:
             rows.append(

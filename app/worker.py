@@ -35,13 +35,6 @@ from segcore.stats import compute_statistics
 
 log = logging.getLogger("kitseg.worker")
 
-# Non-CT policy (README "Limits"): segment anyway, but warn in the response. A CT in HU always
-# has air in its field of view (about -1000 HU; scanners pad outside the reconstruction circle
-# with down to -3024), and soft tissue above 0 HU. Images without both are MR, PET, normalised
-# or unscaled data, on which the model's output is meaningless.
-CT_AIR_HU = (-3100.0, -500.0)
-CT_MIN_MAX_HU = 100.0
-
 
 @dataclass
 class Job:
@@ -229,13 +222,7 @@ class InferenceWorker:
         vol = load_volume(
             job.upload, max_decompressed_bytes=s.max_decompressed_bytes, max_voxels=s.max_voxels, mmap=True
         )
-        warnings = list(vol.warnings)
-        lo, hi = vol.intensity_range()
-        if not (CT_AIR_HU[0] <= lo <= CT_AIR_HU[1]) or hi < CT_MIN_MAX_HU:
-            warnings.append(
-                f"intensities span [{lo:.0f}, {hi:.0f}], which does not look like CT in HU (no air near "
-                "-1000 HU, or no soft tissue above 0 HU); results on non-CT or unscaled data are meaningless"
-            )
+        warnings = vol.ct_warnings()  # non-CT policy (README "Limits"): segmented anyway, with a warning
         t_load = time.perf_counter()  # the parse stage includes the intensity check
         pred = self._predict_with_oom_retry(vol, job)
         t_pred = time.perf_counter()

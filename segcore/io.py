@@ -33,6 +33,9 @@ _GZIP_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, 
 _CHUNK = 1 << 20
 _HEAD = 544  # a NIfTI-2 header (540) and the extension flag; NIfTI-1 needs 352
 HEAD_BYTES = _HEAD
+#: the lowest intensity a CT in HU has (its air), and the least its highest reaches (Volume.ct_warnings)
+CT_AIR_HU = (-3100.0, -500.0)
+CT_MIN_MAX_HU = 100.0
 # Smallest in-plane size the U-Net is meant for; anything smaller is a thumbnail, not a CT.
 MIN_INPLANE = 16
 MAX_ABS_SPACING_MM = 50.0
@@ -105,6 +108,24 @@ class Volume:
         lo, hi = self.stored_range
         a, b = lo * self.slope + self.inter, hi * self.slope + self.inter
         return (min(a, b), max(a, b))
+
+    def ct_warnings(self) -> list[str]:
+        """:attr:`warnings`, plus one when the intensities don't look like CT in HU (README
+        "Limits": such a volume is segmented anyway, and the warning goes with the result).
+
+        A CT in HU always has air in its field of view (about -1000 HU; scanners pad outside the
+        reconstruction circle with down to -3024) and soft tissue above 0 HU. Images without both
+        are MR, PET, label maps, normalised or unscaled data, on which the model's output is
+        meaningless.
+        """
+        lo, hi = self.intensity_range()
+        out = list(self.warnings)
+        if not (CT_AIR_HU[0] <= lo <= CT_AIR_HU[1]) or hi < CT_MIN_MAX_HU:
+            out.append(
+                f"intensities span [{lo:.0f}, {hi:.0f}], which does not look like CT in HU (no air near "
+                "-1000 HU, or no soft tissue above 0 HU); results on non-CT or unscaled data are meaningless"
+            )
+        return out
 
 
 #: dtypes that torch reads straight from numpy memory (in native byte order only): it finds their

@@ -285,6 +285,9 @@ def test_predict_cli_keeps_a_kits_folders_cases_apart_and_skips_its_label_maps(
     # --glob picks the files; names that differ only in their extension get masks of their own.
     assert main([str(src), "--glob", "segmentation.nii.gz", "--out", str(tmp_path / "seg"), *args]) == 0
     assert (tmp_path / "seg" / "case_00000" / "segmentation_mask.nii.gz").exists()
+    # ... and a label map taken for CT is segmented with the service's warning.
+    (seg,) = json.loads((tmp_path / "seg" / "statistics.json").read_text())["results"]
+    assert any("span [0, 2], which does not look like CT" in w for w in seg["warnings"]), seg["warnings"]
     flat = tmp_path / "flat"
     flat.mkdir()
     hu, aff, _ = make_volume(ORIENTATIONS["RAS"])
