@@ -29,8 +29,15 @@ from segcore.ort import BACKENDS
 from segcore.stats import compute_statistics
 
 #: file names in a folder that are not CT: the KiTS layouts' label maps (KiTS19/23's, KiTS21's
-#: aggregates, the flat ``case_XXXXX_segmentation.nii.gz``) and this tool's own masks
-NOT_CT = ("segmentation.nii.gz", "*_segmentation.nii.gz", "aggregated_*_seg.nii.gz", "*_mask.nii.gz")
+#: aggregates, KiTS21/23's per-annotator instance masks, the flat
+#: ``case_XXXXX_segmentation.nii.gz``) and this tool's own masks
+NOT_CT = (
+    "segmentation.nii.gz",
+    "*_segmentation.nii.gz",
+    "aggregated_*_seg.nii.gz",
+    "*_instance-*_annotation-*.nii.gz",
+    "*_mask.nii.gz",
+)
 
 
 def _inputs(path: Path, pattern: str | None = None) -> tuple[list[Path], int]:

@@ -262,10 +262,14 @@ def test_predict_cli_keeps_a_kits_folders_cases_apart_and_skips_its_label_maps(
         )
         truths[case] = truth
     write_nifti(src / "case_00002_segmentation.nii.gz", truths["case_00000"], np.eye(4))
+    (src / "case_00000" / "instances").mkdir()  # KiTS23's per-annotator masks (KiTS21: segmentations/)
+    write_nifti(
+        src / "case_00000" / "instances" / "kidney_instance-1_annotation-1.nii.gz", truths["case_00000"], np.eye(4)
+    )
     out = tmp_path / "out"
     args = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--no-mirror"]
     assert main([str(src), "--out", str(out), *args]) == 0
-    assert "skipped 3 label map(s)" in capsys.readouterr().err
+    assert "skipped 4 label map(s)" in capsys.readouterr().err
     stats = json.loads((out / "statistics.json").read_text())["results"]
     assert [Path(r["input"]).relative_to(src).as_posix() for r in stats] == [
         "case_00000/imaging.nii.gz",
@@ -281,7 +285,7 @@ def test_predict_cli_keeps_a_kits_folders_cases_apart_and_skips_its_label_maps(
     # Run again with the masks inside the input folder: they are not taken for CT either.
     assert main([str(src), "--out", str(src / "preds"), *args]) == 0
     assert main([str(src), "--out", str(tmp_path / "again"), *args]) == 0
-    assert "skipped 5 label map(s) or earlier mask(s)" in capsys.readouterr().err
+    assert "skipped 6 label map(s) or earlier mask(s)" in capsys.readouterr().err
     # --glob picks the files; names that differ only in their extension get masks of their own.
     assert main([str(src), "--glob", "segmentation.nii.gz", "--out", str(tmp_path / "seg"), *args]) == 0
     assert (tmp_path / "seg" / "case_00000" / "segmentation_mask.nii.gz").exists()
