@@ -439,8 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         "synth-ct",
         help="render a plausible CT for each real KiTS label map",
         description=(
-            "For each case_XXXXX/segmentation.nii.gz under --labels, render imaging.nii.gz on the same grid (same affine) "
-            "with a synthetic abdomen placed around the real kidneys, and copy the labels next to it."
+            "For each case_XXXXX/segmentation.nii.gz (or --label-file) under --labels, render imaging.nii.gz on the "
+            "same grid (same affine) with a synthetic abdomen placed around the real kidneys, and copy the labels next "
+            "to it as segmentation.nii.gz."
         ),
     )
     sc.add_argument("--labels", default="../shared/data/kits19-labels", help="folder of case_XXXXX/segmentation.nii.gz")
