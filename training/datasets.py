@@ -89,7 +89,11 @@ def labelled(cases: list[Case], root: str | Path, label_file: str | None = None)
             ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""),
         )
     if not keep:
-        raise DatasetError(f"no case_XXXXX/ folder under {root} has both imaging.nii.gz and {names}")
+        hint = ""
+        if not cases:  # the challenge's repository rather than its data folder, perhaps
+            sub = [Path(root) / d for d in ("data", "dataset") if any(Path(root, d).glob("case_*/imaging.nii.gz"))]
+            hint = f" (the KiTS repositories keep their cases in data/ or dataset/: try {sub[0]})" if sub else ""
+        raise DatasetError(f"no case_XXXXX/ folder under {root} has both imaging.nii.gz and {names}{hint}")
     return keep
 
 

@@ -161,6 +161,12 @@ def test_find_cases_reads_the_kits19_kits21_and_kits23_layouts(
     ]
     with pytest.raises(DatasetError, match=r"has both imaging\.nii\.gz and segmentation\.nii\.gz or"):
         labelled([c for c in cases if c.label is None], tmp_path)
+    # Pointed at a KiTS repository instead of its data folder: the message says where the cases are.
+    repo = tmp_path / "kits23"
+    (repo / "dataset" / "case_00000").mkdir(parents=True)
+    (repo / "dataset" / "case_00000" / "imaging.nii.gz").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"try .*kits23/dataset\)"):
+        labelled(find_cases(repo), repo)
     for bad in ("", "../segmentation.nii.gz", "sub/segmentation.nii.gz"):
         with pytest.raises(DatasetError, match="a file name inside each case folder"):
             find_cases(tmp_path, label_file=bad)
