@@ -228,6 +228,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             min_tumor_ml=a.min_tumor_ml,
             ema=a.ema,
             val_precision=a.val_precision,
+            val_every=a.val_every,
             memory_format=a.memory_format,
             tune_malloc=not a.no_tune_malloc,
             cudnn_benchmark=not a.no_cudnn_benchmark,
@@ -482,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         choices=["auto", "fp32", "bf16", "fp16"],
         help="engine precision for validation",
+    )
+    tr.add_argument(
+        "--val-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="validate on the whole validation volumes (and write last/best.safetensors) every N epochs and after "
+        "the last; on a GPU, validating KiTS19-sized sets every epoch can take longer than the epoch (not with "
+        "--fit-schedule)",
     )
     tr.add_argument("--fg-fraction", type=float, default=0.67, help="share of patches centred on kidney/tumor")
     tr.add_argument(

@@ -108,6 +108,8 @@ class TrainConfig:
     #: decay of an exponential moving average of the weights (and BatchNorm statistics), updated
     #: after every optimizer step; validation and both checkpoints then use the average. 0: off.
     ema: float = 0.0
+    #: validate (and write last/best.safetensors) after every this many epochs, and after the last
+    val_every: int = 1
     val_batch_size: int = 16
     val_precision: str = "fp32"
     max_train_cases: int | None = None
@@ -436,12 +438,13 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax[0].set_xlabel("epoch")
     ax[0].set_ylabel("loss")
     ax[0].legend()
+    validated = [h for h in history if "val_composite" in h]  # every --val-every epochs
     for key, lbl in (
         ("val_kidney_dice", "kidney Dice"),
         ("val_tumor_dice", "tumor Dice"),
         ("val_composite", "composite"),
     ):
-        ax[1].plot(ep, [h.get(key, float("nan")) for h in history], marker="o", label=lbl)
+        ax[1].plot([h["epoch"] for h in validated], [h[key] for h in validated], marker="o", label=lbl)
     ax[1].set_xlabel("epoch")
     ax[1].set_ylabel("validation (whole volumes)")
     ax[1].set_ylim(0, 1)
@@ -549,6 +552,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"ema decay must be in [0, 1), got {cfg.ema}")
     if cfg.fit_schedule and cfg.max_minutes is None:
         raise ValueError("fit_schedule fits the LR schedule to max_minutes; set max_minutes too")
+    if cfg.val_every < 1:
+        raise ValueError(f"val_every must be >= 1, got {cfg.val_every}")
+    if cfg.fit_schedule and cfg.val_every > 1:
+        # The schedule's end is known only after an epoch, when it may already be the last.
+        raise ValueError("fit_schedule decides the last epoch after it ends; validate every epoch with it")
     if cfg.deep_supervision:
         # Checked before any preprocessing, so a wrong flag fails at once.
         DeepSupervision.check(cfg.deep_supervision, cfg.depth, cfg.patch)
@@ -796,49 +804,57 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "train_slices_per_s": slices_per_s,
         }
         if ddp.main:
+            # Every --val-every epochs, and always on the last: the run's own last epoch, or the
+            # one the --max-minutes guard will stop after (it stops only after a validated epoch).
+            over_budget = cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 > cfg.max_minutes
+            validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 >= schedule_epochs or over_budget
             # What validation scores is what the checkpoints hold: the average when there is one.
             plain = cast(UNet, ema.module) if ema is not None else plain_unet(model)
-            engine = Engine(
-                plain,
-                CheckpointMeta(mcfg, pp, labels, postprocessing=post),
-                device,
-                batch_size=cfg.val_batch_size,
-                precision=cfg.val_precision,
-                # The network changes every epoch; an ONNX export each time would buy little here.
-                backend="torch",
-                channels_last=use_cl,
-            )
-            t_val = time.perf_counter()
-            rows = evaluate_cases(engine, val_files, kits23_metrics=False)
-            summ = summarize([{k: v for k, v in r.items() if k != "case"} for r in rows])
-            row.update({f"val_{k}": v for k, v in summ.items() if k != "seconds"})
-            row["val_seconds"] = time.perf_counter() - t_val
+            if validate:
+                engine = Engine(
+                    plain,
+                    CheckpointMeta(mcfg, pp, labels, postprocessing=post),
+                    device,
+                    batch_size=cfg.val_batch_size,
+                    precision=cfg.val_precision,
+                    # The network changes every epoch; an ONNX export each time would buy little here.
+                    backend="torch",
+                    channels_last=use_cl,
+                )
+                t_val = time.perf_counter()
+                rows = evaluate_cases(engine, val_files, kits23_metrics=False)
+                summ = summarize([{k: v for k, v in r.items() if k != "case"} for r in rows])
+                row.update({f"val_{k}": v for k, v in summ.items() if k != "seconds"})
+                row["val_seconds"] = time.perf_counter() - t_val
+                plain.train()
             row["elapsed_s"] = time.perf_counter() - t_start
-            plain.train()
             history.append(row)
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            metrics = {
-                "epoch": epoch + 1,
-                "val_kidney_dice": row["val_kidney_dice"],
-                "val_tumor_dice": row["val_tumor_dice"],
-                "val_composite": row["val_composite"],
-                "val_cases": len(val_cases),
-            }
-            meta = CheckpointMeta(
-                mcfg,
-                pp,
-                dict(labels),
-                metrics=metrics,
-                provenance=provenance,
-                name=cfg.extra.get("name", "kitseg-unet"),
-                postprocessing=post,
-            )
-            save_checkpoint(out / "last.safetensors", plain, meta)
-            if row["val_composite"] > best:
-                best = row["val_composite"]
-                best_metrics = metrics
-                save_checkpoint(out / "best.safetensors", plain, meta)
+            if validate:
+                metrics = {
+                    "epoch": epoch + 1,
+                    "val_kidney_dice": row["val_kidney_dice"],
+                    "val_tumor_dice": row["val_tumor_dice"],
+                    "val_composite": row["val_composite"],
+                    "val_cases": len(val_cases),
+                }
+                meta = CheckpointMeta(
+                    mcfg,
+                    pp,
+                    dict(labels),
+                    metrics=metrics,
+                    provenance=provenance,
+                    name=cfg.extra.get("name", "kitseg-unet"),
+                    postprocessing=post,
+                )
+                # last.safetensors is the last validated epoch's network; last.state.pt (for
+                # --resume) is every epoch's.
+                save_checkpoint(out / "last.safetensors", plain, meta)
+                if row["val_composite"] > best:
+                    best = row["val_composite"]
+                    best_metrics = metrics
+                    save_checkpoint(out / "best.safetensors", plain, meta)
             torch.save(
                 {
                     "model": plain_unet(model).state_dict(),
@@ -853,17 +869,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 out / "last.state.pt",
             )
             plot_curves(history, out / "curves.png")
-            msg = (
-                f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val kidney {row['val_kidney_dice']:.4f}  "
-                f"tumor {row['val_tumor_dice']:.4f}  composite {row['val_composite']:.4f}  "
-                f"({slices_per_s:.1f} slices/s, {row['elapsed_s']:.0f}s elapsed)"
-            )
+            msg = f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  "
+            if validate:
+                msg += (
+                    f"val kidney {row['val_kidney_dice']:.4f}  tumor {row['val_tumor_dice']:.4f}  "
+                    f"composite {row['val_composite']:.4f}  "
+                )
+            msg += f"({slices_per_s:.1f} slices/s, {row['elapsed_s']:.0f}s elapsed)"
             log.info(msg)
             if cfg.progress:
                 tqdm.write(msg)
             if cfg.max_minutes is not None:
                 now = time.perf_counter()
-                stop = (now - t_start) / 60 > cfg.max_minutes
+                stop = validate and (now - t_start) / 60 > cfg.max_minutes
                 if cfg.fit_schedule:
                     epoch_seconds.append(now - t_ep)
                     fit = epochs_that_fit(epoch + 1, epoch_seconds, now - t_start, 60 * cfg.max_minutes, cfg.epochs)

@@ -476,6 +476,39 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
+def test_val_every_validates_every_n_epochs_and_the_last(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(3):
+        _one_phantom((i, str(data), 48, False, 0))
+    run = tmp_path / "run"
+    args = [a if a != "1" else "5" for a in _tiny_train_args(data, run)]  # 5 epochs
+    assert args[args.index("--epochs") + 1] == "5"
+    assert main([*args, "--val-every", "2"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in rows if "val_composite" in r] == [2, 4, 5]  # and the last, 5
+    _, last = load_checkpoint(run / "last.safetensors")
+    assert last.metrics["epoch"] == 5 and (run / "curves.png").stat().st_size > 0
+    _, best = load_checkpoint(run / "best.safetensors")
+    assert best.metrics["epoch"] in (2, 4, 5)
+    assert read_meta(run / "last.safetensors").provenance["train_config"]["val_every"] == 2
+    # Resumed to 7 epochs, it goes on from 6 with the same rule.
+    more = [a if a != "5" else "7" for a in args]
+    assert main([*more, "--val-every", "2", "--resume", str(run / "last.state.pt")]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val_composite" in r] == [2, 4, 5, 6, 7]
+    # The --max-minutes guard stops only after a validated epoch: here the first, over budget.
+    guarded = tmp_path / "guarded"
+    assert (
+        main([*[str(guarded) if a == str(run) else a for a in args], "--val-every", "3", "--max-minutes", "1e-6"]) == 0
+    )
+    rows = [json.loads(line) for line in (guarded / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], "val_composite" in r) for r in rows] == [(1, True)]
+    for bad in (["--val-every", "0"], ["--val-every", "2", "--max-minutes", "10", "--fit-schedule"]):
+        with pytest.raises(ValueError, match=r"val_every|fit_schedule"):
+            main([*args, *bad])
+
+
 def _tiny_depth4_run(tmp_path: Path, memory_format: str) -> tuple[list[str], Path]:
     """Three 48x48 phantoms and the arguments of a 1-epoch, depth-4 training run on them."""
     data = tmp_path / "data"
