@@ -156,6 +156,11 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Checkp
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"kitseg": meta.to_json()})
+    # safetensors creates its files 0600: then a checkpoint trained by one user (or container)
+    # could not be served by another. It gets what any new file gets instead: 0666 less the umask.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
     return meta.weights_sha256
 

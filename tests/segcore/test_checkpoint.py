@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,17 @@ def test_cuda_checkpoint_loads_on_cpu_and_back(tmp_path: Path) -> None:
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(cpu_model(x), gpu_model(x.cuda()).cpu(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_files_get_the_umasks_permissions(umask: int, tmp_path: Path) -> None:
+    # safetensors writes 0600: a checkpoint trained as one user (the compose train service runs as
+    # the host's user) must still be readable by the service's user when the umask allows it.
+    cfg = UNetConfig(in_slices=1, base_width=4, depth=3)
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "m.safetensors", UNet(cfg), _meta(cfg))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
