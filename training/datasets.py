@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from segcore.io import decompress_to, load_labels, load_volume, save_image
+from segcore.io import GZIP_MAGIC, decompress_to, load_labels, load_volume, save_image
 from segcore.preprocessing import PreprocessConfig, preprocess_case
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class DecodedCopies:
 
     def _copy(self, case_id: str, src: Path) -> Path:
         with open(src, "rb") as f:
-            if f.read(2) != b"\x1f\x8b":
+            if f.read(2) != GZIP_MAGIC:
                 return src
         folder = self.root / case_id
         dst = folder / src.name.removesuffix(".gz")
