@@ -328,13 +328,26 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _evaluate(a: argparse.Namespace) -> int:
     from segcore.inference import Engine
-    from segcore.metrics import summarize, tumor_dice_by_size
     from training.datasets import find_cases, labelled
-    from training.train import evaluate_cases
+    from training.train import evaluate_cases, score_predictions
 
-    if not a.checkpoint or not a.data:
-        print("evaluate needs --checkpoint and --data (or --dry-run)", file=sys.stderr)
+    if bool(a.checkpoint) == bool(a.predictions) or not a.data:
+        print("evaluate needs --data and one of --checkpoint or --predictions (or --dry-run)", file=sys.stderr)
         return 2
+    cases = labelled(find_cases(a.data, label_file=a.label_file), a.data, a.label_file)
+    if a.cases:
+        wanted = set(a.cases.split(","))
+        if missing := wanted - {c.case_id for c in cases}:
+            print(
+                f"case(s) not found with imaging and labels in {a.data}: {', '.join(sorted(missing))}", file=sys.stderr
+            )
+            return 2
+        cases = [c for c in cases if c.case_id in wanted]
+    if a.limit:
+        cases = cases[: a.limit]
+    if a.predictions:
+        rows = score_predictions(cases, a.predictions, kits23_metrics=a.kits23, progress=True)
+        return _report(a, rows, f"masks from {a.predictions}", {"predictions": a.predictions})
     engine = Engine.from_checkpoint(
         a.checkpoint,
         device=a.device,
@@ -350,29 +363,39 @@ def _evaluate(a: argparse.Namespace) -> int:
     if a.min_tumor_ml is not None:
         post = dataclasses.replace(engine.meta.postprocessing, min_tumor_ml=a.min_tumor_ml)
         engine.meta = dataclasses.replace(engine.meta, postprocessing=post)
-    cases = labelled(find_cases(a.data, label_file=a.label_file), a.data, a.label_file)
-    if a.cases:
-        wanted = set(a.cases.split(","))
-        if missing := wanted - {c.case_id for c in cases}:
-            print(
-                f"case(s) not found with imaging and labels in {a.data}: {', '.join(sorted(missing))}", file=sys.stderr
-            )
-            return 2
-        cases = [c for c in cases if c.case_id in wanted]
-    if a.limit:
-        cases = cases[: a.limit]
     with_kits23 = a.kits23 or engine.meta.model.num_classes == 4
     rows = evaluate_cases(engine, cases, kits23_metrics=with_kits23, progress=True)
+    source = f"{engine.backend}, precision {engine.precision}{', mirrored' if engine.mirror else ''}"
+    print(f"post-processing: {engine.meta.postprocessing.to_dict()}")
+    return _report(
+        a,
+        rows,
+        source,
+        {
+            "checkpoint": a.checkpoint,
+            "backend": engine.backend,
+            "precision": engine.precision,
+            "mirror": engine.mirror,
+            "body_crop": engine.body_crop,
+            "compiled": engine.compiled,
+            "postprocessing": engine.meta.postprocessing.to_dict(),
+        },
+    )
+
+
+def _report(a: argparse.Namespace, rows: list[dict[str, Any]], source: str, how: dict[str, Any]) -> int:
+    """Print the KiTS table of ``rows`` and write it under ``--out``; ``how`` says what made the masks."""
+    from segcore.metrics import summarize, tumor_dice_by_size
+
     summary = summarize([{k: v for k, v in r.items() if k != "case"} for r in rows])
     table = kits_table(rows, summary)
     print(table)
     print(
         f"\nKiTS19: kidney Dice {summary['kidney_dice']:.4f}, tumor Dice {summary['tumor_dice']:.4f}, "
         f"composite {summary['composite']:.4f} over {len(rows)} cases "
-        f"({engine.backend}, precision {engine.precision}{', mirrored' if engine.mirror else ''}; pixel accuracy {summary['pixel_accuracy']:.4f} vs "
+        f"({source}; pixel accuracy {summary['pixel_accuracy']:.4f} vs "
         f"{summary['all_background_accuracy']:.4f} for all-background)"
     )
-    print(f"post-processing: {engine.meta.postprocessing.to_dict()}")
     by_size = tumor_dice_by_size(rows)
     print(
         "tumor Dice by the reference's tumors: "
@@ -387,18 +410,7 @@ def _evaluate(a: argparse.Namespace) -> int:
         (out / "kits_table.md").write_text(table + "\n")
         (out / "summary.json").write_text(
             json.dumps(
-                {
-                    "summary": summary,
-                    "tumor_dice_by_size": by_size,
-                    "cases": rows,
-                    "checkpoint": a.checkpoint,
-                    "backend": engine.backend,
-                    "precision": engine.precision,
-                    "mirror": engine.mirror,
-                    "body_crop": engine.body_crop,
-                    "compiled": engine.compiled,
-                    "postprocessing": engine.meta.postprocessing.to_dict(),
-                },
+                {"summary": summary, "tumor_dice_by_size": by_size, "cases": rows, **how},
                 indent=2,
             )
         )
@@ -641,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ev.add_argument("--checkpoint")
+    ev.add_argument(
+        "--predictions",
+        help="score the masks in this folder instead of running a checkpoint, with the same metrics: another "
+        "tool's (nnU-Net's and MONAI's case_XXXXX.nii.gz) or kitseg-predict's (case_XXXXX/imaging_mask.nii.gz), "
+        "each on its image's voxel grid",
+    )
     ev.add_argument("--data")
     ev.add_argument("--out", help="folder for kits_table.md, summary.json and cases.csv")
     ev.add_argument("--cases", help="comma-separated case ids")

@@ -405,6 +405,24 @@ def intensity_stats(cases: list[Case], cache_dir: Path, seed: int) -> tuple[tupl
     return (lo, hi), out["mean"], out["std"]
 
 
+def case_metrics(
+    case_id: str,
+    pred: np.ndarray,
+    ref: np.ndarray,
+    zooms: tuple[float, float, float],
+    kits23_metrics: bool,
+    seconds: float,
+) -> dict[str, Any]:
+    """One case's row: the KiTS19 metrics, pixel accuracy, the reference's tumor sizes, and the
+    KiTS21/23 regions when asked."""
+    row: dict[str, Any] = {"case": case_id, **kits19(pred, ref), **pixel_accuracy(pred, ref)}
+    row.update(tumor_sizes(ref, zooms))
+    if kits23_metrics:
+        row.update({f"kits23_{k}": v for k, v in kits23(pred, ref, zooms).items()})
+    row["seconds"] = seconds
+    return row
+
+
 def evaluate_cases(
     engine: Engine, cases: list[Case], kits23_metrics: bool = False, progress: bool = False
 ) -> list[dict[str, Any]]:
@@ -417,12 +435,45 @@ def evaluate_cases(
         t0 = time.perf_counter()
         pred = engine.predict(vol)
         secs = time.perf_counter() - t0
-        row: dict[str, Any] = {"case": c.case_id, **kits19(pred.mask, ref), **pixel_accuracy(pred.mask, ref)}
-        row.update(tumor_sizes(ref, vol.zooms))
-        if kits23_metrics:
-            row.update({f"kits23_{k}": v for k, v in kits23(pred.mask, ref, vol.zooms).items()})
-        row["seconds"] = secs
-        rows.append(row)
+        rows.append(case_metrics(c.case_id, pred.mask, ref, vol.zooms, kits23_metrics, secs))
+    return rows
+
+
+#: where a case's mask may be under a predictions folder, in this order: the flat
+#: ``case_XXXXX.nii.gz`` that nnU-Net and MONAI write, and kitseg-predict's own layout
+PREDICTION_NAMES = ("{case}.nii.gz", "{case}.nii", "{case}/imaging_mask.nii.gz")
+
+
+def prediction_file(folder: str | Path, case_id: str) -> Path | None:
+    """The mask for ``case_id`` under ``folder`` (:data:`PREDICTION_NAMES`), or None."""
+    return next((f for n in PREDICTION_NAMES if (f := Path(folder) / n.format(case=case_id)).is_file()), None)
+
+
+def score_predictions(
+    cases: list[Case], folder: str | Path, kits23_metrics: bool = False, progress: bool = False
+) -> list[dict[str, Any]]:
+    """Another tool's masks (nnU-Net's, MONAI's, an earlier kitseg-predict run's) scored with
+    the same KiTS metrics as :func:`evaluate_cases`. Each must be on its case's voxel grid (the
+    labels' shape and affine), as segmentation tools write them; ``seconds`` is the scoring's."""
+    missing = [c.case_id for c in cases if prediction_file(folder, c.case_id) is None]
+    if missing:
+        names = " or ".join(n.format(case="<case>") for n in PREDICTION_NAMES)
+        raise DatasetError(f"no prediction ({names}) in {folder} for: {', '.join(missing)}")
+    rows: list[dict[str, Any]] = []
+    for c in tqdm(cases, desc="score", disable=not progress, leave=False):
+        assert c.label is not None
+        t0 = time.perf_counter()
+        path = prediction_file(folder, c.case_id)
+        assert path is not None
+        pred, pred_affine = load_labels(path)
+        ref, affine = load_labels(c.label)
+        if pred.shape != ref.shape or not np.allclose(pred_affine, affine, rtol=1e-5, atol=1e-3):
+            raise DatasetError(
+                f"{path}: shape {pred.shape} and affine differ from {c.label}'s ({ref.shape}): a prediction "
+                "must be on its image's voxel grid"
+            )
+        zooms = cast(tuple[float, float, float], tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))))
+        rows.append(case_metrics(c.case_id, pred, ref, zooms, kits23_metrics, time.perf_counter() - t0))
     return rows
 
 

@@ -212,6 +212,52 @@ def test_train_and_evaluate_leave_out_cases_without_labels_and_read_kits21_names
     assert capsys.readouterr().err.count("has both imaging.nii.gz and") == 2
 
 
+def test_evaluate_scores_another_tools_masks_with_the_same_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from segcore.metrics import kits19, tumor_sizes
+
+    data = tmp_path / "data"
+    for i in range(3):
+        _one_phantom((i, str(data), 48, False, 0))
+    refs = {c.case_id: nib.load(str(c.label)) for c in find_cases(data)}
+    preds = tmp_path / "preds"
+    preds.mkdir()
+
+    def write(path: Path, labels: np.ndarray, affine: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(labels.astype(np.uint8), affine), str(path))
+
+    # nnU-Net's flat names, and kitseg-predict's folders; case 1 with its tumor called kidney.
+    ref0, ref1, ref2 = (np.asanyarray(refs[f"case_0000{i}"].dataobj) for i in range(3))
+    assert (ref1 == 2).any()
+    write(preds / "case_00000.nii.gz", ref0, refs["case_00000"].affine)
+    write(preds / "case_00001.nii.gz", np.where(ref1 == 2, 1, ref1), refs["case_00001"].affine)
+    write(preds / "case_00002" / "imaging_mask.nii.gz", ref2, refs["case_00002"].affine)
+    ev = ["evaluate", "--predictions", str(preds), "--data", str(data)]
+    assert main([*ev, "--out", str(tmp_path / "ev")]) == 0
+    rows = {r["case"]: r for r in json.loads((tmp_path / "ev" / "summary.json").read_text())["cases"]}
+    assert set(rows) == {"case_00000", "case_00001", "case_00002"}
+    for case_id, pred in (("case_00000", ref0), ("case_00001", np.where(ref1 == 2, 1, ref1)), ("case_00002", ref2)):
+        ref = np.asanyarray(refs[case_id].dataobj)
+        want = kits19(pred, ref)
+        assert rows[case_id]["kidney_dice"] == pytest.approx(want["kidney_dice"])
+        assert rows[case_id]["tumor_dice"] == pytest.approx(want["tumor_dice"])
+        zooms = refs[case_id].header.get_zooms()[:3]
+        assert rows[case_id]["ref_tumor_ml"] == pytest.approx(tumor_sizes(ref, zooms)["ref_tumor_ml"])
+    assert rows["case_00000"]["composite"] == 1.0 and rows["case_00001"]["tumor_dice"] == 0.0
+    assert "masks from" in capsys.readouterr().out
+    # A missing mask, a mask on another grid, and both sources at once: errors with status 2.
+    (preds / "case_00002" / "imaging_mask.nii.gz").unlink()
+    assert main(ev) == 2
+    err = capsys.readouterr().err
+    assert "no prediction" in err and "for: case_00002" in err
+    write(preds / "case_00002.nii.gz", ref2, refs["case_00002"].affine @ np.diag([1.0, 1.0, 2.0, 1.0]))
+    assert main(ev) == 2
+    assert "must be on its image's voxel grid" in capsys.readouterr().err
+    assert main([*ev, "--checkpoint", str(tmp_path / "x.safetensors")]) == 2
+
+
 def test_kits21_cysts_train_a_four_class_model_and_are_refused_by_a_three_class_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
