@@ -328,7 +328,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _evaluate(a: argparse.Namespace) -> int:
     from segcore.inference import Engine
-    from training.datasets import find_cases, labelled
+    from training.datasets import find_cases, labelled, select_cases
     from training.train import evaluate_cases, score_predictions
 
     if bool(a.checkpoint) == bool(a.predictions) or not a.data:
@@ -336,13 +336,7 @@ def _evaluate(a: argparse.Namespace) -> int:
         return 2
     cases = labelled(find_cases(a.data, label_file=a.label_file), a.data, a.label_file)
     if a.cases:
-        wanted = set(a.cases.split(","))
-        if missing := wanted - {c.case_id for c in cases}:
-            print(
-                f"case(s) not found with imaging and labels in {a.data}: {', '.join(sorted(missing))}", file=sys.stderr
-            )
-            return 2
-        cases = [c for c in cases if c.case_id in wanted]
+        cases = select_cases(cases, a.cases.split(","), a.data)
     if a.limit:
         cases = cases[: a.limit]
     if a.predictions:
@@ -420,6 +414,14 @@ def _report(a: argparse.Namespace, rows: list[dict[str, Any]], source: str, how:
             w.writerows(rows)
         print(f"wrote {out}/kits_table.md, summary.json, cases.csv")
     return 0
+
+
+#: ``--label-file`` of train and evaluate
+LABEL_FILE_HELP = (
+    "each case folder's label file (default: segmentation.nii.gz as in KiTS19/23, else KiTS21's "
+    "aggregated_MAJ_seg.nii.gz; e.g. aggregated_OR_seg.nii.gz for KiTS21's union). Cases without one "
+    "(KiTS19's test cases 210-299) are left out"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -598,8 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--kits23", action="store_true", help="4 classes (with cyst)")
     tr.add_argument(
         "--label-file",
-        help="each case folder's label file (default: segmentation.nii.gz as in KiTS19/23, else KiTS21's aggregated_MAJ_seg.nii.gz; e.g. aggregated_OR_seg.nii.gz for KiTS21's union). Cases without one "
-        "(KiTS19's test cases 210-299) are left out",
+        help=LABEL_FILE_HELP,
     )
     tr.add_argument("--base-width", type=int, default=16)
     tr.add_argument("--depth", type=int, default=4)
@@ -666,8 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--kits23", action="store_true", help="also compute KiTS21/23 regions and Surface Dice")
     ev.add_argument(
         "--label-file",
-        help="each case folder's label file (default: segmentation.nii.gz as in KiTS19/23, else KiTS21's aggregated_MAJ_seg.nii.gz; e.g. aggregated_OR_seg.nii.gz for KiTS21's union). Cases without one "
-        "(KiTS19's test cases 210-299) are left out",
+        help=LABEL_FILE_HELP,
     )
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=16)

@@ -80,8 +80,7 @@ def labelled(cases: list[Case], root: str | Path, label_file: str | None = None)
     download holds 90 test cases with imaging only). An error when none is left."""
     keep = [c for c in cases if c.image is not None and c.label is not None]
     names = label_file or " or ".join(LABEL_FILES)
-    if len(keep) < len(cases):
-        left = [c.case_id for c in cases if c not in keep]
+    if left := [c.case_id for c in cases if c.image is None or c.label is None]:
         log.info(
             "%d case(s) without %s left out: %s",
             len(left),
@@ -95,6 +94,15 @@ def labelled(cases: list[Case], root: str | Path, label_file: str | None = None)
             hint = f" (the KiTS repositories keep their cases in data/ or dataset/: try {sub[0]})" if sub else ""
         raise DatasetError(f"no case_XXXXX/ folder under {root} has both imaging.nii.gz and {names}{hint}")
     return keep
+
+
+def select_cases(cases: list[Case], ids: list[str], root: str | Path, what: str = "case(s)") -> list[Case]:
+    """The cases named ``ids``, in ``cases``' order; an error naming those not among them (no
+    imaging or labels, or a wrong id), rather than a silent skip."""
+    wanted = set(ids)
+    if missing := wanted - {c.case_id for c in cases}:
+        raise DatasetError(f"{what} not found with imaging and labels in {root}: {', '.join(sorted(missing))}")
+    return [c for c in cases if c.case_id in wanted]
 
 
 def kits_affine(spacing_zyx: tuple[float, float, float], shape_zyx: tuple[int, int, int]) -> npt.NDArray[np.float64]:
@@ -223,11 +231,13 @@ class CaseCache:
         """``(Z, h, w)`` float16 image and uint8 labels on the model grid, memory-mapped (built first
         when the case isn't cached)."""
         img_p, lab_p, _ = self._paths(case)
-        if not self.cached(case):
-            self.build(case)
-        else:  # made by a run with more classes, perhaps (the key is the preprocessing's only)
-            check_labels(np.load(lab_p, mmap_mode="r"), self.num_classes, case)
-        return np.load(img_p, mmap_mode="r"), np.load(lab_p, mmap_mode="r")
+        built = not self.cached(case)
+        if built:
+            self.build(case)  # checks its labels as it goes
+        lab = np.load(lab_p, mmap_mode="r")
+        if not built:  # made by a run with more classes, perhaps (the key is the preprocessing's only)
+            check_labels(lab, self.num_classes, case)
+        return np.load(img_p, mmap_mode="r"), lab
 
 
 class DecodedCopies:

@@ -17,12 +17,13 @@ import platform
 import random
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -50,6 +51,7 @@ from training.datasets import (
     available_cores,
     find_cases,
     labelled,
+    select_cases,
     split_cases,
 )
 
@@ -409,7 +411,7 @@ def case_metrics(
     case_id: str,
     pred: np.ndarray,
     ref: np.ndarray,
-    zooms: tuple[float, float, float],
+    zooms: Sequence[float],
     kits23_metrics: bool,
     seconds: float,
 ) -> dict[str, Any]:
@@ -455,16 +457,15 @@ def score_predictions(
     """Another tool's masks (nnU-Net's, MONAI's, an earlier kitseg-predict run's) scored with
     the same KiTS metrics as :func:`evaluate_cases`. Each must be on its case's voxel grid (the
     labels' shape and affine), as segmentation tools write them; ``seconds`` is the scoring's."""
-    missing = [c.case_id for c in cases if prediction_file(folder, c.case_id) is None]
-    if missing:
+    paths = {c.case_id: prediction_file(folder, c.case_id) for c in cases}
+    if missing := [case_id for case_id, path in paths.items() if path is None]:
         names = " or ".join(n.format(case="<case>") for n in PREDICTION_NAMES)
         raise DatasetError(f"no prediction ({names}) in {folder} for: {', '.join(missing)}")
     rows: list[dict[str, Any]] = []
     for c in tqdm(cases, desc="score", disable=not progress, leave=False):
-        assert c.label is not None
+        path = paths[c.case_id]
+        assert c.label is not None and path is not None
         t0 = time.perf_counter()
-        path = prediction_file(folder, c.case_id)
-        assert path is not None
         pred, pred_affine = load_labels(path)
         ref, affine = load_labels(c.label)
         if pred.shape != ref.shape or not np.allclose(pred_affine, affine, rtol=1e-5, atol=1e-3):
@@ -472,7 +473,7 @@ def score_predictions(
                 f"{path}: shape {pred.shape} and affine differ from {c.label}'s ({ref.shape}): a prediction "
                 "must be on its image's voxel grid"
             )
-        zooms = cast(tuple[float, float, float], tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))))
+        zooms = nib.affines.voxel_sizes(affine).tolist()
         rows.append(case_metrics(c.case_id, pred, ref, zooms, kits23_metrics, time.perf_counter() - t0))
     return rows
 
@@ -630,13 +631,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if len(all_cases) < 2:
         raise DatasetError(f"need at least 2 cases with imaging and labels in {cfg.data}, found {len(all_cases)}")
     if cfg.val_cases:
-        wanted = set(cfg.val_cases)
-        if missing := wanted - {c.case_id for c in all_cases}:
-            raise DatasetError(
-                f"validation case(s) not found with imaging and labels in {cfg.data}: {', '.join(sorted(missing))}"
-            )
-        val_cases = [c for c in all_cases if c.case_id in wanted]
-        train_cases = [c for c in all_cases if c.case_id not in wanted]
+        val_cases = select_cases(all_cases, cfg.val_cases, cfg.data, "validation case(s)")
+        train_cases = [c for c in all_cases if c not in val_cases]
     else:
         train_cases, val_cases = split_cases(all_cases, cfg.val_fraction, cfg.seed)
     if cfg.max_train_cases:
