@@ -19,9 +19,9 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import nibabel as nib
 import numpy as np
@@ -54,6 +54,8 @@ from training.datasets import (
     select_cases,
     split_cases,
 )
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,12 @@ class TrainConfig:
     ema: float = 0.0
     #: validate (and write last/best.safetensors) after every this many epochs, and after the last
     val_every: int = 1
+    #: validate from uncompressed copies of the validation cases under the cache (gunzipped once)
+    #: instead of gunzipping each case every epoch; they take the uncompressed size on disk.
+    val_copies: bool = True
+    #: under torchrun, how long a rank waits in a collective for the others before the run fails
+    #: (torch's NCCL default is 10 minutes).
+    dist_timeout_minutes: float = 30.0
     val_batch_size: int = 16
     val_precision: str = "fp32"
     max_train_cases: int | None = None
@@ -517,9 +525,11 @@ class Distributed:
     """Rank/world size from ``torchrun``'s environment; a no-op when not launched by it.
 
     On CUDA each rank is bound to its GPU (``LOCAL_RANK``) before NCCL starts, and NCCL is told
-    which one (``device_id``), so that it never has to guess; elsewhere the backend is gloo."""
+    which one (``device_id``), so that it never has to guess; elsewhere the backend is gloo.
+    ``timeout`` is how long a rank waits in a collective (a barrier, a broadcast) for the others:
+    NCCL's default, 10 minutes, is short for a first KiTS run's preprocessing on a slow disk."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, timeout: timedelta | None = None) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -528,9 +538,11 @@ class Distributed:
         if self.enabled and not dist.is_initialized():
             if backend == "nccl":
                 torch.cuda.set_device(self.local_rank)
-                dist.init_process_group(backend="nccl", device_id=torch.device("cuda", self.local_rank))
+                dist.init_process_group(
+                    backend="nccl", device_id=torch.device("cuda", self.local_rank), timeout=timeout
+                )
             else:
-                dist.init_process_group(backend="gloo")
+                dist.init_process_group(backend="gloo", timeout=timeout)
         if self.enabled:  # the group's own backend, also where it was started before
             backend = str(dist.get_backend())
         self.control_device = collective_device(backend, self.local_rank)
@@ -554,9 +566,48 @@ class Distributed:
         dist.broadcast(t, src=0)
         return int(t.item())
 
+    def share(self, costs: Sequence[float]) -> list[int]:
+        """The indices of the items this rank takes, given each item's cost (:func:`balanced_shares`)."""
+        return balanced_shares(costs, self.world)[self.rank]
+
+    def gather(self, mine: list[tuple[int, T]]) -> list[T]:
+        """Every rank's ``(index, result)`` pairs, as one list in index order, on every rank."""
+        pairs: list[list[tuple[int, T]]] = [mine]
+        if self.enabled:
+            pairs = [[] for _ in range(self.world)]
+            dist.all_gather_object(pairs, mine)
+        return [r for _, r in sorted((p for ps in pairs for p in ps), key=lambda p: p[0])]
+
+    def sync_module(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank. Under DDP the parameters agree already,
+        but each rank's BatchNorm running statistics (and a weight average's) last moved with its
+        own batch, so without this the ranks would validate slightly different networks."""
+        if self.enabled:
+            for t in module.state_dict().values():
+                dist.broadcast(t, src=0)
+
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def balanced_shares(costs: Sequence[float], world: int) -> list[list[int]]:
+    """Item indices for each of ``world`` ranks, with about equal total cost: the costliest item
+    first, each to the rank with the least so far (ties to the lower rank), so every rank computes
+    the same answer. KiTS cases range from 29 to 1059 slices, so taking every ``world``-th case
+    could leave one rank with several times another's work while the others wait for it."""
+    shares: list[list[int]] = [[] for _ in range(world)]
+    loads = [0.0] * world
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        shares[r].append(i)
+        loads[r] += costs[i]
+    return [sorted(s) for s in shares]
+
+
+def case_bytes(case: Case) -> int:
+    """A case's cost for :func:`balanced_shares`: its image's size on disk."""
+    return case.image.stat().st_size if case.image is not None else 0
 
 
 def epochs_that_fit(done: int, durations: list[float], elapsed_s: float, budget_s: float, planned: int) -> int:
@@ -616,7 +667,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
-    ddp = Distributed(device)
+    ddp = Distributed(device, timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     if device.type == "cuda" and ddp.enabled:
         device = torch.device("cuda", ddp.local_rank)  # Distributed bound the rank to it
     seed_everything(cfg.seed + ddp.rank)
@@ -670,12 +721,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     post = PostprocessConfig(min_tumor_ml=cfg.min_tumor_ml)
     cache = CaseCache(cache_dir, pp, num_classes)
     # Every rank builds its share of the cache (a first run's preprocessing: minutes for KiTS19),
-    # so that no rank waits long at the barrier (NCCL's default timeout is 10 minutes).
-    cache.fill(train_cases[ddp.rank :: ddp.world], workers=cfg.cache_workers, progress=cfg.progress and ddp.main)
+    # so that no rank waits long at the barrier (--dist-timeout).
+    mine = [train_cases[i] for i in ddp.share([case_bytes(c) for c in train_cases])]
+    cache.fill(mine, workers=cfg.cache_workers, progress=cfg.progress and ddp.main)
     ddp.barrier()
     arrays = [cache.get(c) for c in train_cases]
-    # Rank 0 validates every epoch on whole volumes: from uncompressed copies, gunzipped once.
-    val_files = [DecodedCopies(cache_dir / "val").get(c) for c in val_cases] if ddp.main else []
+    # Validation runs on whole volumes, each rank its share of the cases (rank 0 alone would keep
+    # the others waiting), from uncompressed copies gunzipped once unless told otherwise.
+    val_share = ddp.share([case_bytes(c) for c in val_cases])
+    copies = DecodedCopies(cache_dir / "val")
+    val_files = [copies.get(val_cases[i]) if cfg.val_copies else val_cases[i] for i in val_share]
 
     model: nn.Module = UNet(mcfg).to(device)
     ds = SliceDataset(
@@ -850,30 +905,42 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "train_seconds": train_secs,
             "train_slices_per_s": slices_per_s,
         }
-        if ddp.main:
-            # Every --val-every epochs, and always on the last: the run's own last epoch, or the
-            # one the --max-minutes guard will stop after (it stops only after a validated epoch).
-            over_budget = cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 > cfg.max_minutes
-            validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 >= schedule_epochs or over_budget
-            # What validation scores is what the checkpoints hold: the average when there is one.
-            plain = cast(UNet, ema.module) if ema is not None else plain_unet(model)
-            if validate:
-                engine = Engine(
-                    plain,
-                    CheckpointMeta(mcfg, pp, labels, postprocessing=post),
-                    device,
-                    batch_size=cfg.val_batch_size,
-                    precision=cfg.val_precision,
-                    # The network changes every epoch; an ONNX export each time would buy little here.
-                    backend="torch",
-                    channels_last=use_cl,
+        # Every --val-every epochs, and always on the last: the run's own last epoch, or the one
+        # the --max-minutes guard will stop after (it stops only after a validated epoch). Rank
+        # 0's clock decides for all.
+        over_budget = cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 > cfg.max_minutes
+        validate = ddp.broadcast_flag((epoch + 1) % cfg.val_every == 0 or epoch + 1 >= schedule_epochs or over_budget)
+        # What validation scores is what the checkpoints hold: the average when there is one.
+        plain = cast(UNet, ema.module) if ema is not None else plain_unet(model)
+        if validate:
+            ddp.sync_module(plain)  # every rank validates the network rank 0 saves
+            engine = Engine(
+                plain,
+                CheckpointMeta(mcfg, pp, labels, postprocessing=post),
+                device,
+                batch_size=cfg.val_batch_size,
+                precision=cfg.val_precision,
+                # The network changes every epoch; an ONNX export each time would buy little here.
+                backend="torch",
+                channels_last=use_cl,
+            )
+            t_val = time.perf_counter()
+            mine = evaluate_cases(engine, val_files, kits23_metrics=False)
+            if ddp.enabled:
+                log.info(
+                    "rank %d validated %d of %d case(s) in %.1fs",
+                    ddp.rank,
+                    len(mine),
+                    len(val_cases),
+                    time.perf_counter() - t_val,
                 )
-                t_val = time.perf_counter()
-                rows = evaluate_cases(engine, val_files, kits23_metrics=False)
+            rows = ddp.gather(list(zip(val_share, mine, strict=True)))
+            plain.train()
+            if ddp.main:
                 summ = summarize([{k: v for k, v in r.items() if k != "case"} for r in rows])
                 row.update({f"val_{k}": v for k, v in summ.items() if k != "seconds"})
                 row["val_seconds"] = time.perf_counter() - t_val
-                plain.train()
+        if ddp.main:
             row["elapsed_s"] = time.perf_counter() - t_start
             history.append(row)
             with open(log_path, "a") as f:

@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import nibabel as nib
@@ -32,10 +33,12 @@ from training.datasets import (
 )
 from training.train import (
     DeepSupervision,
+    balanced_shares,
     choose_memory_format,
     deep_supervision_loss,
     dice_ce_loss,
     epochs_that_fit,
+    evaluate_cases,
     plain_unet,
     resolve_amp,
 )
@@ -614,13 +617,65 @@ def test_ddp_on_cuda_binds_each_rank_to_its_gpu_and_keeps_control_tensors_there(
     monkeypatch.setattr(tt.dist, "init_process_group", lambda **kw: calls.append(("init", kw)))
     monkeypatch.setattr(tt.dist, "get_backend", lambda: "nccl")
     monkeypatch.setattr(tt.torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
-    ddp = tt.Distributed(torch.device("cuda"))
-    assert calls == [("set_device", 1), ("init", {"backend": "nccl", "device_id": torch.device("cuda", 1)})]
+    wait = timedelta(minutes=30)
+    ddp = tt.Distributed(torch.device("cuda"), timeout=wait)
+    nccl = {"backend": "nccl", "device_id": torch.device("cuda", 1), "timeout": wait}
+    assert calls == [("set_device", 1), ("init", nccl)]
     assert ddp.enabled and ddp.rank == 2 and ddp.control_device == torch.device("cuda", 1)
     calls.clear()
     monkeypatch.setattr(tt.dist, "get_backend", lambda: "gloo")
+    ddp = tt.Distributed(torch.device("cpu"), timeout=wait)
+    assert calls == [("init", {"backend": "gloo", "timeout": wait})] and ddp.control_device == torch.device("cpu")
+
+
+def test_balanced_shares() -> None:
+    assert balanced_shares([4, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4]]
+    assert balanced_shares([1, 1, 1, 1, 1], 2) == [[0, 2, 4], [1, 3]]  # ties: round robin
+    assert balanced_shares([1, 1], 3) == [[0], [1], []]
+    assert balanced_shares([3, 5, 2, 4, 6], 1) == [[0, 1, 2, 3, 4]]
+    # Largest first, each to the least loaded: 9 | 8 | 7, then 4 -> 7's, 3 -> 8's, 2 -> 9's.
+    assert balanced_shares([2, 9, 3, 8, 4, 7], 3) == [[0, 1], [2, 3], [4, 5]]
+    costs = np.random.default_rng(0).integers(29, 1060, size=42).tolist()  # KiTS-like slice counts
+    shares = balanced_shares(costs, 8)
+    assert sorted(i for s in shares for i in s) == list(range(42))
+    loads = [sum(costs[i] for i in s) for s in shares]
+    assert max(loads) - min(loads) <= max(costs)
+
+
+def _validation_collectives(rank: int, init: str, out: str) -> None:
+    import training.train as tt
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     ddp = tt.Distributed(torch.device("cpu"))
-    assert calls == [("init", {"backend": "gloo"})] and ddp.control_device == torch.device("cpu")
+    # Each rank's BatchNorm statistics moved with its own batches, as under DDP.
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(in_slices=1, num_classes=3, base_width=4, depth=3))
+    net.train()
+    torch.manual_seed(1 + rank)
+    net(torch.randn(2, 1, 16, 16))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ddp.sync_module(net)
+    # Case 0 costs as much as the other four together.
+    mine = ddp.share([4.0, 1.0, 1.0, 1.0, 1.0])
+    gathered = ddp.gather([(i, f"scored case_{i}") for i in mine])
+    torch.save({"before": before, "after": net.state_dict(), "mine": mine, "gathered": gathered}, f"{out}{rank}.pt")
+    ddp.close()
+
+
+def test_validation_shares_cases_across_ranks_and_validates_rank_0s_network(tmp_path: Path) -> None:
+    # Two gloo processes: the shares and their gathering, and the network every rank validates.
+    torch.multiprocessing.spawn(
+        _validation_collectives, args=(f"file://{tmp_path / 'store'}", str(tmp_path / "rank")), nprocs=2
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert r0["mine"] == [0] and r1["mine"] == [1, 2, 3, 4]
+    assert r0["gathered"] == r1["gathered"] == [f"scored case_{i}" for i in range(5)]
+    bn = next(k for k in r0["before"] if k.endswith("running_mean"))
+    assert not torch.equal(r0["before"][bn], r1["before"][bn])  # the ranks' statistics differed
+    for k, v in r0["before"].items():
+        torch.testing.assert_close(r0["after"][k], v, rtol=0, atol=0)
+        torch.testing.assert_close(r1["after"][k], v, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -857,7 +912,7 @@ def test_cli_help(cmd: str) -> None:
 def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     data = tmp_path / "data"
-    for i in range(3):
+    for i in range(4):
         _one_phantom((i, str(data), 48, False, 0))
     r = subprocess.run(
         [
@@ -886,12 +941,14 @@ def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
             "--depth",
             "3",
             "--val-fraction",
-            "0.34",
+            "0.5",
             "--no-progress",
             "--device",
             "cpu",
             "--deep-supervision",
             deep_supervision,
+            # The first run validates from the compressed files, the second from their copies.
+            *(["--no-val-copies"] if deep_supervision == "0" else []),
             # The second run also keeps a weight average, over the DDP-wrapped network.
             *(["--ema", "0.5"] if deep_supervision == "1" else []),
         ],
@@ -902,10 +959,23 @@ def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    # Each rank preprocessed its share of the 2 training cases.
+    # Each rank preprocessed its share of the 2 training cases, and validated its share of the 2
+    # validation cases.
     assert r.stderr.count("preprocessed 1 of 1 case(s)") == 2, r.stderr[-3000:]
-    _, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    for rank in (0, 1):
+        assert f"rank {rank} validated 1 of 2 case(s)" in r.stderr, r.stderr[-3000:]
+    copies = sorted(p.parent.name for p in (tmp_path / "run" / "cache" / "val").glob("*/imaging.nii"))
+    model, meta = load_checkpoint(tmp_path / "run" / "last.safetensors")
     assert meta.provenance["world_size"] == 2
+    val_ids = meta.provenance["val_cases"]
+    assert len(val_ids) == 2 and copies == ([] if deep_supervision == "0" else val_ids)
+    # The ranks' shares add up to what one process scores with the saved network on both cases:
+    # every rank validated rank 0's network, BatchNorm statistics (and average) included.
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    engine = Engine(model, meta, torch.device("cpu"), batch_size=16, precision="fp32", backend="torch")
+    rows = evaluate_cases(engine, [c for c in find_cases(data) if c.case_id in val_ids])
+    for key in ("kidney_dice", "tumor_dice", "composite"):
+        assert row[f"val_{key}"] == pytest.approx(np.mean([r[key] for r in rows]), abs=1e-9), key
     assert meta.provenance["train_config"]["deep_supervision"] == int(deep_supervision)
     state = torch.load(tmp_path / "run" / "last.state.pt", weights_only=True)
     assert ("ema" in state) == (deep_supervision == "1")
