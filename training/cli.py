@@ -189,6 +189,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         if a.fit_schedule and a.max_minutes is None:
             print("--fit-schedule fits the LR schedule to --max-minutes; give --max-minutes too", file=sys.stderr)
             return 2
+        if a.fold is not None and a.val_cases:
+            print("a fold names its validation cases: give --fold or --val-cases, not both", file=sys.stderr)
+            return 2
+        if (a.splits or a.folds is not None) and a.fold is None:
+            print("--splits and --folds describe cross-validation folds: say which with --fold", file=sys.stderr)
+            return 2
         cfg = TrainConfig(
             data=a.data,
             out=a.out,
@@ -201,6 +207,9 @@ def cmd_train(a: argparse.Namespace) -> int:
             lr_schedule=a.lr_schedule,
             val_fraction=a.val_fraction,
             val_cases=a.val_cases.split(",") if a.val_cases else None,
+            fold=a.fold,
+            **({"folds": a.folds} if a.folds is not None else {}),
+            splits=a.splits,
             seed=a.seed,
             device=a.device,
             amp=a.amp,
@@ -330,15 +339,25 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _evaluate(a: argparse.Namespace) -> int:
     from segcore.inference import Engine
-    from training.datasets import find_cases, labelled, select_cases
+    from training.datasets import find_cases, fold_cases, kfold_splits, labelled, read_splits, select_cases
     from training.train import evaluate_cases, score_predictions
 
     if bool(a.checkpoint) == bool(a.predictions) or not a.data:
         print("evaluate needs --data and one of --checkpoint or --predictions (or --dry-run)", file=sys.stderr)
         return 2
+    if a.fold is not None and a.cases:
+        print("a fold names its validation cases: give --fold or --cases, not both", file=sys.stderr)
+        return 2
+    if (a.splits or a.folds is not None) and a.fold is None:
+        print("--splits and --folds describe cross-validation folds: say which with --fold", file=sys.stderr)
+        return 2
     cases = labelled(find_cases(a.data, label_file=a.label_file), a.data, a.label_file)
     if a.cases:
         cases = select_cases(cases, a.cases.split(","), a.data)
+    if a.fold is not None:
+        ids = [c.case_id for c in cases]
+        splits = read_splits(a.splits) if a.splits else kfold_splits(ids, *([a.folds] if a.folds else []))
+        _, cases = fold_cases(cases, splits, a.fold, a.data)
     if a.limit:
         cases = cases[: a.limit]
     if a.predictions:
@@ -426,6 +445,23 @@ LABEL_FILE_HELP = (
 )
 
 
+def _fold_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--fold",
+        type=int,
+        metavar="K",
+        help=f"cross-validation: {what}. The folds are nnU-Net's own for the same case ids (the sorted ids "
+        "shuffled with seed 12345, as its splits_final.json), unless --splits gives a file; a training run "
+        "writes the split it used as OUT/splits_final.json",
+    )
+    p.add_argument(
+        "--folds",
+        type=int,
+        help="how many folds --fold counts (default: nnU-Net's 5)",
+    )
+    p.add_argument("--splits", help="a splits_final.json (nnU-Net's format) to take --fold from")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kitseg-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -493,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
     tr.add_argument("--val-fraction", type=float, default=0.2, help="patients held out for validation")
     tr.add_argument("--val-cases", help="comma-separated case ids to validate on instead")
+    _fold_arguments(tr, "train on fold K's training cases and validate on its validation cases")
     tr.add_argument("--max-train-cases", type=int)
     tr.add_argument(
         "--val-precision",
@@ -680,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data")
     ev.add_argument("--out", help="folder for kits_table.md, summary.json and cases.csv")
     ev.add_argument("--cases", help="comma-separated case ids")
+    _fold_arguments(ev, "evaluate on fold K's validation cases (a cross-validation fold's own held-out cases)")
     ev.add_argument("--limit", type=int)
     ev.add_argument("--kits23", action="store_true", help="also compute KiTS21/23 regions and Surface Dice")
     ev.add_argument(

@@ -105,6 +105,71 @@ def select_cases(cases: list[Case], ids: list[str], root: str | Path, what: str 
     return [c for c in cases if c.case_id in wanted]
 
 
+#: nnU-Net's cross-validation: its case ids sorted, shuffled with this seed and cut into 5 folds
+#: (nnunetv2.utilities.crossval_split, through scikit-learn's ``KFold(shuffle=True)``).
+NNUNET_FOLDS, NNUNET_SPLIT_SEED = 5, 12345
+
+
+def kfold_splits(
+    case_ids: list[str], folds: int = NNUNET_FOLDS, seed: int = NNUNET_SPLIT_SEED
+) -> list[dict[str, list[str]]]:
+    """Cross-validation folds as nnU-Net makes them, in its ``splits_final.json`` format: one
+    ``{"train": [...], "val": [...]}`` per fold. The ids are sorted and permuted by numpy's legacy
+    generator seeded with ``seed``; the first ``len % folds`` folds take one case more. For the same
+    ids this gives nnU-Net's own folds, so a kitseg fold and an nnU-Net fold hold the same patients."""
+    ids = sorted(case_ids)
+    if not 2 <= folds <= len(ids):
+        raise DatasetError(f"{folds}-fold cross-validation needs 2-{len(ids)} folds for {len(ids)} cases")
+    order = np.random.RandomState(seed).permutation(len(ids))
+    splits, start = [], 0
+    for k in range(folds):
+        size = len(ids) // folds + (k < len(ids) % folds)
+        val = set(order[start : start + size].tolist())
+        start += size
+        splits.append(
+            {"train": [x for i, x in enumerate(ids) if i not in val], "val": [x for i, x in enumerate(ids) if i in val]}
+        )
+    return splits
+
+
+def read_splits(path: str | Path) -> list[dict[str, list[str]]]:
+    """A ``splits_final.json`` as nnU-Net writes it (a list of ``{"train": [...], "val": [...]}``)."""
+    try:
+        splits = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read the splits file {path}: {e}") from e
+    if not (
+        isinstance(splits, list)
+        and splits
+        and all(
+            isinstance(s, dict)
+            and all(isinstance(s.get(k), list) and all(isinstance(x, str) for x in s[k]) for k in ("train", "val"))
+            for s in splits
+        )
+    ):
+        raise DatasetError(
+            f"{path} is not a splits file: it must hold a list of folds, each "
+            '{"train": [case ids], "val": [case ids]}, as nnU-Net\'s splits_final.json'
+        )
+    return splits
+
+
+def fold_cases(
+    cases: list[Case], splits: list[dict[str, list[str]]], fold: int, root: str | Path
+) -> tuple[list[Case], list[Case]]:
+    """Fold ``fold``'s training and validation cases among ``cases``; every id the fold names must
+    be there, and no case may be in both."""
+    if not 0 <= fold < len(splits):
+        raise DatasetError(f"fold {fold} does not exist: the splits have folds 0-{len(splits) - 1}")
+    if both := set(splits[fold]["train"]) & set(splits[fold]["val"]):
+        raise DatasetError(f"fold {fold} has case(s) in both training and validation: {', '.join(sorted(both))}")
+    train = select_cases(cases, splits[fold]["train"], root, f"fold {fold}'s training case(s)")
+    val = select_cases(cases, splits[fold]["val"], root, f"fold {fold}'s validation case(s)")
+    if not train or not val:
+        raise DatasetError(f"fold {fold} needs training and validation cases, has {len(train)} and {len(val)}")
+    return train, val
+
+
 def kits_affine(spacing_zyx: tuple[float, float, float], shape_zyx: tuple[int, int, int]) -> npt.NDArray[np.float64]:
     """The KiTS19 IPL affine ``[[0,0,-pw],[0,-pw,0],[-st,0,0]]`` for an image centred on the origin."""
     st, py, px = spacing_zyx

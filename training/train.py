@@ -42,6 +42,8 @@ from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
 from training.datasets import (
+    NNUNET_FOLDS,
+    NNUNET_SPLIT_SEED,
     Augment,
     Case,
     CaseCache,
@@ -50,7 +52,10 @@ from training.datasets import (
     SliceDataset,
     available_cores,
     find_cases,
+    fold_cases,
+    kfold_splits,
     labelled,
+    read_splits,
     select_cases,
     split_cases,
 )
@@ -74,6 +79,11 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     val_fraction: float = 0.2
     val_cases: list[str] | None = None
+    #: cross-validation: train on this fold's training cases and validate on its validation cases,
+    #: from ``splits`` (nnU-Net's splits_final.json) or else from :func:`kfold_splits` over ``folds``.
+    fold: int | None = None
+    folds: int = NNUNET_FOLDS
+    splits: str | None = None
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
@@ -653,6 +663,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     if not 0.0 <= cfg.ema < 1.0:
         raise ValueError(f"ema decay must be in [0, 1), got {cfg.ema}")
+    if cfg.fold is not None and cfg.val_cases:
+        raise ValueError("a fold names its validation cases; give --fold or --val-cases, not both")
+    if cfg.splits and cfg.fold is None:
+        raise ValueError("a splits file holds folds; say which with --fold")
     if cfg.fit_schedule and cfg.max_minutes is None:
         raise ValueError("fit_schedule fits the LR schedule to max_minutes; set max_minutes too")
     if cfg.val_every < 1:
@@ -681,7 +695,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     all_cases = labelled(find_cases(cfg.data, label_file=cfg.label_file), cfg.data, cfg.label_file)
     if len(all_cases) < 2:
         raise DatasetError(f"need at least 2 cases with imaging and labels in {cfg.data}, found {len(all_cases)}")
-    if cfg.val_cases:
+    splits: list[dict[str, list[str]]] | None = None
+    if cfg.fold is not None:
+        splits = read_splits(cfg.splits) if cfg.splits else kfold_splits([c.case_id for c in all_cases], cfg.folds)
+        train_cases, val_cases = fold_cases(all_cases, splits, cfg.fold, cfg.data)
+        if ddp.main and (rest := len(all_cases) - len(train_cases) - len(val_cases)):
+            log.info("fold %d of %s leaves out %d case(s) of %s", cfg.fold, cfg.splits, rest, cfg.data)
+    elif cfg.val_cases:
         val_cases = select_cases(all_cases, cfg.val_cases, cfg.data, "validation case(s)")
         train_cases = [c for c in all_cases if c not in val_cases]
     else:
@@ -690,6 +710,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_cases = train_cases[: cfg.max_train_cases]
     overlap = {c.case_id for c in train_cases} & {c.case_id for c in val_cases}
     assert not overlap, f"train/val overlap: {overlap}"
+    if ddp.main:
+        # The split in nnU-Net's format: copied into nnUNet_preprocessed/DatasetXXX/, it makes
+        # nnU-Net train on the same patients (every fold when this run is one of them, else fold 0).
+        used = splits or [{"train": [c.case_id for c in train_cases], "val": [c.case_id for c in val_cases]}]
+        (out / "splits_final.json").write_text(json.dumps(used, indent=1) + "\n")
 
     num_classes = 4 if cfg.kits23 else 3
     labels = KITS23_LABELS if cfg.kits23 else KITS19_LABELS
@@ -838,6 +863,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "data": cfg.data_description or str(cfg.data),
         "train_cases": [c.case_id for c in train_cases],
         "val_cases": [c.case_id for c in val_cases],
+        **(
+            {"fold": cfg.fold, "splits": cfg.splits or f"{cfg.folds} folds as nnU-Net's (seed {NNUNET_SPLIT_SEED})"}
+            if cfg.fold is not None
+            else {}
+        ),
         "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
         "memory_format": memory_format_name(fmt),
         "amp": amp,

@@ -1,3 +1,4 @@
+import csv
 import dataclasses
 import gzip
 import json
@@ -27,7 +28,10 @@ from training.datasets import (
     DatasetError,
     SliceDataset,
     find_cases,
+    fold_cases,
+    kfold_splits,
     labelled,
+    read_splits,
     split_cases,
     tumor_components,
 )
@@ -179,6 +183,102 @@ def _tiny_train_args(data: Path, run: Path) -> list[str]:
     args = ["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--iters", "2", "--batch-size", "2"]
     args += ["--patch", "32", "--base-width", "4", "--depth", "3", "--val-fraction", "0.34", "--no-progress"]
     return [*args, "--device", "cpu", "--memory-format", "contiguous", "--no-tune-malloc"]
+
+
+def test_kfold_splits_are_nnunets_folds() -> None:
+    # scikit-learn's KFold(n_splits, shuffle=True, random_state=12345) over the sorted ids, which
+    # nnU-Net's splits_final.json holds, gave these validation folds (scikit-learn 1.x, numpy 2).
+    ids = [f"case_{i:05d}" for i in (6, 2, 0, 5, 3, 1, 4)]  # the order given doesn't matter
+    folds = kfold_splits(ids, 3)
+    assert [f["val"] for f in folds] == [
+        ["case_00003", "case_00004", "case_00006"],
+        ["case_00000", "case_00001"],
+        ["case_00002", "case_00005"],
+    ]
+    kits19 = kfold_splits([f"case_{i:05d}" for i in range(210)])
+    assert [f["val"][:6] for f in kits19] == [
+        [f"case_{i:05d}" for i in v]
+        for v in (
+            (14, 16, 17, 19, 20, 27),
+            (2, 10, 24, 26, 35, 40),
+            (4, 8, 9, 13, 15, 18),
+            (0, 3, 5, 6, 12, 21),
+            (1, 7, 11, 23, 29, 31),
+        )
+    ]
+    for f in kits19:
+        assert len(f["val"]) == 42 and sorted(f["train"] + f["val"]) == sorted(f"case_{i:05d}" for i in range(210))
+    assert sorted(x for f in kits19 for x in f["val"]) == [f"case_{i:05d}" for i in range(210)]
+    with pytest.raises(DatasetError, match="2-3 folds"):
+        kfold_splits(["a", "b", "c"], 5)
+
+
+def test_read_splits_and_fold_cases_refuse_what_does_not_fit(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(3):
+        _one_phantom((i, str(data), 48, False, 0))
+    cases = find_cases(data)
+    good = tmp_path / "splits_final.json"
+    good.write_text(json.dumps([{"train": ["case_00000", "case_00002"], "val": ["case_00001"]}]))
+    train, val = fold_cases(cases, read_splits(good), 0, data)
+    assert [c.case_id for c in train] == ["case_00000", "case_00002"] and [c.case_id for c in val] == ["case_00001"]
+    for text, match in [
+        ("[1, 2]", "not a splits file"),
+        ('{"train": [], "val": []}', "not a splits file"),
+        ('[{"train": ["case_00000"]}]', "not a splits file"),
+        ("[", "cannot read"),
+    ]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(DatasetError, match=match):
+            read_splits(bad)
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_splits(tmp_path / "missing.json")
+    with pytest.raises(DatasetError, match="fold 1 does not exist"):
+        fold_cases(cases, read_splits(good), 1, data)
+    for fold, match in [
+        ({"train": ["case_00000", "case_00009"], "val": ["case_00001"]}, "case_00009"),
+        ({"train": ["case_00000", "case_00001"], "val": ["case_00001"]}, "both training and validation"),
+        ({"train": ["case_00000"], "val": []}, "needs training and validation"),
+    ]:
+        with pytest.raises(DatasetError, match=match):
+            fold_cases(cases, [fold], 0, data)
+
+
+def test_train_and_evaluate_on_a_cross_validation_fold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    for i in range(4):
+        _one_phantom((i, str(data), 48, False, 0))
+    run = tmp_path / "run"
+    args = _tiny_train_args(data, run)
+    assert main([*args, "--folds", "2", "--fold", "1"]) == 0
+    ids = [f"case_{i:05d}" for i in range(4)]
+    want = kfold_splits(ids, 2)
+    # The run wrote every fold, in nnU-Net's format, and trained on fold 1.
+    assert json.loads((run / "splits_final.json").read_text()) == want
+    meta = read_meta(run / "best.safetensors")
+    assert meta.provenance["val_cases"] == want[1]["val"] and meta.provenance["train_cases"] == want[1]["train"]
+    assert meta.provenance["fold"] == 1 and "2 folds" in meta.provenance["splits"]
+    # Evaluated on the same fold, from the run's file: its validation cases only.
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    ckpt = str(run / "best.safetensors")
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "--out", str(out), "--fold", "1",
+                 "--splits", str(run / "splits_final.json"), "--backend", "torch"]) == 0  # fmt: skip
+    scored = [r["case"] for r in csv.DictReader((out / "cases.csv").open())]
+    assert scored == want[1]["val"]
+    # A run without a fold writes its own split as nnU-Net's fold 0.
+    plain = tmp_path / "plain"
+    assert main([*[str(plain) if a == str(run) else a for a in args]]) == 0
+    (only,) = json.loads((plain / "splits_final.json").read_text())
+    meta = read_meta(plain / "best.safetensors")
+    assert only == {"train": meta.provenance["train_cases"], "val": meta.provenance["val_cases"]}
+    assert "fold" not in meta.provenance
+    # Conflicting or incomplete choices are refused before anything runs.
+    for bad in (["--fold", "0", "--val-cases", "case_00000"], ["--splits", str(run / "splits_final.json")]):
+        assert main([*args, *bad]) == 2
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "--fold", "0", "--cases", "case_00000"]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_train_and_evaluate_leave_out_cases_without_labels_and_read_kits21_names(
