@@ -342,8 +342,16 @@ def _evaluate(a: argparse.Namespace) -> int:
     from training.datasets import find_cases, fold_cases, kfold_splits, labelled, read_splits, select_cases
     from training.train import evaluate_cases, score_predictions
 
-    if bool(a.checkpoint) == bool(a.predictions) or not a.data:
-        print("evaluate needs --data and one of --checkpoint or --predictions (or --dry-run)", file=sys.stderr)
+    if sum(map(bool, (a.checkpoint, a.predictions, a.held_out))) != 1 or not a.data:
+        print(
+            "evaluate needs --data and one of --checkpoint, --held-out or --predictions (or --dry-run)",
+            file=sys.stderr,
+        )
+        return 2
+    if a.held_out and (a.cases or a.fold is not None or a.limit):
+        print(
+            "--held-out scores each checkpoint on the cases it records: no --cases, --fold or --limit", file=sys.stderr
+        )
         return 2
     if a.fold is not None and a.cases:
         print("a fold names its validation cases: give --fold or --cases, not both", file=sys.stderr)
@@ -363,39 +371,71 @@ def _evaluate(a: argparse.Namespace) -> int:
     if a.predictions:
         rows = score_predictions(cases, a.predictions, kits23_metrics=a.kits23, progress=True)
         return _report(a, rows, f"masks from {a.predictions}", {"predictions": a.predictions})
-    engine = Engine.from_checkpoint(
-        a.checkpoint,
-        device=a.device,
-        batch_size=a.batch_size,
-        precision=a.precision,
-        mirror=a.mirror,
-        backend=a.backend,
-        body_crop=a.body_crop,
-        compile=a.compile,
-    )
-    if a.compile != "off":
-        engine.warmup()
-    if a.min_tumor_ml is not None:
-        post = dataclasses.replace(engine.meta.postprocessing, min_tumor_ml=a.min_tumor_ml)
-        engine.meta = dataclasses.replace(engine.meta, postprocessing=post)
-    with_kits23 = a.kits23 or engine.meta.model.num_classes == 4
-    rows = evaluate_cases(engine, cases, kits23_metrics=with_kits23, progress=True)
+    # Each checkpoint with the cases it is scored on: with --held-out, the validation cases it
+    # records (one checkpoint per cross-validation fold: every case by the fold that held it out).
+    jobs = [(a.checkpoint, cases)] if a.checkpoint else _held_out_jobs(a.held_out, cases, a.data)
+    rows: list[dict[str, Any]] = []
+    for checkpoint, mine in jobs:
+        engine = Engine.from_checkpoint(
+            checkpoint,
+            device=a.device,
+            batch_size=a.batch_size,
+            precision=a.precision,
+            mirror=a.mirror,
+            backend=a.backend,
+            body_crop=a.body_crop,
+            compile=a.compile,
+        )
+        if a.compile != "off":
+            engine.warmup()
+        if a.min_tumor_ml is not None:
+            post = dataclasses.replace(engine.meta.postprocessing, min_tumor_ml=a.min_tumor_ml)
+            engine.meta = dataclasses.replace(engine.meta, postprocessing=post)
+        with_kits23 = a.kits23 or engine.meta.model.num_classes == 4
+        rows += evaluate_cases(engine, mine, kits23_metrics=with_kits23, progress=True)
+        print(f"{checkpoint}: {len(mine)} case(s), post-processing {engine.meta.postprocessing.to_dict()}")
+    order = {c.case_id: i for i, c in enumerate(cases)}
+    rows.sort(key=lambda r: order[r["case"]])
     source = f"{engine.backend}, precision {engine.precision}{', mirrored' if engine.mirror else ''}"
-    print(f"post-processing: {engine.meta.postprocessing.to_dict()}")
+    if a.held_out:
+        source += f", each case by the one of {len(jobs)} checkpoints that held it out"
     return _report(
         a,
         rows,
         source,
         {
-            "checkpoint": a.checkpoint,
+            **(
+                {"held_out": {ck: [c.case_id for c in mine] for ck, mine in jobs}}
+                if a.held_out
+                else {"checkpoint": a.checkpoint, "postprocessing": engine.meta.postprocessing.to_dict()}
+            ),
             "backend": engine.backend,
             "precision": engine.precision,
             "mirror": engine.mirror,
             "body_crop": engine.body_crop,
             "compiled": engine.compiled,
-            "postprocessing": engine.meta.postprocessing.to_dict(),
         },
     )
+
+
+def _held_out_jobs(checkpoints: list[str], cases: list[Any], root: str) -> list[tuple[str, list[Any]]]:
+    """Each checkpoint with the validation cases its training recorded (``provenance.val_cases``).
+    A case held out by two of them, or by none that ``root`` has, is an error: a cross-validation
+    result scores every case once, by the model that never trained on it."""
+    from segcore.checkpoint import read_meta
+    from training.datasets import DatasetError, select_cases
+
+    owner: dict[str, str] = {}
+    for ck in checkpoints:
+        val = read_meta(ck).provenance.get("val_cases") or []
+        if not val:
+            raise DatasetError(f"{ck} records no validation cases (provenance.val_cases)")
+        for case_id in val:
+            if case_id in owner:
+                raise DatasetError(f"{case_id} is held out by both {owner[case_id]} and {ck}")
+            owner[case_id] = ck
+    held = select_cases(cases, list(owner), root, "held-out case(s)")
+    return [(ck, [c for c in held if owner[c.case_id] == ck]) for ck in checkpoints]
 
 
 def _report(a: argparse.Namespace, rows: list[dict[str, Any]], source: str, how: dict[str, Any]) -> int:
@@ -708,6 +748,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ev.add_argument("--checkpoint")
+    ev.add_argument(
+        "--held-out",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="score each checkpoint on the validation cases its training recorded, all in one table: given one "
+        "checkpoint per cross-validation fold, every case is scored by the model that never trained on it "
+        "(nnU-Net's cross-validation result)",
+    )
     ev.add_argument(
         "--predictions",
         help="score the masks in this folder instead of running a checkpoint, with the same metrics: another "

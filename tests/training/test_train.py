@@ -265,8 +265,31 @@ def test_train_and_evaluate_on_a_cross_validation_fold(tmp_path: Path, capsys: p
     ckpt = str(run / "best.safetensors")
     assert main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "--out", str(out), "--fold", "1",
                  "--splits", str(run / "splits_final.json"), "--backend", "torch"]) == 0  # fmt: skip
-    scored = [r["case"] for r in csv.DictReader((out / "cases.csv").open())]
-    assert scored == want[1]["val"]
+    scored = {r["case"]: r for r in csv.DictReader((out / "cases.csv").open())}
+    assert list(scored) == want[1]["val"]
+    # Fold 0 too, then both folds' checkpoints at once: every case scored once, by its own fold's
+    # model, with the same Dice as each fold's own evaluation.
+    run0 = tmp_path / "run0"
+    assert main([*[str(run0) if a == str(run) else a for a in args], "--folds", "2", "--fold", "0"]) == 0
+    ckpt0 = str(run0 / "best.safetensors")
+    assert main(["evaluate", "--checkpoint", ckpt0, "--data", str(data), "--out", str(tmp_path / "eval0"),
+                 "--folds", "2", "--fold", "0", "--backend", "torch"]) == 0  # fmt: skip
+    scored.update({r["case"]: r for r in csv.DictReader((tmp_path / "eval0" / "cases.csv").open())})
+    cv = tmp_path / "cv"
+    assert (
+        main(["evaluate", "--held-out", ckpt0, ckpt, "--data", str(data), "--out", str(cv), "--backend", "torch"]) == 0
+    )
+    rows = list(csv.DictReader((cv / "cases.csv").open()))
+    assert [r["case"] for r in rows] == ids
+    for r in rows:
+        assert float(r["composite"]) == pytest.approx(float(scored[r["case"]]["composite"]), abs=1e-12)
+    summary = json.loads((cv / "summary.json").read_text())
+    assert summary["held_out"] == {ckpt0: want[0]["val"], ckpt: want[1]["val"]}
+    assert summary["summary"]["composite"] == pytest.approx(np.mean([float(r["composite"]) for r in rows]))
+    # A case held out twice is refused, and --held-out takes no case selection.
+    assert main(["evaluate", "--held-out", ckpt, ckpt, "--data", str(data)]) == 2
+    assert "held out by both" in capsys.readouterr().err
+    assert main(["evaluate", "--held-out", ckpt, "--data", str(data), "--fold", "1"]) == 2
     # A run without a fold writes its own split as nnU-Net's fold 0.
     plain = tmp_path / "plain"
     assert main([*[str(plain) if a == str(run) else a for a in args]]) == 0
