@@ -40,7 +40,7 @@ log = logging.getLogger("kitseg.app")
 
 def _load(settings: Settings) -> Engine:
     engine = Engine.from_checkpoint(
-        str(settings.checkpoint_path),
+        [str(p) for p in settings.checkpoint_paths],
         device=settings.device,
         batch_size=settings.batch_size,
         precision=settings.precision,

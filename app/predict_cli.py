@@ -87,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         "NIfTI file but label maps named as in KiTS19/21/23 and earlier *_mask.nii.gz outputs)",
     )
     ap.add_argument("--out", type=Path, required=True, help="output folder")
-    ap.add_argument("--checkpoint", type=Path, default=None, help="checkpoint; default: the bundled demo model")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="checkpoint; several are an ensemble whose softmax probabilities are averaged, as nnU-Net averages "
+        "its cross-validation folds (one training configuration; each adds its model time); default: the "
+        "bundled demo model",
+    )
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ap.add_argument(
@@ -120,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    ckpt = a.checkpoint or DEMO_CHECKPOINT
+    ckpts = a.checkpoint or [DEMO_CHECKPOINT]
     if a.checkpoint is None:
         print("using the bundled demo model (synthetic phantoms; not for clinical use)", file=sys.stderr)
     engine = Engine.from_checkpoint(
-        str(ckpt),
+        [str(c) for c in ckpts],
         device=a.device,
         batch_size=a.batch_size,
         precision=a.precision,
@@ -188,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                     "max_axial_diameter_mm": c.get("max_axial_diameter_mm"),
                 }
             )
-    (a.out / "statistics.json").write_text(json.dumps({"checkpoint": str(ckpt), "results": results}, indent=2))
+    (a.out / "statistics.json").write_text(
+        json.dumps(
+            {"checkpoint": [str(c) for c in ckpts] if len(ckpts) > 1 else str(ckpts[0]), "results": results}, indent=2
+        )
+    )
     with open(a.out / "statistics.csv", "w", newline="") as fh:
         fields = [
             "input",

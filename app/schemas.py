@@ -22,6 +22,10 @@ class ModelRef(Loose):
     version: str
     sha256: str
     demo: bool = Field(description="true when the bundled phantom-trained demo model is served")
+    ensemble: list[str] | None = Field(
+        None,
+        description="an ensemble's checkpoints (sha256 of each file, the first as in sha256); absent for one model",
+    )
 
 
 class InputInfo(Loose):

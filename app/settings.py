@@ -20,10 +20,19 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_model" / "kitseg-demo-
 class Settings(BaseSettings):
     """Every setting, its default and its meaning (the README's configuration table mirrors this)."""
 
-    model_config = SettingsConfigDict(env_prefix="KITSEG_", env_file=None, extra="ignore")
+    # An empty variable is an unset one: compose passes `KITSEG_CHECKPOINT: ${KITSEG_CHECKPOINT:-}`
+    # as an empty string when the host has none, which would otherwise be the path "." (and a
+    # service that cannot start) instead of the demo model.
+    model_config = SettingsConfigDict(env_prefix="KITSEG_", env_file=None, extra="ignore", env_ignore_empty=True)
 
     checkpoint: Path | None = Field(
         None, description="checkpoint (.safetensors) to serve; unset = the bundled demo model"
+    )
+    ensemble: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="more checkpoints (comma-separated) served with KITSEG_CHECKPOINT as one ensemble: their softmax "
+        "probabilities are averaged, as nnU-Net averages its cross-validation folds; they must share the training "
+        "configuration, and each adds its model time",
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto picks CUDA when available")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -89,7 +98,7 @@ class Settings(BaseSettings):
         description="run one whole job on a synthetic CT before reporting ready, so the first request is not slower",
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "ensemble", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         if isinstance(v, str):
@@ -108,11 +117,18 @@ class Settings(BaseSettings):
     def _limits_consistent(self) -> Settings:
         if self.max_decompressed_bytes < self.max_upload_bytes // 1024:
             raise ValueError("max_decompressed_bytes is implausibly small next to max_upload_bytes")
+        if self.ensemble and self.checkpoint is None:
+            raise ValueError("KITSEG_ENSEMBLE adds to KITSEG_CHECKPOINT: set the first member there")
         return self
 
     @property
     def checkpoint_path(self) -> Path:
         return self.checkpoint if self.checkpoint is not None else DEMO_CHECKPOINT
+
+    @property
+    def checkpoint_paths(self) -> list[Path]:
+        """What the engine loads: the checkpoint, then the ensemble's other members."""
+        return [self.checkpoint_path, *self.ensemble]
 
     @property
     def is_demo(self) -> bool:

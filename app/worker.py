@@ -104,6 +104,7 @@ class InferenceWorker:
         self.store = store
         self.meta: CheckpointMeta = engine.meta
         self.checkpoint_sha256 = file_sha256(settings.checkpoint_path)
+        self.ensemble_sha256 = [file_sha256(p) for p in settings.checkpoint_paths] if settings.ensemble else None
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=settings.queue_size)
         self.thread = threading.Thread(target=self._run, name="kitseg-worker", daemon=True)
         self.busy = threading.Event()
@@ -131,6 +132,7 @@ class InferenceWorker:
             "version": str(self.meta.provenance.get("git", "unknown")),
             "sha256": self.checkpoint_sha256,
             "demo": self.settings.is_demo,
+            **({"ensemble": self.ensemble_sha256} if self.ensemble_sha256 else {}),
         }
 
     def submit(self, job: Job) -> None:

@@ -165,6 +165,31 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Checkp
     return meta.weights_sha256
 
 
+def check_ensemble(metas: list[CheckpointMeta]) -> None:
+    """Refuse an ensemble whose checkpoints would not see the same input or mean the same output:
+    they must share the network's configuration, the preprocessing, the labels and the
+    post-processing, as the cross-validation folds of one training configuration do. Their
+    softmax probabilities are averaged slice by slice, so only their weights may differ."""
+    first = metas[0]
+    for i, m in enumerate(metas[1:], start=1):
+        differ = [
+            what
+            for what, a, b in (
+                ("network", first.model.to_dict(), m.model.to_dict()),
+                ("preprocessing", first.preprocessing.to_dict(), m.preprocessing.to_dict()),
+                ("labels", first.labels, m.labels),
+                ("post-processing", first.postprocessing.to_dict(), m.postprocessing.to_dict()),
+            )
+            if a != b
+        ]
+        if differ:
+            raise CheckpointError(
+                f"ensemble member {i} ({m.name}) differs from member 0 ({first.name}) in its {', '.join(differ)}: "
+                "an ensemble's checkpoints must be trained with one configuration (the folds of one "
+                "cross-validation), so that only their weights differ"
+            )
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -14,7 +14,7 @@ import os
 import shutil
 import sysconfig
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from segcore.checkpoint import CheckpointMeta, load_checkpoint
+from segcore.checkpoint import CheckpointMeta, check_ensemble, load_checkpoint
 from segcore.io import Volume
 from segcore.ort import BACKENDS, OrtModel, onnxruntime_available
 from segcore.postprocess import keep_largest_components, relabel_small_tumors
@@ -195,6 +195,7 @@ class Engine:
         backend: str = "auto",
         body_crop: bool = True,
         compile: str = "off",
+        ensemble: Sequence[tuple[UNet, CheckpointMeta]] = (),
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -234,38 +235,63 @@ class Engine:
         self.chunk_voxels = chunk_voxels
         self.mirror = mirror
         self.body_crop = body_crop and meta.model.norm in ("batch", "none")
-        net = fold_batch_norm(copy.deepcopy(model).eval()).to(device)
+        check_ensemble([meta, *(m for _, m in ensemble)])
         self.ort: OrtModel | None = None
-        if backend == "onnxruntime":
-            try:
-                self.ort = OrtModel(net)  # an ImportError names the extra when it is missing
-            except Exception:
-                if not auto:
-                    raise
-                # A future torch without the TorchScript exporter, say: serve with torch rather than not at all.
-                log.warning("onnxruntime backend unavailable, using torch", exc_info=True)
-                backend = "torch"
-        if self.ort is not None:
+        self.members: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self._orts: list[OrtModel] = []
+        for member in (model, *(m for m, _ in ensemble)):
+            net = fold_batch_norm(copy.deepcopy(member).eval()).to(device)
+            if backend == "onnxruntime":
+                try:
+                    self._orts.append(OrtModel(net))  # an ImportError names the extra when it is missing
+                except Exception:
+                    if not auto or self._orts:
+                        raise
+                    # A future torch without the TorchScript exporter, say: serve with torch rather than not at all.
+                    log.warning("onnxruntime backend unavailable, using torch", exc_info=True)
+                    backend = "torch"
+                else:
+                    self.members.append(self._orts[-1])
+                    continue
+            if channels_last:
+                # The stubs of Module.to omit memory_format; torch supports it at runtime.
+                net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload,unused-ignore]
+            self.members.append(CompiledUNet(net, channels_last) if compile == "on" else net)
+        if self._orts:
             channels_last = False
-        elif channels_last:
-            # The stubs of Module.to omit memory_format; torch supports it at runtime.
-            net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload,unused-ignore]
+            self.ort = self._orts[0]
         self.backend = backend
         self.channels_last = channels_last
-        self.model: Callable[[torch.Tensor], torch.Tensor] = self.ort or (
-            CompiledUNet(net, channels_last) if compile == "on" else net
-        )
+        self.model = self.members[0]
 
     @property
     def compiled(self) -> bool:
         """Whether the network runs through ``torch.compile`` (false again after a failure)."""
-        return isinstance(self.model, CompiledUNet) and self.model.compiled is not None
+        return all(isinstance(m, CompiledUNet) and m.compiled is not None for m in self.members)
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str = "auto", **kwargs: object) -> Engine:
+    def from_checkpoint(cls, path: str | Sequence[str], device: str = "auto", **kwargs: object) -> Engine:
+        """The engine for a checkpoint, or for an ensemble of several (see :func:`check_ensemble`)."""
         dev = pick_device(device)
-        model, meta = load_checkpoint(path, device=dev)
-        return cls(model, meta, dev, **kwargs)  # type: ignore[arg-type]
+        paths = [path] if isinstance(path, str) else list(path)
+        model, meta = load_checkpoint(paths[0], device=dev)
+        more = [load_checkpoint(p, device=dev) for p in paths[1:]]
+        return cls(model, meta, dev, ensemble=more, **kwargs)  # type: ignore[arg-type]
+
+    def _forward(self, t: torch.Tensor) -> torch.Tensor:
+        """One batch's logits, mirrored when asked. An ensemble's members each give theirs, and
+        their softmax probabilities are averaged, as nnU-Net averages its folds; what comes back
+        is the log of that average, which has the same argmax and whose softmax is the average."""
+        outs = []
+        for m in self.members:
+            logits = m(t)
+            if self.mirror:
+                logits = (logits + m(t.flip(-1)).flip(-1)) * 0.5
+            outs.append(logits)
+        if len(outs) == 1:
+            return outs[0]
+        probs = torch.stack([torch.softmax(o.float(), dim=1) for o in outs]).mean(0)
+        return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.precision == "fp32":
@@ -293,11 +319,12 @@ class Engine:
                 # Made under inference mode, as predict's batches are: a compiled model's guards
                 # tell the two kinds of tensor apart, and would compile again on the first request.
                 x = torch.zeros((b, self.meta.model.in_slices, *size), device=self.device)
-                self.model(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+                for m in self.members:
+                    m(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        if self.ort is not None:
-            self.ort.release()
+        for o in self._orts:
+            o.release()
 
     def _window(self, box: Window, shape_yx: tuple[int, int], grid: tuple[int, int]) -> Window | None:
         """The model-grid window for a body ``box`` on the input grid (canonical ``(Y, X)`` of
@@ -402,9 +429,7 @@ class Engine:
                             t = t.contiguous(memory_format=torch.channels_last)
                         tb = time.perf_counter()
                         with self._autocast():
-                            logits = self.model(t)
-                            if self.mirror:
-                                logits = (logits + self.model(t.flip(-1)).flip(-1)) * 0.5
+                            logits = self._forward(t)
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         tc = time.perf_counter()
@@ -424,11 +449,11 @@ class Engine:
                         if progress is not None:
                             progress(k1, z)
         finally:
-            if self.ort is not None:
-                # Even when the job is cancelled between batches: the arena goes back either way.
-                ta = time.perf_counter()
-                self.ort.release()
-                t_post += time.perf_counter() - ta
+            # Even when the job is cancelled between batches: the arenas go back either way.
+            ta = time.perf_counter()
+            for o in self._orts:
+                o.release()
+            t_post += time.perf_counter() - ta
         ts = time.perf_counter()
         if box:
             # Only the box that holds all the foreground is scanned; writes go through the view.

@@ -373,11 +373,12 @@ def _evaluate(a: argparse.Namespace) -> int:
         return _report(a, rows, f"masks from {a.predictions}", {"predictions": a.predictions})
     # Each checkpoint with the cases it is scored on: with --held-out, the validation cases it
     # records (one checkpoint per cross-validation fold: every case by the fold that held it out).
-    jobs = [(a.checkpoint, cases)] if a.checkpoint else _held_out_jobs(a.held_out, cases, a.data)
+    ensemble = [a.checkpoint] if isinstance(a.checkpoint, str) else a.checkpoint  # a dry run passes one
+    jobs = [(ensemble, cases)] if ensemble else [([ck], mine) for ck, mine in _held_out_jobs(a.held_out, cases, a.data)]
     rows: list[dict[str, Any]] = []
-    for checkpoint, mine in jobs:
+    for checkpoints, mine in jobs:
         engine = Engine.from_checkpoint(
-            checkpoint,
+            checkpoints,
             device=a.device,
             batch_size=a.batch_size,
             precision=a.precision,
@@ -393,21 +394,26 @@ def _evaluate(a: argparse.Namespace) -> int:
             engine.meta = dataclasses.replace(engine.meta, postprocessing=post)
         with_kits23 = a.kits23 or engine.meta.model.num_classes == 4
         rows += evaluate_cases(engine, mine, kits23_metrics=with_kits23, progress=True)
-        print(f"{checkpoint}: {len(mine)} case(s), post-processing {engine.meta.postprocessing.to_dict()}")
+        print(f"{' + '.join(checkpoints)}: {len(mine)} case(s), post-processing {engine.meta.postprocessing.to_dict()}")
     order = {c.case_id: i for i, c in enumerate(cases)}
     rows.sort(key=lambda r: order[r["case"]])
     source = f"{engine.backend}, precision {engine.precision}{', mirrored' if engine.mirror else ''}"
     if a.held_out:
         source += f", each case by the one of {len(jobs)} checkpoints that held it out"
+    elif len(ensemble) > 1:
+        source += f", an ensemble of {len(ensemble)} checkpoints"
     return _report(
         a,
         rows,
         source,
         {
             **(
-                {"held_out": {ck: [c.case_id for c in mine] for ck, mine in jobs}}
+                {"held_out": {ck[0]: [c.case_id for c in mine] for ck, mine in jobs}}
                 if a.held_out
-                else {"checkpoint": a.checkpoint, "postprocessing": engine.meta.postprocessing.to_dict()}
+                else {
+                    "checkpoint": ensemble[0] if len(ensemble) == 1 else ensemble,
+                    "postprocessing": engine.meta.postprocessing.to_dict(),
+                }
             ),
             "backend": engine.backend,
             "precision": engine.precision,
@@ -747,7 +753,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Surface Dice for 4-class models or with --kits23."
         ),
     )
-    ev.add_argument("--checkpoint")
+    ev.add_argument(
+        "--checkpoint",
+        nargs="+",
+        help="the checkpoint to score; several are scored as one ensemble, their softmax probabilities averaged "
+        "as nnU-Net averages its folds",
+    )
     ev.add_argument(
         "--held-out",
         nargs="+",

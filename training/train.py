@@ -696,9 +696,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if len(all_cases) < 2:
         raise DatasetError(f"need at least 2 cases with imaging and labels in {cfg.data}, found {len(all_cases)}")
     splits: list[dict[str, list[str]]] | None = None
+    stats_cases: list[Case] | None = None  # whose intensities set the normalisation: the training cases
     if cfg.fold is not None:
         splits = read_splits(cfg.splits) if cfg.splits else kfold_splits([c.case_id for c in all_cases], cfg.folds)
         train_cases, val_cases = fold_cases(all_cases, splits, cfg.fold, cfg.data)
+        # Every fold normalises as one, from all the folds' cases, as nnU-Net's dataset fingerprint
+        # does: then the folds share one preprocessed cache, and their checkpoints can be ensembled.
+        in_splits = {x for s in splits for x in s["train"] + s["val"]}
+        stats_cases = [c for c in all_cases if c.case_id in in_splits]
         if ddp.main and (rest := len(all_cases) - len(train_cases) - len(val_cases)):
             log.info("fold %d of %s leaves out %d case(s) of %s", cfg.fold, cfg.splits, rest, cfg.data)
     elif cfg.val_cases:
@@ -719,16 +724,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     num_classes = 4 if cfg.kits23 else 3
     labels = KITS23_LABELS if cfg.kits23 else KITS19_LABELS
     # Only rank 0 computes stats and fills the cache; the others wait and then read it.
+    stats_cases = stats_cases or train_cases
+    # The folds pick the cases they sample intensities from alike, whatever their --seed.
+    stats_seed = NNUNET_SPLIT_SEED if cfg.fold is not None else cfg.seed
     if ddp.main:
         clip, mean, std = (
-            intensity_stats(train_cases, cache_dir, cfg.seed)
+            intensity_stats(stats_cases, cache_dir, stats_seed)
             if cfg.intensity == "auto"
             else ((-200.0, 300.0), 50.0, 80.0)
         )
     ddp.barrier()
     if not ddp.main:
         clip, mean, std = (
-            intensity_stats(train_cases, cache_dir, cfg.seed)
+            intensity_stats(stats_cases, cache_dir, stats_seed)
             if cfg.intensity == "auto"
             else ((-200.0, 300.0), 50.0, 80.0)
         )

@@ -3,8 +3,10 @@ JSON error shape."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -16,8 +18,11 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from segcore.inference import cpu_bf16_fast
+from segcore.checkpoint import file_sha256, read_meta, save_checkpoint
+from segcore.inference import Engine, cpu_bf16_fast
+from segcore.io import load_volume
 from segcore.ort import onnxruntime_available
+from segcore.unet import UNet
 from tests.app.conftest import make_settings
 from tests.conftest import ORIENTATIONS, make_volume, write_nifti
 
@@ -139,6 +144,20 @@ def test_warmup_runs_a_whole_job_before_ready(
         assert c.post("/segment", files={"file": ("v.nii.gz", _nifti_bytes(tmp_path))}).status_code == 200
 
 
+def test_empty_environment_variables_are_unset_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    # docker-compose.yml passes KITSEG_CHECKPOINT (and others) as `${KITSEG_X:-}`, an empty string
+    # where the host sets none: that was the path ".", and `docker compose up` could not start.
+    compose = (Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text()
+    assert "KITSEG_CHECKPOINT" in re.findall(r"(KITSEG_\w+): \$\{\1:-\}", compose)
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"KITSEG_{name.upper()}", raising=False)
+    defaults = Settings().model_dump()
+    for name in Settings.model_fields:
+        monkeypatch.setenv(f"KITSEG_{name.upper()}", "")
+    empty = Settings()
+    assert empty.model_dump() == defaults and empty.is_demo
+
+
 def test_mirror_backend_and_body_crop_settings_reach_the_engine(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,6 +170,47 @@ def test_mirror_backend_and_body_crop_settings_reach_the_engine(
         card = c.get("/model").json()
         assert card["mirror"] is False and card["backend"] == "torch" and card["body_crop"] is False
         assert c.post("/segment", files={"file": ("a.nii.gz", _nifti_bytes(tmp_path))}).status_code == 200
+
+
+def test_an_ensemble_is_served_as_one_model(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two folds: the same configuration, other weights (large random ones: every class wins somewhere).
+    meta = read_meta(tiny_checkpoint)
+    for seed, path in enumerate((tiny_checkpoint, other := tmp_path / "fold1.safetensors")):
+        torch.manual_seed(seed)
+        net = UNet(meta.model)
+        with torch.no_grad():
+            for prm in net.parameters():
+                prm.normal_(0.0, 0.5)
+        save_checkpoint(path, net, meta)
+    monkeypatch.setenv("KITSEG_ENSEMBLE", f" {other} ,")
+    settings = make_settings(tmp_path, checkpoint=tiny_checkpoint)
+    assert settings.ensemble == [other]
+    data = _nifti_bytes(tmp_path)
+    with TestClient(create_app(settings)) as c:
+        card = c.get("/model").json()
+        assert card["ensemble"] == [file_sha256(tiny_checkpoint), file_sha256(other)]
+        assert card["sha256"] == file_sha256(tiny_checkpoint)
+        r = c.post("/segment", files={"file": ("a.nii.gz", data)})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["ensemble"] == card["ensemble"]
+        mask = nib.Nifti1Image.from_bytes(gzip.decompress(c.get(r.json()["mask_url"]).content)).get_fdata()
+        backend = c.app.state.worker.engine.backend  # type: ignore[attr-defined]
+    # The mask is what the offline ensemble makes of the same file, and not what either member makes.
+    vol = load_volume(write_nifti(tmp_path / "same.nii.gz", *make_volume(("I", "P", "L"))[:2]))
+    kw = {"device": "cpu", "batch_size": settings.batch_size, "mirror": settings.mirror, "backend": backend}
+    offline = Engine.from_checkpoint([str(tiny_checkpoint), str(other)], **kw).predict(vol).mask  # type: ignore[arg-type]
+    np.testing.assert_array_equal(mask, offline)
+    for one in (tiny_checkpoint, other):
+        assert (Engine.from_checkpoint(str(one), **kw).predict(vol).mask != offline).any()  # type: ignore[arg-type]
+    # A member trained another way stops startup, and an ensemble needs its first member named.
+    save_checkpoint(other, UNet(dataclasses.replace(meta.model, base_width=8)), meta)
+    with pytest.raises(RuntimeError, match="cannot start"), TestClient(create_app(settings)):
+        pass
+    monkeypatch.delenv("KITSEG_ENSEMBLE")
+    with pytest.raises(ValueError, match="KITSEG_ENSEMBLE adds to KITSEG_CHECKPOINT"):
+        make_settings(tmp_path, ensemble=[other])
 
 
 def test_segment_fetch_again_download_and_delete(tiny_client: TestClient, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -242,6 +243,13 @@ def test_predict_cli_writes_masks_and_statistics(tmp_path: Path, tiny_checkpoint
     rows = (out / "statistics.csv").read_text().splitlines()
     assert rows[0].startswith("input,label,name") and len(rows) == 1 + 2 * 2
     assert np.isfinite([r["classes"][0]["volume_ml"] for r in stats["results"]]).all()
+    # Two checkpoints of one configuration: an ensemble, named in the statistics.
+    other = tmp_path / "fold1.safetensors"
+    shutil.copy(tiny_checkpoint, other)
+    args = [str(src), "--out", str(tmp_path / "out2"), "--checkpoint", str(tiny_checkpoint), str(other)]
+    assert main([*args, "--device", "cpu"]) == 0
+    stats = json.loads((tmp_path / "out2" / "statistics.json").read_text())
+    assert stats["checkpoint"] == [str(tiny_checkpoint), str(other)] and len(stats["results"]) == 2
 
 
 def test_predict_cli_keeps_a_kits_folders_cases_apart_and_skips_its_label_maps(

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from segcore.checkpoint import KITS19_LABELS, CheckpointMeta
+from segcore.errors import CheckpointError
 from segcore.inference import Engine, Prediction, _Upsampler
 from segcore.io import Volume
 from segcore.metrics import dice
@@ -186,6 +187,63 @@ def test_engine_mirror_averages_left_right_flipped_logits(air: bool) -> None:
     mirrored = run(net, True)
     np.testing.assert_array_equal(mirrored, run(_MirrorAveraged(net).eval(), False))
     assert (mirrored != run(net, False)).any()  # a random net is not left-right symmetric
+
+
+class _ProbabilityAveraged(torch.nn.Module):
+    """What an ensemble must compute: the log of its members' mean softmax (mirrored each)."""
+
+    def __init__(self, nets: list[UNet], mirror: bool) -> None:
+        super().__init__()
+        self.nets = torch.nn.ModuleList(nets)
+        self.config = nets[0].config
+        self.mirror = mirror
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = []
+        for net in self.nets:
+            logits = (net(x) + net(x.flip(-1)).flip(-1)) * 0.5 if self.mirror else net(x)
+            probs.append(torch.softmax(logits, 1))
+        return torch.log(sum(probs) / len(probs))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_engine_ensemble_averages_its_members_probabilities(backend: str, mirror: bool) -> None:
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")  # the onnx extra, which scripts/setup.sh installs
+    hu, aff, _ = make_volume(ORIENTATIONS["LPS"])
+    hu = hu + np.random.default_rng(0).normal(0, 40, hu.shape).astype(np.float32)
+    vol = Volume(hu, aff, nib.Nifti1Header(), (1.0, 1.0, 1.0))
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
+    nets = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        net = UNet(cfg).eval()
+        with torch.no_grad():  # large random weights: every class wins somewhere, differently per member
+            for prm in net.parameters():
+                prm.normal_(0.0, 0.5)
+        nets.append(net)
+    meta = CheckpointMeta(
+        cfg, PreprocessConfig(clip_hu=GEOM_PP.clip_hu, mean=GEOM_PP.mean, std=GEOM_PP.std), dict(KITS19_LABELS)
+    )
+    meta = dataclasses.replace(meta, postprocessing=PostprocessConfig(keep_largest=False))
+    kw = {"batch_size": 4, "precision": "fp32", "mirror": mirror, "backend": backend}
+    cpu = torch.device("cpu")
+    ensemble = Engine(nets[0], meta, cpu, ensemble=[(n, meta) for n in nets[1:]], **kw)  # type: ignore[arg-type]
+    assert len(ensemble.members) == 3 and ensemble.backend == backend
+    got = ensemble.predict(vol)
+    ref = Engine(_ProbabilityAveraged(nets, mirror).eval(), meta, cpu, **{**kw, "backend": "torch", "mirror": False})  # type: ignore[arg-type]
+    want = ref.predict(vol)
+    # ONNX Runtime's float arithmetic differs from torch's in the last bits: voxels on a near tie may flip.
+    assert float((got.mask != want.mask).mean()) <= (0 if backend == "torch" else 1e-4)
+    for c, v in want.confidence.items():
+        assert got.confidence[c] == pytest.approx(v, abs=1e-4)
+    singles = [Engine(n, meta, cpu, **kw).predict(vol).mask for n in nets]  # type: ignore[arg-type]
+    assert all((got.mask != m).any() for m in singles)  # the average is none of its members
+    # Members trained another way are refused, naming what differs.
+    other = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing, mean=GEOM_PP.mean + 1))
+    with pytest.raises(CheckpointError, match=r"member 1 .* preprocessing"):
+        Engine(nets[0], meta, cpu, ensemble=[(nets[1], other)], **kw)  # type: ignore[arg-type]
 
 
 def test_model_grid_sizes() -> None:

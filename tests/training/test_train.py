@@ -275,6 +275,15 @@ def test_train_and_evaluate_on_a_cross_validation_fold(tmp_path: Path, capsys: p
     assert main(["evaluate", "--checkpoint", ckpt0, "--data", str(data), "--out", str(tmp_path / "eval0"),
                  "--folds", "2", "--fold", "0", "--backend", "torch"]) == 0  # fmt: skip
     scored.update({r["case"]: r for r in csv.DictReader((tmp_path / "eval0" / "cases.csv").open())})
+    # The folds normalise alike (intensities from all their cases), so they make an ensemble.
+    assert read_meta(ckpt0).preprocessing == read_meta(ckpt).preprocessing
+    ens = tmp_path / "ensemble"
+    assert (
+        main(["evaluate", "--checkpoint", ckpt0, ckpt, "--data", str(data), "--out", str(ens), "--backend", "torch"])
+        == 0
+    )
+    assert json.loads((ens / "summary.json").read_text())["checkpoint"] == [ckpt0, ckpt]
+    assert "an ensemble of 2 checkpoints" in capsys.readouterr().out
     cv = tmp_path / "cv"
     assert (
         main(["evaluate", "--held-out", ckpt0, ckpt, "--data", str(data), "--out", str(cv), "--backend", "torch"]) == 0
