@@ -50,7 +50,8 @@ LABEL_FILES = ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
 
 
 def find_cases(root: str | Path, need_image: bool = True, label_file: str | None = None) -> list[Case]:
-    """All cases under ``root`` in KiTS19/21/23 layout, sorted by id.
+    """All cases under ``root`` in KiTS19/21/23 layout, or in nnU-Net's raw layout
+    (:func:`nnunet_cases`), sorted by id.
 
     ``label`` is the case folder's ``label_file`` when given (KiTS21's ``aggregated_OR_seg.nii.gz``,
     say), else the first of :data:`LABEL_FILES` that exists, and None when there is none (KiTS19's
@@ -59,6 +60,10 @@ def find_cases(root: str | Path, need_image: bool = True, label_file: str | None
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
+    if (root / "imagesTr").is_dir() or (root / "labelsTr").is_dir():
+        if label_file is not None:
+            raise DatasetError(f"{root} is an nnU-Net dataset, whose labels are labelsTr/<case>: no label_file")
+        return nnunet_cases(root, need_image)
     if label_file is not None and (not label_file or Path(label_file).name != label_file):
         raise DatasetError(f"label_file must be a file name inside each case folder, got {label_file!r}")
     names = (label_file,) if label_file else LABEL_FILES
@@ -75,11 +80,39 @@ def find_cases(root: str | Path, need_image: bool = True, label_file: str | None
     return cases
 
 
+def nnunet_cases(root: Path, need_image: bool = True) -> list[Case]:
+    """The training cases of an nnU-Net raw dataset (``nnUNet_raw/DatasetXXX_Name``):
+    ``imagesTr/<case>_0000<ending>`` with ``labelsTr/<case><ending>``, the ending from its
+    ``dataset.json`` (``file_ending``, NIfTI only). nnU-Net's KiTS conversions copy the challenge's
+    files, so the geometry and label values are KiTS's own. CT is one channel: a dataset with a
+    second (``_0001``) is refused."""
+    ending = ".nii.gz"
+    if (meta := root / "dataset.json").is_file():
+        try:
+            ending = str(json.loads(meta.read_text()).get("file_ending", ending))
+        except ValueError as e:
+            raise DatasetError(f"cannot read {meta}: {e}") from e
+    if ending not in (".nii.gz", ".nii"):
+        raise DatasetError(f"{root}: nnU-Net dataset of {ending} files; kitseg reads NIfTI (.nii.gz, .nii)")
+    images, labels = root / "imagesTr", root / "labelsTr"
+    if more := sorted(images.glob(f"*_0001{ending}")):
+        raise DatasetError(f"{root} has more than one input channel ({more[0].name}): kitseg segments one CT channel")
+    ids = {f.name.removesuffix(f"_0000{ending}") for f in images.glob(f"*_0000{ending}")}
+    if not need_image:
+        ids |= {f.name.removesuffix(ending) for f in labels.glob(f"*{ending}")}
+    cases = []
+    for case_id in sorted(ids):
+        img, seg = images / f"{case_id}_0000{ending}", labels / f"{case_id}{ending}"
+        cases.append(Case(case_id, img if img.exists() else None, seg if seg.exists() else None))
+    return cases
+
+
 def labelled(cases: list[Case], root: str | Path, label_file: str | None = None) -> list[Case]:
     """The cases that have both imaging and labels, logging how many were left out (KiTS19's
     download holds 90 test cases with imaging only). An error when none is left."""
     keep = [c for c in cases if c.image is not None and c.label is not None]
-    names = label_file or " or ".join(LABEL_FILES)
+    nnunet = (Path(root) / "imagesTr").is_dir() or (Path(root) / "labelsTr").is_dir()
+    names = "an image and a label" if nnunet else label_file or " or ".join(LABEL_FILES)
     if left := [c.case_id for c in cases if c.image is None or c.label is None]:
         log.info(
             "%d case(s) without %s left out: %s",
@@ -92,6 +125,10 @@ def labelled(cases: list[Case], root: str | Path, label_file: str | None = None)
         if not cases:  # the challenge's repository rather than its data folder, perhaps
             sub = [Path(root) / d for d in ("data", "dataset") if any(Path(root, d).glob("case_*/imaging.nii.gz"))]
             hint = f" (the KiTS repositories keep their cases in data/ or dataset/: try {sub[0]})" if sub else ""
+        if nnunet:
+            raise DatasetError(
+                f"no case of the nnU-Net dataset {root} has both imagesTr/<case>_0000 and labelsTr/<case>"
+            )
         raise DatasetError(f"no case_XXXXX/ folder under {root} has both imaging.nii.gz and {names}{hint}")
     return keep
 

@@ -185,6 +185,65 @@ def _tiny_train_args(data: Path, run: Path) -> list[str]:
     return [*args, "--device", "cpu", "--memory-format", "contiguous", "--no-tune-malloc"]
 
 
+def _as_nnunet_dataset(kits: Path, root: Path, ending: str = ".nii.gz") -> None:
+    """The KiTS-layout cases under ``kits`` copied as nnU-Net's KiTS conversions lay them out."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ending}))
+    for c in find_cases(kits):
+        assert c.image is not None and c.label is not None
+        for src, dst in ((c.image, root / "imagesTr" / f"{c.case_id}_0000{ending}"), (c.label, root / "labelsTr" / f"{c.case_id}{ending}")):  # fmt: skip
+            if ending == ".nii":
+                dst.write_bytes(gzip.decompress(src.read_bytes()))
+            else:
+                shutil.copy(src, dst)
+
+
+def test_an_nnunet_raw_dataset_trains_and_evaluates_like_its_kits_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Users who compare with nnU-Net have KiTS converted to nnUNet_raw/DatasetXXX already.
+    kits = tmp_path / "kits"
+    for i in range(4):
+        _one_phantom((i, str(kits), 48, False, 0))
+    ds = tmp_path / "Dataset040_KiTS"
+    _as_nnunet_dataset(kits, ds)
+    (ds / "imagesTr" / "case_00009_0000.nii.gz").write_bytes(b"")  # an image without its label
+    cases = find_cases(ds)
+    assert [c.case_id for c in cases] == ["case_00000", "case_00001", "case_00002", "case_00003", "case_00009"]
+    assert cases[1].image == ds / "imagesTr" / "case_00001_0000.nii.gz"
+    assert cases[1].label == ds / "labelsTr" / "case_00001.nii.gz"
+    with caplog.at_level(logging.INFO, logger="training.datasets"):
+        kept = labelled(cases, ds)
+    assert len(kept) == 4 and "1 case(s) without an image and a label left out: case_00009" in caplog.text
+    # The same cases train, and a checkpoint scores them alike from either layout.
+    run = tmp_path / "run"
+    assert main([*_tiny_train_args(ds, run), "--folds", "2", "--fold", "0"]) == 0
+    ckpt = str(run / "best.safetensors")
+    tables = []
+    for data in (ds, kits):
+        out = tmp_path / f"eval-{data.name}"
+        assert (
+            main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "--out", str(out), "--backend", "torch"]) == 0
+        )
+        tables.append(json.loads((out / "summary.json").read_text())["cases"])
+    assert tables[0] == [{**r, "seconds": tables[0][i]["seconds"]} for i, r in enumerate(tables[1])]
+    # Uncompressed files, as dataset.json's file_ending says; one channel only; no label_file.
+    plain = tmp_path / "Dataset041_KiTS"
+    _as_nnunet_dataset(kits, plain, ".nii")
+    assert [c.label.name for c in labelled(find_cases(plain), plain) if c.label] == [
+        f"case_0000{i}.nii" for i in range(4)
+    ]
+    (plain / "imagesTr" / "case_00000_0001.nii").write_bytes(b"")
+    with pytest.raises(DatasetError, match="one CT channel"):
+        find_cases(plain)
+    with pytest.raises(DatasetError, match="no label_file"):
+        find_cases(ds, label_file="segmentation.nii.gz")
+    (ds / "dataset.json").write_text(json.dumps({"file_ending": ".mha"}))
+    with pytest.raises(DatasetError, match="kitseg reads NIfTI"):
+        find_cases(ds)
+
+
 def test_kfold_splits_are_nnunets_folds() -> None:
     # scikit-learn's KFold(n_splits, shuffle=True, random_state=12345) over the sorted ids, which
     # nnU-Net's splits_final.json holds, gave these validation folds (scikit-learn 1.x, numpy 2).
