@@ -189,11 +189,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         if a.fit_schedule and a.max_minutes is None:
             print("--fit-schedule fits the LR schedule to --max-minutes; give --max-minutes too", file=sys.stderr)
             return 2
-        if a.fold is not None and a.val_cases:
-            print("a fold names its validation cases: give --fold or --val-cases, not both", file=sys.stderr)
-            return 2
-        if (a.splits or a.folds is not None) and a.fold is None:
-            print("--splits and --folds describe cross-validation folds: say which with --fold", file=sys.stderr)
+        if not _fold_arguments_agree(a, a.val_cases, "--val-cases"):
             return 2
         cfg = TrainConfig(
             data=a.data,
@@ -353,11 +349,7 @@ def _evaluate(a: argparse.Namespace) -> int:
             "--held-out scores each checkpoint on the cases it records: no --cases, --fold or --limit", file=sys.stderr
         )
         return 2
-    if a.fold is not None and a.cases:
-        print("a fold names its validation cases: give --fold or --cases, not both", file=sys.stderr)
-        return 2
-    if (a.splits or a.folds is not None) and a.fold is None:
-        print("--splits and --folds describe cross-validation folds: say which with --fold", file=sys.stderr)
+    if not _fold_arguments_agree(a, a.cases, "--cases"):
         return 2
     cases = labelled(find_cases(a.data, label_file=a.label_file), a.data, a.label_file)
     if a.cases:
@@ -489,6 +481,18 @@ LABEL_FILE_HELP = (
     "aggregated_MAJ_seg.nii.gz; e.g. aggregated_OR_seg.nii.gz for KiTS21's union). Cases without one "
     "(KiTS19's test cases 210-299) are left out"
 )
+
+
+def _fold_arguments_agree(a: argparse.Namespace, cases: str | None, cases_flag: str) -> bool:
+    """False, with the reason on stderr, when ``--fold``, ``--folds`` and ``--splits`` conflict with
+    a list of cases or miss the fold they describe."""
+    if a.fold is not None and cases:
+        print(f"a fold names its validation cases: give --fold or {cases_flag}, not both", file=sys.stderr)
+        return False
+    if (a.splits or a.folds is not None) and a.fold is None:
+        print("--splits and --folds describe cross-validation folds: say which with --fold", file=sys.stderr)
+        return False
+    return True
 
 
 def _fold_arguments(p: argparse.ArgumentParser, what: str) -> None:

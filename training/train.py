@@ -723,7 +723,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     num_classes = 4 if cfg.kits23 else 3
     labels = KITS23_LABELS if cfg.kits23 else KITS19_LABELS
-    # Only rank 0 computes stats and fills the cache; the others wait and then read it.
+    # Only rank 0 computes the intensity statistics; the others wait and then read them.
     stats_cases = stats_cases or train_cases
     # The folds pick the cases they sample intensities from alike, whatever their --seed.
     stats_seed = NNUNET_SPLIT_SEED if cfg.fold is not None else cfg.seed
@@ -755,8 +755,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cache = CaseCache(cache_dir, pp, num_classes)
     # Every rank builds its share of the cache (a first run's preprocessing: minutes for KiTS19),
     # so that no rank waits long at the barrier (--dist-timeout).
-    mine = [train_cases[i] for i in ddp.share([case_bytes(c) for c in train_cases])]
-    cache.fill(mine, workers=cfg.cache_workers, progress=cfg.progress and ddp.main)
+    my_cases = [train_cases[i] for i in ddp.share([case_bytes(c) for c in train_cases])]
+    cache.fill(my_cases, workers=cfg.cache_workers, progress=cfg.progress and ddp.main)
     ddp.barrier()
     arrays = [cache.get(c) for c in train_cases]
     # Validation runs on whole volumes, each rank its share of the cases (rank 0 alone would keep
@@ -963,16 +963,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 channels_last=use_cl,
             )
             t_val = time.perf_counter()
-            mine = evaluate_cases(engine, val_files, kits23_metrics=False)
+            my_rows = evaluate_cases(engine, val_files, kits23_metrics=False)
             if ddp.enabled:
                 log.info(
                     "rank %d validated %d of %d case(s) in %.1fs",
                     ddp.rank,
-                    len(mine),
+                    len(my_rows),
                     len(val_cases),
                     time.perf_counter() - t_val,
                 )
-            rows = ddp.gather(list(zip(val_share, mine, strict=True)))
+            rows = ddp.gather(list(zip(val_share, my_rows, strict=True)))
             plain.train()
             if ddp.main:
                 summ = summarize([{k: v for k, v in r.items() if k != "case"} for r in rows])
