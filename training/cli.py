@@ -79,22 +79,22 @@ def cmd_phantoms(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- synth-ct
-def _one_render(args: tuple[str, str, int]) -> str:
+def _one_render(args: tuple[str, str, str, int]) -> str:
     import nibabel as nib
 
     from segcore.io import load_labels, save_image
     from segcore.preprocessing import canonical_info, canonical_view, from_canonical
     from training.synth import render_for_labels
 
-    seg_path, out_dir, seed = args
+    seg_path, case_id, out_dir, seed = args
     seg, affine = load_labels(seg_path)
     canon = canonical_info(affine, seg.shape)  # type: ignore[arg-type]
     seg_zyx = np.ascontiguousarray(canonical_view(seg, canon))
     # Seeded per case name (stable across processes), so re-running renders the same CT.
-    rng = np.random.default_rng((seed, zlib.crc32(Path(seg_path).parent.name.encode())))
+    rng = np.random.default_rng((seed, zlib.crc32(case_id.encode())))
     hu_zyx = render_for_labels(seg_zyx, canon.spacing_zyx, rng)
     hu = from_canonical(hu_zyx, canon)
-    case_dir = Path(out_dir) / Path(seg_path).parent.name
+    case_dir = Path(out_dir) / case_id
     case_dir.mkdir(parents=True, exist_ok=True)
     save_image(np.ascontiguousarray(hu), affine, case_dir / "imaging.nii.gz")
     # Copy the labels unchanged (uint8), same affine, so the case is self-contained.
@@ -122,14 +122,12 @@ def cmd_synth_ct(a: argparse.Namespace) -> int:
 def _synth_ct(a: argparse.Namespace, src: Path) -> int:
     from training.datasets import find_cases
 
-    cases = [
-        c
-        for c in find_cases(src, need_image=False, label_file=a.label_file)
-        if c.label is not None and c.label.parent.name.startswith("case_")
-    ]
+    # Case folders, flat case_XXXXX_segmentation.nii.gz files (KiTS23's label-only download) or
+    # an nnU-Net dataset's labelsTr/: each case's CT goes to OUT/<case>/imaging.nii.gz.
+    cases = [c for c in find_cases(src, need_image=False, label_file=a.label_file) if c.label is not None]
     if a.cases:
         lo, hi = (int(v) for v in a.cases.split(":"))
-        cases = [c for c in cases if lo <= int(c.case_id.split("_")[1]) < hi]
+        cases = [c for c in cases if (n := c.case_id.rpartition("_")[2]).isdigit() and lo <= int(n) < hi]
     if a.dry_run:
         cases = cases[:1]
     if not cases:
@@ -137,7 +135,7 @@ def _synth_ct(a: argparse.Namespace, src: Path) -> int:
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(c.label), str(out), a.seed) for c in cases]
+    jobs = [(str(c.label), c.case_id, str(out), a.seed) for c in cases]
     t0 = time.perf_counter()
     if a.workers > 1:
         with ProcessPoolExecutor(a.workers, mp_context=_SPAWN) as ex:
@@ -544,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "For each case_XXXXX/segmentation.nii.gz (or --label-file) under --labels, render imaging.nii.gz on the "
             "same grid (same affine) with a synthetic abdomen placed around the real kidneys, and copy the labels next "
-            "to it as segmentation.nii.gz."
+            "to it as segmentation.nii.gz. Flat case_XXXXX_segmentation.nii.gz files and an nnU-Net dataset's "
+            "labelsTr/ work too; each case goes to OUT/<case>/."
         ),
     )
     sc.add_argument("--labels", default="../shared/data/kits19-labels", help="folder of case_XXXXX/segmentation.nii.gz")

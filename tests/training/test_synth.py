@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -78,3 +79,26 @@ def test_synth_ct_cli_on_label_only_folder(tmp_path: Path) -> None:
     lab = nib.load(str(tmp_path / "out" / "case_00042" / "segmentation.nii.gz"))
     np.testing.assert_allclose(img.affine, lab.affine)
     assert img.shape == lab.shape == seg.shape
+
+
+def test_synth_ct_reads_flat_label_files_and_nnunet_labels_alike(tmp_path: Path) -> None:
+    # KiTS23's label-only download is flat case_XXXXX_segmentation.nii.gz files, and an nnU-Net
+    # dataset keeps its labels in labelsTr/<case>.nii.gz: both render as the case folder does,
+    # to OUT/<case>/, with the same CT for the same case (seeded by the case's name).
+    from training.cli import main
+
+    _, seg, sp = make_phantom(np.random.default_rng(2), inplane=48)
+    write_kits_case(tmp_path / "folders" / "case_00042", None, seg, sp)
+    src = tmp_path / "folders" / "case_00042" / "segmentation.nii.gz"
+    (tmp_path / "flat").mkdir()
+    shutil.copy(src, tmp_path / "flat" / "case_00042_segmentation.nii.gz")
+    (tmp_path / "nnunet" / "labelsTr").mkdir(parents=True)
+    shutil.copy(src, tmp_path / "nnunet" / "labelsTr" / "case_00042.nii.gz")
+    images = []
+    for layout in ("folders", "flat", "nnunet"):
+        out = tmp_path / f"out-{layout}"
+        assert main(["synth-ct", "--labels", str(tmp_path / layout), "--out", str(out), "--cases", "40:50"]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["case_00042"]
+        images.append(np.asanyarray(nib.load(out / "case_00042" / "imaging.nii.gz").dataobj))
+    np.testing.assert_array_equal(images[0], images[1])
+    np.testing.assert_array_equal(images[0], images[2])
