@@ -243,7 +243,9 @@ class Engine:
             net = fold_batch_norm(copy.deepcopy(member).eval()).to(device)
             if backend == "onnxruntime":
                 try:
-                    self._orts.append(OrtModel(net))  # an ImportError names the extra when it is missing
+                    # An ensemble's members run one after the other: one arena serves them all.
+                    ort_model = OrtModel(net, shared_arena=bool(ensemble))  # an ImportError names the extra
+                    self._orts.append(ort_model)
                 except Exception:
                     if not auto or self._orts:
                         raise

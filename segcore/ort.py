@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,31 @@ def export_onnx(model: UNet, exporter: str = "auto") -> bytes:
         return path.read_bytes()
 
 
+_shared_arena_lock = threading.Lock()
+_shared_arena: bool | None = None  # None: not tried yet
+
+
+def shared_cpu_arena() -> bool:
+    """Register one CPU memory arena with ONNX Runtime's environment (once per process), for the
+    sessions that ask for it (``session.use_env_allocators``): an ensemble's members run one
+    after the other, and with an arena each they kept 5 sets of activation buffers through a
+    volume (peak RSS 1479 against 567 MiB for 5 demo networks, runs/s27 in the development tree).
+    False when this ONNX Runtime can't: each session keeps its own arena then."""
+    global _shared_arena
+    with _shared_arena_lock:
+        if _shared_arena is None:
+            import onnxruntime as ort
+
+            try:
+                info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))  # the session arena's defaults
+                _shared_arena = True
+            except Exception:  # an older ONNX Runtime without this API: the ensemble just uses more memory
+                log.warning("onnxruntime: no shared memory arena; each ensemble member keeps its own", exc_info=True)
+                _shared_arena = False
+        return _shared_arena
+
+
 class OrtModel:
     """A callable with the network's signature, ``(B, C, H, W)`` float32 CPU tensor -> logits,
     that runs an ONNX Runtime session.
@@ -117,9 +143,11 @@ class OrtModel:
         model: the network in eval mode, BatchNorm already folded.
         threads: intra-op threads; default torch's thread count, so both backends use the
             same cores.
+        shared_arena: allocate from the process's one shared arena (:func:`shared_cpu_arena`)
+            instead of the session's own: for an ensemble's members, which never run at once.
     """
 
-    def __init__(self, model: UNet, threads: int | None = None) -> None:
+    def __init__(self, model: UNet, threads: int | None = None, shared_arena: bool = False) -> None:
         if not onnxruntime_available():
             raise ImportError("the onnxruntime backend needs the onnx extra: pip install 'kitseg[onnx]'")
         import onnxruntime as ort
@@ -130,6 +158,9 @@ class OrtModel:
         # No spin-waiting after a run: the threads would take the cores from the torch and numpy
         # work between batches (resampling the logits back measured 1.2-2x slower with it).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.shared_arena = shared_arena and shared_cpu_arena()
+        if self.shared_arena:
+            opts.add_session_config_entry("session.use_env_allocators", "1")
         self.session = ort.InferenceSession(export_onnx(model), opts, providers=["CPUExecutionProvider"])
         # Only the config: keeping a bound method of the network would keep its torch weights alive.
         self.config = model.config

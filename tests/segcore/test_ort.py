@@ -133,7 +133,7 @@ def test_auto_falls_back_to_torch_when_the_export_fails(monkeypatch: pytest.Monk
     cfg = UNetConfig(in_slices=1, base_width=4, depth=2)
     net, meta = UNet(cfg), _meta(cfg, None)
 
-    def broken(*_: object) -> None:
+    def broken(*_: object, **__: object) -> None:
         raise RuntimeError("exporter removed")
 
     monkeypatch.setattr(segcore.inference, "onnxruntime_available", lambda: True)

@@ -231,6 +231,9 @@ def test_engine_ensemble_averages_its_members_probabilities(backend: str, mirror
     cpu = torch.device("cpu")
     ensemble = Engine(nets[0], meta, cpu, ensemble=[(n, meta) for n in nets[1:]], **kw)  # type: ignore[arg-type]
     assert len(ensemble.members) == 3 and ensemble.backend == backend
+    # ONNX Runtime members share one memory arena, as they run one after the other; a single
+    # network keeps its own.
+    assert [o.shared_arena for o in ensemble._orts] == ([True] * 3 if backend == "onnxruntime" else [])
     got = ensemble.predict(vol)
     ref = Engine(_ProbabilityAveraged(nets, mirror).eval(), meta, cpu, **{**kw, "backend": "torch", "mirror": False})  # type: ignore[arg-type]
     want = ref.predict(vol)
@@ -238,7 +241,9 @@ def test_engine_ensemble_averages_its_members_probabilities(backend: str, mirror
     assert float((got.mask != want.mask).mean()) <= (0 if backend == "torch" else 1e-4)
     for c, v in want.confidence.items():
         assert got.confidence[c] == pytest.approx(v, abs=1e-4)
-    singles = [Engine(n, meta, cpu, **kw).predict(vol).mask for n in nets]  # type: ignore[arg-type]
+    single_engines = [Engine(n, meta, cpu, **kw) for n in nets]  # type: ignore[arg-type]
+    assert not any(o.shared_arena for e in single_engines for o in e._orts)
+    singles = [e.predict(vol).mask for e in single_engines]
     assert all((got.mask != m).any() for m in singles)  # the average is none of its members
     # Members trained another way are refused, naming what differs.
     other = dataclasses.replace(meta, preprocessing=dataclasses.replace(meta.preprocessing, mean=GEOM_PP.mean + 1))
