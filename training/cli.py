@@ -481,6 +481,13 @@ LABEL_FILE_HELP = (
 )
 
 
+#: ``--data`` of train and evaluate
+DATA_HELP = (
+    "the cases: a KiTS19/21/23-layout folder (case_XXXXX/imaging.nii.gz + segmentation.nii.gz), or an nnU-Net "
+    "raw dataset (imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz)"
+)
+
+
 def _fold_arguments_agree(a: argparse.Namespace, cases: str | None, cases_flag: str) -> bool:
     """False, with the reason on stderr, when ``--fold``, ``--folds`` and ``--splits`` conflict with
     a list of cases or miss the fold they describe."""
@@ -567,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Multi-GPU/multi-process: torchrun --nproc-per-node N -m training train ..."
         ),
     )
-    tr.add_argument("--data", help="KiTS19/21/23-layout folder")
+    tr.add_argument("--data", help=DATA_HELP)
     tr.add_argument("--out", help="run folder")
     tr.add_argument("--cache", help="preprocessed cache folder (default OUT/cache)")
     tr.add_argument("--epochs", type=int, default=20)
@@ -776,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tool's (nnU-Net's and MONAI's case_XXXXX.nii.gz) or kitseg-predict's (case_XXXXX/imaging_mask.nii.gz), "
         "each on its image's voxel grid",
     )
-    ev.add_argument("--data")
+    ev.add_argument("--data", help=DATA_HELP)
     ev.add_argument("--out", help="folder for kits_table.md, summary.json and cases.csv")
     ev.add_argument("--cases", help="comma-separated case ids")
     _fold_arguments(ev, "evaluate on fold K's validation cases (a cross-validation fold's own held-out cases)")
