@@ -1138,8 +1138,9 @@ def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
             "cpu",
             "--deep-supervision",
             deep_supervision,
-            # The first run validates from the compressed files, the second from their copies.
-            *(["--no-val-copies"] if deep_supervision == "0" else []),
+            # The first run validates from the compressed files, the second from their copies, on
+            # a cross-validation fold (2 of the 4 cases each way, as --val-fraction 0.5 does).
+            *(["--no-val-copies"] if deep_supervision == "0" else ["--folds", "2", "--fold", "1"]),
             # The second run also keeps a weight average, over the DDP-wrapped network.
             *(["--ema", "0.5"] if deep_supervision == "1" else []),
         ],
@@ -1160,6 +1161,10 @@ def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
     assert meta.provenance["world_size"] == 2
     val_ids = meta.provenance["val_cases"]
     assert len(val_ids) == 2 and copies == ([] if deep_supervision == "0" else val_ids)
+    if deep_supervision == "1":
+        folds = kfold_splits([f"case_{i:05d}" for i in range(4)], 2)
+        assert val_ids == folds[1]["val"] and meta.provenance["fold"] == 1
+        assert json.loads((tmp_path / "run" / "splits_final.json").read_text()) == folds
     # The ranks' shares add up to what one process scores with the saved network on both cases:
     # every rank validated rank 0's network, BatchNorm statistics (and average) included.
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
