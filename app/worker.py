@@ -103,8 +103,9 @@ class InferenceWorker:
         self.settings = settings
         self.store = store
         self.meta: CheckpointMeta = engine.meta
-        self.checkpoint_sha256 = file_sha256(settings.checkpoint_path)
-        self.ensemble_sha256 = [file_sha256(p) for p in settings.checkpoint_paths] if settings.ensemble else None
+        shas = [file_sha256(p) for p in settings.checkpoint_paths]  # the checkpoint, then the ensemble's others
+        self.checkpoint_sha256 = shas[0]
+        self.ensemble_sha256 = shas if settings.ensemble else None
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=settings.queue_size)
         self.thread = threading.Thread(target=self._run, name="kitseg-worker", daemon=True)
         self.busy = threading.Event()

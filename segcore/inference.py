@@ -245,7 +245,6 @@ class Engine:
                 try:
                     # An ensemble's members run one after the other: one arena serves them all.
                     ort_model = OrtModel(net, shared_arena=bool(ensemble))  # an ImportError names the extra
-                    self._orts.append(ort_model)
                 except Exception:
                     if not auto or self._orts:
                         raise
@@ -253,7 +252,8 @@ class Engine:
                     log.warning("onnxruntime backend unavailable, using torch", exc_info=True)
                     backend = "torch"
                 else:
-                    self.members.append(self._orts[-1])
+                    self._orts.append(ort_model)
+                    self.members.append(ort_model)
                     continue
             if channels_last:
                 # The stubs of Module.to omit memory_format; torch supports it at runtime.

@@ -60,7 +60,7 @@ def find_cases(root: str | Path, need_image: bool = True, label_file: str | None
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    if (root / "imagesTr").is_dir() or (root / "labelsTr").is_dir():
+    if is_nnunet_dataset(root):
         if label_file is not None:
             raise DatasetError(f"{root} is an nnU-Net dataset, whose labels are labelsTr/<case>: no label_file")
         return nnunet_cases(root, need_image)
@@ -78,6 +78,11 @@ def find_cases(root: str | Path, need_image: bool = True, label_file: str | None
         for f in sorted(root.glob("case_*_segmentation.nii.gz")):
             cases.append(Case(f.name.removesuffix("_segmentation.nii.gz"), None, f))
     return cases
+
+
+def is_nnunet_dataset(root: str | Path) -> bool:
+    """Whether ``root`` is laid out as an nnU-Net raw dataset (``imagesTr/``, ``labelsTr/``)."""
+    return (Path(root) / "imagesTr").is_dir() or (Path(root) / "labelsTr").is_dir()
 
 
 def nnunet_cases(root: Path, need_image: bool = True) -> list[Case]:
@@ -111,7 +116,7 @@ def labelled(cases: list[Case], root: str | Path, label_file: str | None = None)
     """The cases that have both imaging and labels, logging how many were left out (KiTS19's
     download holds 90 test cases with imaging only). An error when none is left."""
     keep = [c for c in cases if c.image is not None and c.label is not None]
-    nnunet = (Path(root) / "imagesTr").is_dir() or (Path(root) / "labelsTr").is_dir()
+    nnunet = is_nnunet_dataset(root)
     names = "an image and a label" if nnunet else label_file or " or ".join(LABEL_FILES)
     if left := [c.case_id for c in cases if c.image is None or c.label is None]:
         log.info(
@@ -381,6 +386,11 @@ def available_cores() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def case_bytes(case: Case) -> int:
+    """A case's image size on disk: what the cache pool and the DDP ranks' shares weigh it by."""
+    return case.image.stat().st_size if case.image is not None else 0
+
+
 #: image bytes (compressed, on disk) below which the cache is built in the calling process: a pool
 #: of fresh processes takes seconds to start (each imports torch), more than small cases take
 CACHE_POOL_MIN_BYTES = 64 * 2**20
@@ -392,7 +402,7 @@ def default_cache_workers(todo: list[Case]) -> int:
     under 4 cores (on 2, two processes built 4 KiTS-sized cases 0.9-1.15x as fast as one
     process with 2 threads, docs/benchmarks.md)."""
     cores = available_cores()
-    size = sum(c.image.stat().st_size for c in todo if c.image is not None)
+    size = sum(map(case_bytes, todo))
     return 0 if size < CACHE_POOL_MIN_BYTES or cores < 4 else min(8, cores)
 
 

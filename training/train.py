@@ -51,6 +51,7 @@ from training.datasets import (
     DecodedCopies,
     SliceDataset,
     available_cores,
+    case_bytes,
     find_cases,
     fold_cases,
     kfold_splits,
@@ -613,11 +614,6 @@ def balanced_shares(costs: Sequence[float], world: int) -> list[list[int]]:
         shares[r].append(i)
         loads[r] += costs[i]
     return [sorted(s) for s in shares]
-
-
-def case_bytes(case: Case) -> int:
-    """A case's cost for :func:`balanced_shares`: its image's size on disk."""
-    return case.image.stat().st_size if case.image is not None else 0
 
 
 def epochs_that_fit(done: int, durations: list[float], elapsed_s: float, budget_s: float, planned: int) -> int:
