@@ -698,7 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on CUDA, take cuDNN's default convolution algorithms instead of timing them once per shape",
     )
-    tr.add_argument("--max-minutes", type=float, help="stop after the epoch that crosses this wall time")
+    tr.add_argument(
+        "--max-minutes",
+        type=float,
+        help="stop after the epoch that crosses this wall time (a resumed run's earlier parts count toward it)",
+    )
     tr.add_argument(
         "--fit-schedule",
         action="store_true",
@@ -706,7 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-minutes at the median epoch time so far, so that a slow machine's run anneals instead of being "
         "cut off mid-schedule (where all --epochs fit, nothing changes)",
     )
-    tr.add_argument("--resume", help="a last.state.pt to continue from")
+    tr.add_argument(
+        "--resume",
+        help="a last.state.pt to continue from, with its history, optimiser, random state and run time; "
+        "raise --epochs or --max-minutes to extend a finished run",
+    )
     tr.add_argument("--kits23", action="store_true", help="4 classes (with cyst)")
     tr.add_argument(
         "--label-file",

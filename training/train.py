@@ -818,6 +818,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         else None
     )
     schedule_epochs = cfg.epochs  # fit_schedule shortens it to the epochs that fit in max_minutes
+    epoch_seconds: list[float] = []  # each epoch's wall time, training, validation and saving
 
     def lr_at(it: int) -> float:
         if cfg.lr_schedule == "constant":
@@ -850,8 +851,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         history = json.loads(state["history"])
         best = float(state["best"])
         torch.set_rng_state(state["torch_rng"])
+        # The run's clock goes on where it stopped: --max-minutes bounds the whole run, resumed
+        # parts included, and --fit-schedule fits the schedule as it would have without the stop
+        # (or to a new --epochs or --max-minutes). States written before session 28 lack both.
+        prior_s = float(state.get("elapsed_s", 0.0))
+        t_start -= prior_s
+        epoch_seconds = [float(d) for d in json.loads(state.get("epoch_seconds", "[]"))]
+        if cfg.fit_schedule and cfg.max_minutes is not None:
+            schedule_epochs = (
+                epochs_that_fit(start_epoch, epoch_seconds, prior_s, 60 * cfg.max_minutes, cfg.epochs)
+                if epoch_seconds
+                else min(cfg.epochs, int(history[-1].get("schedule_epochs", cfg.epochs)))
+                if history
+                else cfg.epochs
+            )
         if ddp.main:
-            log.info("resumed from %s at epoch %d", cfg.resume, start_epoch)
+            log.info(
+                "resumed from %s at epoch %d, %.0fs into the run%s",
+                cfg.resume,
+                start_epoch,
+                prior_s,
+                f"; the LR schedule ends after epoch {schedule_epochs}" if cfg.fit_schedule else "",
+            )
     if ddp.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -884,7 +905,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log_path.unlink()
     best_metrics: dict[str, Any] = {}
     stop = False
-    epoch_seconds: list[float] = []
     for epoch in range(start_epoch, cfg.epochs):
         if epoch >= schedule_epochs:
             break
@@ -1011,6 +1031,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "history": json.dumps(history),
                     "best": best,
                     "torch_rng": torch.get_rng_state(),
+                    "elapsed_s": time.perf_counter() - t_start,
+                    "epoch_seconds": json.dumps([*epoch_seconds, time.perf_counter() - t_ep]),
                     **({"aux": unwrap(model).aux.state_dict()} if cfg.deep_supervision else {}),
                     **({"ema": ema.state_dict()} if ema is not None else {}),
                 },
@@ -1027,11 +1049,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             log.info(msg)
             if cfg.progress:
                 tqdm.write(msg)
+            now = time.perf_counter()
+            epoch_seconds.append(now - t_ep)
             if cfg.max_minutes is not None:
-                now = time.perf_counter()
                 stop = validate and (now - t_start) / 60 > cfg.max_minutes
                 if cfg.fit_schedule:
-                    epoch_seconds.append(now - t_ep)
                     fit = epochs_that_fit(epoch + 1, epoch_seconds, now - t_start, 60 * cfg.max_minutes, cfg.epochs)
                     if fit != schedule_epochs:
                         log.info("the LR schedule now ends after epoch %d (what fits in --max-minutes)", fit)

@@ -1027,6 +1027,54 @@ def test_fit_schedule_ends_the_run_annealed_where_the_budget_ends_it(
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[1]["lr"] == pytest.approx(0.51e-3)
 
 
+def test_a_resumed_run_keeps_its_fitted_schedule_and_its_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.train as train_module
+
+    args, run = _tiny_depth4_run(tmp_path, "contiguous")
+    args[args.index("--epochs") + 1] = "4"
+    args[args.index("--iters") + 1] = "1"
+    args += ["--max-minutes", "10", "--fit-schedule"]
+    calls: list[tuple[int, int, float]] = []
+
+    class Killed(Exception):
+        pass
+
+    def fit(done: int, durations: list[float], elapsed_s: float, budget_s: float, planned: int) -> int:
+        calls.append((done, len(durations), elapsed_s))
+        if done == 2 and len(calls) == 2:
+            raise Killed  # as if the run stopped after epoch 2's state was saved
+        return 3  # as if the budget held three of the four epochs
+
+    monkeypatch.setattr(train_module, "epochs_that_fit", fit)
+    with pytest.raises(Killed):
+        main(args)
+    state = torch.load(run / "last.state.pt", weights_only=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["schedule_epochs"]) for r in rows] == [(1, 4), (2, 3)]
+    assert len(json.loads(state["epoch_seconds"])) == 2 and state["elapsed_s"] >= rows[-1]["elapsed_s"]
+    old_state = tmp_path / "old.state.pt"  # a state written before the clock was saved
+    torch.save({k: v for k, v in state.items() if k not in ("elapsed_s", "epoch_seconds")}, old_state)
+
+    calls.clear()
+    assert main([*args, "--resume", str(run / "last.state.pt")]) == 0
+    # Fitted again at the start from the stopped run's epoch times and clock, then after epoch 3.
+    assert calls == [(2, 2, state["elapsed_s"]), (3, 3, pytest.approx(calls[1][2]))]
+    assert calls[1][2] > state["elapsed_s"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # The 3-epoch schedule goes on (without the saved fit it would restart at 4 epochs): epoch 3
+    # is the last and ends annealed to the floor, and the run's clock counts the first part.
+    assert [(r["epoch"], r["schedule_epochs"]) for r in rows] == [(1, 4), (2, 3), (3, 3)]
+    assert rows[-1]["lr"] == pytest.approx(0.02 * 1e-3) and rows[-1]["elapsed_s"] > state["elapsed_s"]
+
+    # An older state: the schedule comes from its history, and the clock starts again.
+    calls.clear()
+    (run / "metrics.jsonl").unlink()
+    assert main([*args, "--resume", str(old_state)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["schedule_epochs"]) for r in rows] == [(3, 3)] and rows[-1]["lr"] == pytest.approx(0.02e-3)
+    assert [c[:2] for c in calls] == [(3, 1)]
+
+
 def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path) -> None:
     args, run = _tiny_depth4_run(tmp_path, "contiguous")
     args[8] = "1"  # one step per epoch, so the average can be checked by hand
