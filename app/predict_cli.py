@@ -1,6 +1,7 @@
 """``kitseg-predict``: the service's engine offline, over one NIfTI file or a folder of them.
 
-Writes ``<name>_mask.nii.gz`` for each input plus ``statistics.json`` and ``statistics.csv``. A
+Writes ``<name>_mask.nii.gz`` for each input plus ``statistics.json`` and ``statistics.csv``; an
+nnU-Net ``imagesTs/`` folder's ``<case>_0000.nii.gz`` get ``<case>.nii.gz``, as nnU-Net names them. A
 folder is searched recursively and its structure kept under ``--out``, so that a KiTS folder's
 ``case_XXXXX/imaging.nii.gz`` files each get their own ``case_XXXXX/imaging_mask.nii.gz``; its
 label maps and earlier masks are skipped (:data:`NOT_CT`) unless ``--glob`` says which files to
@@ -13,6 +14,7 @@ import argparse
 import csv
 import json
 import logging
+import re
 import sys
 import time
 from fnmatch import fnmatch
@@ -52,14 +54,38 @@ def _inputs(path: Path, pattern: str | None = None) -> tuple[list[Path], int]:
     return keep, len(files) - len(keep)
 
 
-def _mask_paths(files: list[Path], root: Path, out: Path) -> dict[Path, Path]:
-    """``out/<the file's folder under root>/<name>_mask.nii.gz`` for each file; where two names
-    differ only in their extension (``a.nii``, ``a.nii.gz``), the later keeps its extension in
-    the mask's name, so that no mask is written over another."""
+#: nnU-Net's image names: the case id, then the channel as 4 digits (``case_00000_0000.nii.gz``)
+NNUNET_IMAGE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _names(files: list[Path], names: str) -> str:
+    """``kitseg`` or ``nnunet`` for ``--names``: auto is nnU-Net's when every file is named as an
+    nnU-Net image (``imagesTs/``), whose predictions nnU-Net names by case. A model of one input
+    channel takes channel 0000 only."""
+    matches = [NNUNET_IMAGE.match(_stem(f)) for f in files]
+    if names == "auto":
+        names = "nnunet" if all(matches) and any(m and m["channel"] == "0000" for m in matches) else "kitseg"
+    bad = [f.name for f, m in zip(files, matches, strict=True) if not m or m["channel"] != "0000"]
+    if names == "nnunet" and bad:
+        raise ValueError(
+            f"--names nnunet takes nnU-Net's one-channel images, <case>_0000.nii.gz, not: {', '.join(bad[:5])} "
+            "(a kitseg model has one input channel; --glob '*_0000.nii.gz' picks channel 0000)"
+        )
+    return names
+
+
+def _mask_paths(files: list[Path], root: Path, out: Path, names: str = "kitseg") -> dict[Path, Path]:
+    """``out/<the file's folder under root>/<name>_mask.nii.gz`` for each file, or with ``names``
+    "nnunet", ``<case>.nii.gz`` for ``<case>_0000.nii.gz`` as ``nnUNetv2_predict`` names them;
+    where two names differ only in their extension (``a.nii``, ``a.nii.gz``), the later keeps its
+    extension in the mask's name, so that no mask is written over another."""
     paths: dict[Path, Path] = {}
     for f in files:
         folder = out / (f.parent.relative_to(root) if root.is_dir() else Path())
-        m = folder / f"{_stem(f)}_mask.nii.gz"
+        if names == "nnunet" and (m_case := NNUNET_IMAGE.match(_stem(f))):
+            m = folder / f"{m_case['case']}.nii.gz"
+        else:
+            m = folder / f"{_stem(f)}_mask.nii.gz"
         if m in paths.values():
             m = folder / f"{f.name.replace('.', '_')}_mask.nii.gz"
         paths[f] = m
@@ -87,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         "NIfTI file but label maps named as in KiTS19/21/23 and earlier *_mask.nii.gz outputs)",
     )
     ap.add_argument("--out", type=Path, required=True, help="output folder")
+    ap.add_argument(
+        "--names",
+        choices=["auto", "kitseg", "nnunet"],
+        default="auto",
+        help="mask file names. kitseg: <name>_mask.nii.gz next to the statistics; nnunet: <case>.nii.gz for "
+        "<case>_0000.nii.gz, as nnUNetv2_predict names them (what nnU-Net's evaluation and "
+        "'kitseg-train evaluate --predictions' read); auto: nnunet when every input is named that way (imagesTs/)",
+    )
     ap.add_argument(
         "--checkpoint",
         type=Path,
@@ -151,8 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print(f"no .nii or .nii.gz files to segment under {a.input}", file=sys.stderr)
         return 2
+    try:
+        names = _names(files, a.names)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     a.out.mkdir(parents=True, exist_ok=True)
-    mask_paths = _mask_paths(files, a.input, a.out)
+    mask_paths = _mask_paths(files, a.input, a.out, names)
     results: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     failures = 0

@@ -309,6 +309,44 @@ def test_predict_cli_keeps_a_kits_folders_cases_apart_and_skips_its_label_maps(
     assert sorted(p.name for p in (tmp_path / "flat-out").glob("*.nii.gz")) == ["a_mask.nii.gz", "a_nii_gz_mask.nii.gz"]
 
 
+def test_predict_cli_names_an_nnunet_images_folders_masks_as_nnunet_does(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # nnU-Net's imagesTs/ holds <case>_0000.nii.gz; nnUNetv2_predict writes <case>.nii.gz, which is
+    # what nnU-Net's evaluation and `kitseg-train evaluate --predictions` look for.
+    from app.predict_cli import main
+
+    src = tmp_path / "imagesTs"
+    src.mkdir()
+    for case, codes in (("case_00000", "IPL"), ("case_00001", "LPS")):
+        hu, aff, _ = make_volume(ORIENTATIONS[codes])
+        write_nifti(src / f"{case}_0000.nii.gz", hu, aff)
+    args = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--no-mirror"]
+    assert main([str(src), "--out", str(tmp_path / "auto"), *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "auto").glob("*.nii.gz")) == ["case_00000.nii.gz", "case_00001.nii.gz"]
+    for case in ("case_00000", "case_00001"):
+        mask, image = nib.load(tmp_path / "auto" / f"{case}.nii.gz"), nib.load(src / f"{case}_0000.nii.gz")
+        assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+    assert main([str(src), "--out", str(tmp_path / "kitseg"), "--names", "kitseg", *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "kitseg").glob("*.nii.gz")) == [
+        "case_00000_0000_mask.nii.gz",
+        "case_00001_0000_mask.nii.gz",
+    ]
+    # A second channel is not CT for a one-channel model: refused, unless --glob leaves it out.
+    hu, aff, _ = make_volume(ORIENTATIONS["RAS"])
+    write_nifti(src / "case_00000_0001.nii.gz", hu, aff)
+    assert main([str(src), "--out", str(tmp_path / "two"), *args]) == 2
+    assert "not: case_00000_0001.nii.gz" in capsys.readouterr().err and not (tmp_path / "two").exists()
+    assert main([str(src), "--glob", "*_0000.nii.gz", "--out", str(tmp_path / "glob"), *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "glob").glob("*.nii.gz")) == ["case_00000.nii.gz", "case_00001.nii.gz"]
+    # Other names keep kitseg's naming under auto, and are refused by --names nnunet.
+    write_nifti(tmp_path / "scan.nii.gz", hu, aff)
+    assert main([str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "one"), *args]) == 0
+    assert (tmp_path / "one" / "scan_mask.nii.gz").exists()
+    assert main([str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "one"), "--names", "nnunet", *args]) == 2
+    assert "<case>_0000.nii.gz, not: scan.nii.gz" in capsys.readouterr().err
+
+
 def test_predict_cli_compile_option_reaches_the_engine(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
