@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from isal import igzip, isal_zlib
+from nibabel.affines import voxel_sizes
 from nibabel.volumeutils import apply_read_scaling
 
 from segcore.errors import CorruptData, InvalidVolume, NotNifti, VolumeTooLarge
@@ -336,7 +337,7 @@ def _check_geometry(affine: npt.NDArray[np.float64]) -> tuple[float, float, floa
     det = float(np.linalg.det(affine[:3, :3]))
     if not np.isfinite(det) or abs(det) < 1e-9:
         raise InvalidVolume("affine is singular (zero or degenerate voxel axes)")
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    zooms = voxel_sizes(affine)
     for z in zooms:
         if not (MIN_SPACING_MM <= float(z) <= MAX_ABS_SPACING_MM):
             raise InvalidVolume(

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+from nibabel.affines import voxel_sizes
 
 from segcore.io import TORCH_DTYPES
 
@@ -112,7 +113,7 @@ class Canonical:
 
 def canonical_info(affine: npt.NDArray[np.float64], shape: tuple[int, int, int]) -> Canonical:
     ornt = nib.orientations.io_orientation(affine)
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    zooms = voxel_sizes(np.asarray(affine))
     ras_sp = [0.0, 0.0, 0.0]
     for i, p in enumerate(ornt[:, 0].astype(int)):
         ras_sp[p] = float(zooms[i])
