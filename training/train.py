@@ -827,6 +827,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / total_iters)))
 
     start_epoch, history, best = 0, [], -1.0
+    best_metrics: dict[str, Any] = {}
     if cfg.resume:
         state = torch.load(cfg.resume, map_location="cpu", weights_only=True)
         plain_unet(model).load_state_dict(state["model"])
@@ -850,6 +851,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         start_epoch = int(state["epoch"]) + 1
         history = json.loads(state["history"])
         best = float(state["best"])
+        if validated := [h for h in history if "val_composite" in h]:
+            # The first of the best, as best.safetensors holds it (a later tie doesn't replace it).
+            h = max(validated, key=lambda h: h["val_composite"])
+            best_metrics = {
+                "epoch": h["epoch"],
+                **{k: h[k] for k in ("val_kidney_dice", "val_tumor_dice", "val_composite")},
+                "val_cases": len(val_cases),
+            }
         torch.set_rng_state(state["torch_rng"])
         # The run's clock goes on where it stopped: --max-minutes bounds the whole run, resumed
         # parts included, and --fit-schedule fits the schedule as it would have without the stop
@@ -867,7 +876,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
         if ddp.main:
             log.info(
-                "resumed from %s at epoch %d, %.0fs into the run%s",
+                "resumed from %s after epoch %d, %.0fs into the run%s",
                 cfg.resume,
                 start_epoch,
                 prior_s,
@@ -903,7 +912,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     log_path = out / "metrics.jsonl"
     if start_epoch == 0 and ddp.main and log_path.exists():
         log_path.unlink()
-    best_metrics: dict[str, Any] = {}
     stop = False
     for epoch in range(start_epoch, cfg.epochs):
         if epoch >= schedule_epochs:
@@ -1066,4 +1074,5 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ddp.close()
     if not best_metrics and history:
         best_metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")}
-    return {"best": best_metrics, "history": history, "elapsed_s": time.perf_counter() - t_start}
+    # Rank 0's alone: the other ranks keep no history of their own (a resumed one has the file's).
+    return {"best": best_metrics if ddp.main else {}, "history": history, "elapsed_s": time.perf_counter() - t_start}

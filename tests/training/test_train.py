@@ -10,6 +10,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -1027,7 +1028,9 @@ def test_fit_schedule_ends_the_run_annealed_where_the_budget_ends_it(
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[1]["lr"] == pytest.approx(0.51e-3)
 
 
-def test_a_resumed_run_keeps_its_fitted_schedule_and_its_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_resumed_run_keeps_its_fitted_schedule_and_its_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import training.train as train_module
 
     args, run = _tiny_depth4_run(tmp_path, "contiguous")
@@ -1065,6 +1068,9 @@ def test_a_resumed_run_keeps_its_fitted_schedule_and_its_clock(tmp_path: Path, m
     # is the last and ends annealed to the floor, and the run's clock counts the first part.
     assert [(r["epoch"], r["schedule_epochs"]) for r in rows] == [(1, 4), (2, 3), (3, 3)]
     assert rows[-1]["lr"] == pytest.approx(0.02 * 1e-3) and rows[-1]["elapsed_s"] > state["elapsed_s"]
+    # The summary names the best epoch of the whole run, the one best.safetensors holds.
+    best_epoch = load_checkpoint(run / "best.safetensors")[1].metrics["epoch"]
+    assert capsys.readouterr().out.count(f"(epoch {best_epoch}, ") == 1
 
     # An older state: the schedule comes from its history, and the clock starts again.
     calls.clear()
@@ -1153,51 +1159,48 @@ def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
     data = tmp_path / "data"
     for i in range(4):
         _one_phantom((i, str(data), 48, False, 0))
-    r = subprocess.run(
-        [
-            torchrun,
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29531",
-            "-m",
-            "training",
-            "train",
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "run"),
-            "--epochs",
-            "1",
-            "--iters",
-            "2",
-            "--batch-size",
-            "2",
-            "--patch",
-            "32",
-            "--base-width",
-            "4",
-            "--depth",
-            "3",
-            "--val-fraction",
-            "0.5",
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--deep-supervision",
-            deep_supervision,
-            # The first run validates from the compressed files, the second from their copies, on
-            # a cross-validation fold (2 of the 4 cases each way, as --val-fraction 0.5 does).
-            *(["--no-val-copies"] if deep_supervision == "0" else ["--folds", "2", "--fold", "1"]),
-            # The second run also keeps a weight average, over the DDP-wrapped network.
-            *(["--ema", "0.5"] if deep_supervision == "1" else []),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    cmd = [
+        torchrun,
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29531",
+        "-m",
+        "training",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--patch",
+        "32",
+        "--base-width",
+        "4",
+        "--depth",
+        "3",
+        "--val-fraction",
+        "0.5",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--deep-supervision",
+        deep_supervision,
+        # The first run validates from the compressed files, the second from their copies, on
+        # a cross-validation fold (2 of the 4 cases each way, as --val-fraction 0.5 does).
+        *(["--no-val-copies"] if deep_supervision == "0" else ["--folds", "2", "--fold", "1"]),
+        # The second run also keeps a weight average, over the DDP-wrapped network.
+        *(["--ema", "0.5"] if deep_supervision == "1" else []),
+    ]
+    run_kw: dict[str, Any] = dict(
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
+    r = subprocess.run(cmd, **run_kw)
     assert r.returncode == 0, r.stderr[-3000:]
     # Each rank preprocessed its share of the 2 training cases, and validated its share of the 2
     # validation cases.
@@ -1228,6 +1231,20 @@ def test_ddp_gloo_two_processes(deep_supervision: str, tmp_path: Path) -> None:
         saved = load_file(tmp_path / "run" / "last.safetensors")
         for k, v in saved.items():
             torch.testing.assert_close(v, state["ema"][f"module.{k}"])
+    else:
+        # Resumed under torchrun to 2 epochs with a fitted schedule: every rank loads the state,
+        # and rank 0 alone reports the run's best epoch.
+        cmd[cmd.index("--epochs") + 1] = "2"
+        r = subprocess.run(
+            [*cmd, "--max-minutes", "10", "--fit-schedule", "--resume", str(tmp_path / "run" / "last.state.pt")],
+            **run_kw,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "resumed from" in r.stderr and "after epoch 1" in r.stderr, r.stderr[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [x["epoch"] for x in rows] == [1, 2] and rows[1]["elapsed_s"] > rows[0]["elapsed_s"]
+        best_epoch = load_checkpoint(tmp_path / "run" / "best.safetensors")[1].metrics["epoch"]
+        assert r.stdout.count("best: kidney Dice") == 1 and f"(epoch {best_epoch}, " in r.stdout, r.stdout
 
 
 def test_memory_format_choice() -> None:
