@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import re
@@ -24,9 +25,10 @@ from typing import Any
 from tqdm import tqdm
 
 from app.settings import DEMO_CHECKPOINT
+from segcore.checkpoint import read_meta
 from segcore.errors import KitsegError
 from segcore.inference import Engine
-from segcore.io import load_volume, save_mask
+from segcore.io import atomic_write, load_volume, save_mask
 from segcore.ort import BACKENDS
 from segcore.stats import compute_statistics
 
@@ -100,6 +102,56 @@ def _stem(p: Path) -> str:
     return p.stem
 
 
+#: statistics.csv's columns: one row per input and class
+CSV_FIELDS = (
+    "input",
+    "label",
+    "name",
+    "present",
+    "voxels",
+    "volume_ml",
+    "components",
+    "mean_confidence",
+    "max_axial_diameter_mm",
+)
+
+
+def _write_statistics(out: Path, model: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """``statistics.json`` (every result, failures included) and ``statistics.csv`` (a row per
+    input and class), each replaced whole (never a partial file)."""
+    atomic_write(out / "statistics.json", json.dumps({**model, "results": results}, indent=2).encode())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in results:
+        for c in r.get("classes", []):
+            row = {k: c.get(k) for k in CSV_FIELDS[1:]}
+            row["volume_ml"] = round(c["volume_ml"], 3)
+            row["mean_confidence"] = None if c["mean_confidence"] is None else round(c["mean_confidence"], 4)
+            w.writerow({"input": r["input"], **row})
+    atomic_write(out / "statistics.csv", buf.getvalue().encode())
+
+
+def _earlier_results(out: Path, weights_sha256: list[str]) -> dict[str, dict[str, Any]]:
+    """For ``--continue``: the results an earlier run wrote into ``out/statistics.json`` with the
+    same checkpoint(s), by input; failed inputs are run again. A run with another model is an
+    error, since its masks would be mixed with this one's."""
+    path = out / "statistics.json"
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        results = earlier["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--continue: {path} is not a kitseg-predict statistics file ({e})") from e
+    if earlier.get("weights_sha256") != weights_sha256:
+        raise ValueError(
+            f"--continue: {path} was written with other weights ({earlier.get('checkpoint')}); "
+            "use another --out, or the same --checkpoint"
+        )
+    return {r["input"]: r for r in results if isinstance(r, dict) and "mask" in r and "input" in r}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kitseg-predict", description=__doc__)
     ap.add_argument(
@@ -129,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         help="checkpoint; several are an ensemble whose softmax probabilities are averaged, as nnU-Net averages "
         "its cross-validation folds (one training configuration; each adds its model time); default: the "
         "bundled demo model",
+    )
+    ap.add_argument(
+        "--continue",
+        dest="resume",
+        action="store_true",
+        help="go on after an interrupted run into the same --out: inputs whose mask and statistics it wrote "
+        "(with the same checkpoint) are kept, not segmented again (nnU-Net's --continue_prediction)",
     )
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -165,16 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     ckpts = a.checkpoint or [DEMO_CHECKPOINT]
     if a.checkpoint is None:
         print("using the bundled demo model (synthetic phantoms; not for clinical use)", file=sys.stderr)
-    engine = Engine.from_checkpoint(
-        [str(c) for c in ckpts],
-        device=a.device,
-        batch_size=a.batch_size,
-        precision=a.precision,
-        mirror=a.mirror,
-        backend=a.backend,
-        body_crop=a.body_crop,
-        compile=a.compile,
-    )
+    try:
+        engine = Engine.from_checkpoint(
+            [str(c) for c in ckpts],
+            device=a.device,
+            batch_size=a.batch_size,
+            precision=a.precision,
+            mirror=a.mirror,
+            backend=a.backend,
+            body_crop=a.body_crop,
+            compile=a.compile,
+        )
+    except (
+        KitsegError,
+        ValueError,
+    ) as e:  # a missing, tampered or mismatched checkpoint; no such device; options it can't run
+        print(f"kitseg-predict: {e}", file=sys.stderr)
+        return 2
     if a.compile != "off":
         engine.warmup()
     files, skipped = _inputs(a.input, a.glob)
@@ -192,10 +258,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     a.out.mkdir(parents=True, exist_ok=True)
     mask_paths = _mask_paths(files, a.input, a.out, names)
+    hashes = [read_meta(c).weights_sha256 for c in ckpts]
+    model = {"checkpoint": [str(c) for c in ckpts] if len(ckpts) > 1 else str(ckpts[0]), "weights_sha256": hashes}
+    try:
+        done = _earlier_results(a.out, hashes) if a.resume else {}
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     results: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []
-    failures = 0
+    failures = kept = 0
     for f in tqdm(files, desc="segment", unit="vol"):
+        mask_path = mask_paths[f]
+        if (earlier := done.get(str(f))) and earlier["mask"] == str(mask_path) and mask_path.is_file():
+            results.append(earlier)
+            kept += 1
+            continue
         t0 = time.perf_counter()
         try:
             vol = load_volume(f)
@@ -204,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             tqdm.write(f"skip {f}: {e}")
             results.append({"input": str(f), "error": str(e)})
+            _write_statistics(a.out, model, results)
             continue
-        mask_path = mask_paths[f]
         mask_path.parent.mkdir(parents=True, exist_ok=True)
         save_mask(pred.mask, vol, mask_path)
         classes = compute_statistics(pred.mask, vol, engine.meta.labels, pred.confidence, pred.box)
@@ -221,41 +298,13 @@ def main(argv: list[str] | None = None) -> int:
                 "classes": classes,
             }
         )
-        for c in classes:
-            rows.append(
-                {
-                    "input": str(f),
-                    "label": c["label"],
-                    "name": c["name"],
-                    "present": c["present"],
-                    "voxels": c["voxels"],
-                    "volume_ml": round(c["volume_ml"], 3),
-                    "components": c["components"],
-                    "mean_confidence": None if c["mean_confidence"] is None else round(c["mean_confidence"], 4),
-                    "max_axial_diameter_mm": c.get("max_axial_diameter_mm"),
-                }
-            )
-    (a.out / "statistics.json").write_text(
-        json.dumps(
-            {"checkpoint": [str(c) for c in ckpts] if len(ckpts) > 1 else str(ckpts[0]), "results": results}, indent=2
-        )
+        # After every volume, so that an interrupted run keeps what it did (--continue goes on).
+        _write_statistics(a.out, model, results)
+    _write_statistics(a.out, model, results)  # this run's inputs only, also when all were kept
+    print(
+        f"segmented {len(files) - failures}/{len(files)} volumes into {a.out}"
+        + (f" ({kept} kept from the earlier run)" if kept else "")
     )
-    with open(a.out / "statistics.csv", "w", newline="") as fh:
-        fields = [
-            "input",
-            "label",
-            "name",
-            "present",
-            "voxels",
-            "volume_ml",
-            "components",
-            "mean_confidence",
-            "max_axial_diameter_mm",
-        ]
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"segmented {len(files) - failures}/{len(files)} volumes into {a.out}")
     return 1 if failures else 0
 
 

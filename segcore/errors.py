@@ -41,3 +41,9 @@ class CheckpointError(KitsegError, RuntimeError):
     """A checkpoint is missing, corrupted, tampered with, or does not match this code."""
 
     code = "checkpoint_error"
+
+
+class DeviceUnavailable(KitsegError, RuntimeError):
+    """The device asked for is not there (``cuda`` on a machine without CUDA) or has no such name."""
+
+    code = "device_unavailable"

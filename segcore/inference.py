@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from segcore.checkpoint import CheckpointMeta, check_ensemble, load_checkpoint
+from segcore.errors import DeviceUnavailable
 from segcore.io import Volume
 from segcore.ort import BACKENDS, OrtModel, onnxruntime_available
 from segcore.postprocess import keep_largest_components, relabel_small_tumors
@@ -118,8 +119,11 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False")
-    return torch.device(requested)
+        raise DeviceUnavailable(f"device {requested!r} was requested but torch.cuda.is_available() is False")
+    try:
+        return torch.device(requested)
+    except RuntimeError as e:  # a name torch doesn't know
+        raise DeviceUnavailable(f"device {requested!r}: {e}") from e
 
 
 @dataclass

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import segcore
 from segcore.checkpoint import KITS19_LABELS, KITS23_LABELS, CheckpointMeta, save_checkpoint, unwrap
-from segcore.inference import Engine, cpu_bf16_fast
+from segcore.inference import Engine, cpu_bf16_fast, pick_device
 from segcore.io import load_labels, load_volume
 from segcore.metrics import kits19, kits23, pixel_accuracy, summarize, tumor_sizes
 from segcore.postprocess import PostprocessConfig
@@ -673,10 +673,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.deep_supervision:
         # Checked before any preprocessing, so a wrong flag fails at once.
         DeepSupervision.check(cfg.deep_supervision, cfg.depth, cfg.patch)
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = pick_device(cfg.device)  # cuda without CUDA: an error, not a fallback
     ddp = Distributed(device, timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     if device.type == "cuda" and ddp.enabled:
         device = torch.device("cuda", ddp.local_rank)  # Distributed bound the rank to it

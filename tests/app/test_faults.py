@@ -347,6 +347,73 @@ def test_predict_cli_names_an_nnunet_images_folders_masks_as_nnunet_does(
     assert "<case>_0000.nii.gz, not: scan.nii.gz" in capsys.readouterr().err
 
 
+def test_predict_cli_continues_an_interrupted_run_and_keeps_what_it_wrote(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import segcore.inference
+    from app.predict_cli import main
+    from segcore.checkpoint import load_checkpoint, save_checkpoint
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name, codes in (("a", "IPL"), ("b", "LPS"), ("c", "RAS")):
+        hu, aff, _ = make_volume(ORIENTATIONS[codes])
+        write_nifti(src / f"{name}.nii.gz", hu, aff)
+    real_predict = segcore.inference.Engine.predict
+    seen: list[object] = []
+
+    def predict_then_stop(self: segcore.inference.Engine, vol: object, *a: object, **kw: object) -> object:
+        if len(seen) == 1:
+            raise KeyboardInterrupt  # the run is stopped during the second volume
+        seen.append(vol)
+        return real_predict(self, vol, *a, **kw)  # type: ignore[arg-type]
+
+    args = [str(src), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--no-mirror"]
+    with monkeypatch.context() as m:
+        m.setattr(segcore.inference.Engine, "predict", predict_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    # What it finished is on disk, statistics included (written after every volume).
+    (first,) = json.loads((out / "statistics.json").read_text())["results"]
+    assert first["input"] == str(src / "a.nii.gz") and Path(first["mask"]).is_file()
+    assert len((out / "statistics.csv").read_text().splitlines()) == 1 + 2
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.nii.gz", "statistics.csv", "statistics.json"]
+
+    calls: list[str] = []
+
+    def counting(self: segcore.inference.Engine, vol: object, *a: object, **kw: object) -> object:
+        calls.append("x")
+        return real_predict(self, vol, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segcore.inference.Engine, "predict", counting)
+    assert main([*args, "--continue"]) == 0
+    assert len(calls) == 2  # b and c; a is kept
+    results = json.loads((out / "statistics.json").read_text())["results"]
+    assert [Path(r["input"]).name for r in results] == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert results[0] == first and all(Path(r["mask"]).is_file() for r in results)
+    assert len((out / "statistics.csv").read_text().splitlines()) == 1 + 3 * 2
+    assert "(1 kept from the earlier run)" in capsys.readouterr().out
+    # Everything done: nothing runs again. Without --continue, everything does.
+    assert main([*args, "--continue"]) == 0 and len(calls) == 2
+    assert main(args) == 0 and len(calls) == 5
+    # Other weights would mix two models' masks in one folder: refused, nothing written.
+    model, meta = load_checkpoint(tiny_checkpoint)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, model, meta)
+    before = (out / "statistics.json").read_bytes()
+    other_args = [*args[:3], "--checkpoint", str(other), *args[5:]]
+    assert main([*other_args, "--continue"]) == 2
+    assert "was written with other weights" in capsys.readouterr().err and len(calls) == 5
+    assert (out / "statistics.json").read_bytes() == before
+    # A missing checkpoint and a device that isn't there: a message and status 2, no traceback.
+    assert main([*args[:3], "--checkpoint", str(tmp_path / "nope.safetensors")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main([*args[:5], "--device", "tpu"]) == 2
+    assert "device 'tpu'" in capsys.readouterr().err
+
+
 def test_predict_cli_compile_option_reaches_the_engine(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1300,3 +1300,18 @@ def test_memory_format_choice_times_under_the_runs_autocast() -> None:
         _AUTOCAST_SEEN.clear()
         choose_memory_format(_AutocastSpy(), lambda: batch, torch.device("cpu"), "auto", amp_dtype=amp_dtype)
         assert _AUTOCAST_SEEN[:] == [amp_dtype] * 6  # a warm-up and 2 reps, in each format
+
+
+def test_a_device_that_is_not_there_is_an_error_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
+) -> None:
+    data = tmp_path / "data"
+    _one_phantom((0, str(data), 48, False, 0))
+    devices = ["tpu", *([] if torch.cuda.is_available() else ["cuda"])]
+    for device in devices:
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--device", device]) == 2
+        ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(data), "--device", device]
+        assert main(ev) == 2
+        err = capsys.readouterr().err
+        assert err.count(f"error: device '{device}'") == 2, err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
