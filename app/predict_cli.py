@@ -43,16 +43,20 @@ NOT_CT = (
     "*_mask.nii.gz",
 )
 
+#: folders that hold label maps: an nnU-Net raw dataset's (``nnUNet_raw/DatasetXXX/labelsTr``)
+NOT_CT_FOLDERS = ("labelsTr", "labelsTs")
+
 
 def _inputs(path: Path, pattern: str | None = None) -> tuple[list[Path], int]:
     """The NIfTI files to segment (``path`` itself, or those under it matching ``pattern``, else
-    all but :data:`NOT_CT`), and how many were left out as not CT."""
+    all but :data:`NOT_CT` and those in :data:`NOT_CT_FOLDERS`), and how many were left out as
+    not CT."""
     if not path.is_dir():
         return [path], 0
     files = sorted(p for p in path.rglob(pattern or "*") if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
     if pattern:
         return files, 0
-    keep = [p for p in files if not any(fnmatch(p.name, n) for n in NOT_CT)]
+    keep = [p for p in files if not any(fnmatch(p.name, n) for n in NOT_CT) and p.parent.name not in NOT_CT_FOLDERS]
     return keep, len(files) - len(keep)
 
 

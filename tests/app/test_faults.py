@@ -345,6 +345,17 @@ def test_predict_cli_names_an_nnunet_images_folders_masks_as_nnunet_does(
     assert (tmp_path / "one" / "scan_mask.nii.gz").exists()
     assert main([str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "one"), "--names", "nnunet", *args]) == 2
     assert "<case>_0000.nii.gz, not: scan.nii.gz" in capsys.readouterr().err
+    # A dataset's root: its labelsTr/ holds label maps (named as cases), which are skipped.
+    root = tmp_path / "Dataset001_KiTS"
+    (root / "labelsTr").mkdir(parents=True)
+    write_nifti(root / "labelsTr" / "case_00002.nii.gz", make_volume(ORIENTATIONS["IPL"])[2], np.eye(4))
+    shutil.copytree(src, root / "imagesTs", ignore=shutil.ignore_patterns("*_0001.nii.gz"))
+    assert main([str(root), "--out", str(tmp_path / "r"), *args]) == 0
+    assert "skipped 1 label map(s)" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path / "r").as_posix() for p in (tmp_path / "r").rglob("*.nii.gz")) == [
+        "imagesTs/case_00000.nii.gz",
+        "imagesTs/case_00001.nii.gz",
+    ]
 
 
 def test_predict_cli_continues_an_interrupted_run_and_keeps_what_it_wrote(
