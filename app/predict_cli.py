@@ -123,7 +123,7 @@ CSV_FIELDS = (
 def _write_statistics(out: Path, model: dict[str, Any], results: list[dict[str, Any]]) -> None:
     """``statistics.json`` (every result, failures included) and ``statistics.csv`` (a row per
     input and class), each replaced whole (never a partial file)."""
-    atomic_write(out / "statistics.json", json.dumps({**model, "results": results}, indent=2).encode())
+    atomic_write(out / "statistics.json", json.dumps({**model, "results": results}, indent=2).encode(), private=False)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
@@ -133,7 +133,7 @@ def _write_statistics(out: Path, model: dict[str, Any], results: list[dict[str, 
             row["volume_ml"] = round(c["volume_ml"], 3)
             row["mean_confidence"] = None if c["mean_confidence"] is None else round(c["mean_confidence"], 4)
             w.writerow({"input": r["input"], **row})
-    atomic_write(out / "statistics.csv", buf.getvalue().encode())
+    atomic_write(out / "statistics.csv", buf.getvalue().encode(), private=False)
 
 
 def _earlier_results(out: Path, weights_sha256: list[str]) -> dict[str, dict[str, Any]]:
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             _write_statistics(a.out, model, results)
             continue
         mask_path.parent.mkdir(parents=True, exist_ok=True)
-        save_mask(pred.mask, vol, mask_path)
+        save_mask(pred.mask, vol, mask_path, private=False)  # the user's outputs, not the service's
         classes = compute_statistics(pred.mask, vol, engine.meta.labels, pred.confidence, pred.box)
         warnings = vol.ct_warnings()
         for message in warnings:

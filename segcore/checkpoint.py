@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from segcore.errors import CheckpointError
+from segcore.io import new_file_mode
 from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
@@ -158,9 +159,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Checkp
     save_file(tensors, str(tmp), metadata={"kitseg": meta.to_json()})
     # safetensors creates its files 0600: then a checkpoint trained by one user (or container)
     # could not be served by another. It gets what any new file gets instead: 0666 less the umask.
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
+    os.chmod(tmp, new_file_mode())
     os.replace(tmp, path)
     return meta.weights_sha256
 

@@ -470,8 +470,27 @@ def encode_mask(mask: npt.NDArray[np.uint8], like: Volume, compresslevel: int = 
     return b"".join(parts)
 
 
-def atomic_write(path: str | os.PathLike[str], payload: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: never a partial file."""
+def new_file_mode() -> int:
+    """What ``open()`` gives a new file: 0666 less the process's umask (read from ``/proc`` where
+    it can be, since setting the umask to read it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike[str], payload: bytes, private: bool = True) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: never a partial file.
+
+    ``private``: keep the temp file's 0600 (the service's results: patient data only it reads);
+    False gives the file what any new file gets, :func:`new_file_mode` (a tool's outputs, which
+    the user may share).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
@@ -479,6 +498,8 @@ def atomic_write(path: str | os.PathLike[str], payload: bytes) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        if not private:
+            os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -513,17 +534,25 @@ def decompress_to(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> N
         raise
 
 
-def save_mask(mask: npt.NDArray[np.uint8], like: Volume, path: str | os.PathLike[str], compresslevel: int = 1) -> None:
-    """Write ``mask`` as ``.nii.gz`` with ``like``'s affine and header (atomically)."""
-    atomic_write(path, encode_mask(mask, like, compresslevel))
+def save_mask(
+    mask: npt.NDArray[np.uint8],
+    like: Volume,
+    path: str | os.PathLike[str],
+    compresslevel: int = 1,
+    private: bool = True,
+) -> None:
+    """Write ``mask`` as ``.nii.gz`` with ``like``'s affine and header (atomically; ``private``
+    as :func:`atomic_write` has it)."""
+    atomic_write(path, encode_mask(mask, like, compresslevel), private)
 
 
 def save_image(
     data: npt.NDArray[Any], affine: npt.NDArray[np.float64], path: str | os.PathLike[str], compresslevel: int = 1
 ) -> None:
-    """Write an array as NIfTI-1 (gzip when the path ends in .gz), keeping its dtype."""
+    """Write an array as NIfTI-1 (gzip when the path ends in .gz), keeping its dtype, with the mode
+    any new file gets (the phantoms and synthesized CT are the user's data to share)."""
     img = nib.Nifti1Image(np.asfortranarray(data), affine)
     img.set_data_dtype(data.dtype)
     raw = img.to_bytes()
     payload = bytes(igzip.compress(raw, compresslevel=compresslevel)) if str(path).endswith(".gz") else raw
-    atomic_write(path, payload)
+    atomic_write(path, payload, private=False)

@@ -218,3 +218,32 @@ def test_labels_read_as_nibabel_reads_them(tmp_path: Path, kind: str) -> None:
     np.testing.assert_array_equal(got, np.asanyarray(ref.dataobj).reshape(truth.shape).astype(np.uint8))
     np.testing.assert_array_equal(got, truth)
     np.testing.assert_array_equal(got_aff, ref.affine)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_private_writes_stay_0600_and_a_tools_outputs_get_the_umasks_mode(umask: int, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from segcore.io import atomic_write, new_file_mode, save_image
+
+    old = os.umask(umask)
+    try:
+        assert new_file_mode() == 0o666 & ~umask
+        atomic_write(tmp_path / "result.json", b"{}")  # the service's results: private
+        atomic_write(tmp_path / "stats.json", b"{}", private=False)
+        save_image(np.zeros((4, 4, 4), np.int16), np.eye(4), tmp_path / "imaging.nii.gz")
+        hu, aff, _ = make_volume(ORIENTATIONS["RAS"])
+        write_nifti(tmp_path / "ct.nii.gz", hu, aff)
+        vol = load_volume(tmp_path / "ct.nii.gz")
+        save_mask(np.zeros(vol.shape, np.uint8), vol, tmp_path / "private_mask.nii.gz")
+        save_mask(np.zeros(vol.shape, np.uint8), vol, tmp_path / "mask.nii.gz", private=False)
+    finally:
+        os.umask(old)
+
+    def mode(name: str) -> int:
+        return stat.S_IMODE((tmp_path / name).stat().st_mode)
+
+    assert mode("result.json") == mode("private_mask.nii.gz") == 0o600
+    assert mode("stats.json") == mode("imaging.nii.gz") == mode("mask.nii.gz") == 0o666 & ~umask
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
