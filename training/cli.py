@@ -308,6 +308,37 @@ def _postprocess(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export
+def cmd_export(a: argparse.Namespace) -> int:
+    if a.dry_run:
+        # A tiny checkpoint in a temporary folder, exported there and checked; all removed afterwards.
+        with tempfile.TemporaryDirectory(prefix="kitseg-dry-") as tmp_name:
+            run = _train_tiny(a, Path(tmp_name))
+            return _export(argparse.Namespace(checkpoint=run / "best.safetensors", out=run / "model.onnx"))
+    if not a.checkpoint or not a.out:
+        print("export needs --checkpoint and --out (or --dry-run)", file=sys.stderr)
+        return 2
+    return _export(a)
+
+
+def _export(a: argparse.Namespace) -> int:
+    from segcore.checkpoint import read_meta
+    from segcore.ort import ONNX_META_KEY, export_checkpoint
+
+    try:
+        diff = export_checkpoint(a.checkpoint, a.out)
+    except ImportError as e:
+        print(e, file=sys.stderr)
+        return 2
+    cfg = read_meta(a.checkpoint).model
+    print(
+        f"wrote {a.out}: input x (batch, {cfg.in_slices}, H, W) float32, H and W multiples of {cfg.multiple}; "
+        f"output logits (batch, {cfg.num_classes}, H, W); the checkpoint's metadata under '{ONNX_META_KEY}'. "
+        f"Largest logit difference from torch: {diff:.2g}"
+    )
+    return 0
+
+
 # ---------------------------------------------------------------- evaluate
 def kits_table(rows: list[dict[str, Any]], summary: dict[str, float]) -> str:
     keys = ["kidney_dice", "tumor_dice", "composite", "pixel_accuracy", "all_background_accuracy"]
@@ -761,6 +792,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="train a tiny checkpoint, rewrite it with 0.5 mL and read it back"
     )
     po.set_defaults(func=cmd_postprocess)
+
+    ex = sub.add_parser(
+        "export",
+        help="write a checkpoint's network as a self-describing ONNX model, for other runtimes",
+        description=(
+            "Write the network as the engine runs it on a CPU (eval mode, BatchNorm folded into the convolutions) "
+            "to an ONNX file for other runtimes (ONNX Runtime, TensorRT, Triton). Input x: (batch, slices, H, W) "
+            "float32 on the model grid, normalised as the checkpoint's preprocessing says, H and W multiples of "
+            "2**(depth-1); output logits: (batch, classes, H, W). The checkpoint's metadata (preprocessing, labels, "
+            "post-processing, metrics, provenance, weights sha256) goes in the model's metadata as "
+            "'kitseg.checkpoint' (JSON). The file's logits are checked against torch's with ONNX Runtime before it "
+            "is written. Needs the onnx extra. Preprocessing, the mapping back to the input grid and "
+            "post-processing stay outside the graph: the service and kitseg-predict do them."
+        ),
+    )
+    ex.add_argument("--checkpoint", help="the checkpoint to export")
+    ex.add_argument("--out", help="the .onnx file to write")
+    ex.add_argument(
+        "--dry-run", action="store_true", help="train a tiny checkpoint and export it to a temporary folder"
+    )
+    ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser(
         "evaluate",

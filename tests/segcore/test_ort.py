@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import logging
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -245,3 +246,44 @@ def test_release_returns_the_arenas_memory() -> None:
     after = _rss_mb() - base
     assert held > 100, f"the arena held only {held:.0f} MB: the test can't tell release from no release"
     assert after < 0.3 * held, f"release kept {after:.0f} of {held:.0f} MB"
+
+
+@needs_ort
+def test_an_exported_checkpoint_is_a_self_describing_onnx_model_with_the_networks_logits(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from segcore.checkpoint import load_checkpoint, read_meta, save_checkpoint
+    from segcore.errors import CheckpointError
+    from segcore.ort import ONNX_META_KEY, export_checkpoint
+
+    cfg = UNetConfig(in_slices=3, base_width=4, depth=3)
+    net = _random_net(cfg)
+    with torch.no_grad():  # BatchNorm statistics that folding must carry into the convolutions
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    save_checkpoint(tmp_path / "m.safetensors", net, _meta(cfg, (1.5, 1.5)))
+    diff = export_checkpoint(tmp_path / "m.safetensors", tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props[ONNX_META_KEY] == read_meta(tmp_path / "m.safetensors").to_json()
+    assert "multiples of 4" in props["kitseg.input"]
+    # Any batch, and any H and W that are multiples of 2**(depth-1): the unfolded network's logits.
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    model, _ = load_checkpoint(tmp_path / "m.safetensors")
+    for shape in ((1, 3, 20, 12), (3, 3, 36, 44)):
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            ref = model.eval()(x)
+        out = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert 0 <= diff < 1e-3
+    # A tampered checkpoint is refused, and nothing is written.
+    raw = bytearray((tmp_path / "m.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError):
+        export_checkpoint(tmp_path / "bad.safetensors", tmp_path / "bad.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "m.onnx", "m.safetensors"]

@@ -1119,7 +1119,7 @@ def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path) -> None
         assert e.value.code == 2
 
 
-@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess"])
+@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess", "export"])
 def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     extra = ["--out", str(tmp_path / "o")] if cmd in ("phantoms", "synth-ct") else []
@@ -1143,9 +1143,11 @@ def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
         assert "tumor Dice by the reference's tumors: a tumor < 10 mL" in r.stdout
     if cmd == "postprocess":
         assert "'min_tumor_ml': 0.5" in r.stdout and "unchanged" in r.stdout
+    if cmd == "export":
+        assert "model.onnx: input x (batch, 1, H, W) float32" in r.stdout and "from torch: " in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess"])
+@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess", "export"])
 def test_cli_help(cmd: str) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "training", cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
