@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,75 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _int_from(lo: int) -> Callable[[str], int]:
+    """argparse type for a whole number >= ``lo`` (a count, a size, an index)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return v
+
+    parse.__name__ = f"whole number >= {lo}"  # what argparse names in its message
+    return parse
+
+
+def _positive(text: str) -> float:
+    """argparse type for a finite number > 0 (a rate, a time)."""
+    v = _number(text)
+    if not (0.0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _share(text: str) -> float:
+    """argparse type for a fraction in [0, 1]."""
+    v = _number(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return v
+
+
+def _spacing(text: str) -> float:
+    """argparse type for an in-plane spacing in mm: finite, >= 0 (0 keeps the scan's own)."""
+    v = _number(text)
+    if not 0.0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a spacing >= 0 mm (0: native), got {text}")
+    return v
+
+
+def _in_slices(text: str) -> int:
+    """argparse type for the slices a model takes: 1, or 2k+1 (the slice and k on each side)."""
+    v = _int_from(1)(text)
+    if v % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be odd (1, or 2k+1 for k neighbours on each side), got {text}")
+    return v
+
+
+def _case_range(text: str) -> tuple[int, int]:
+    """argparse type for ``lo:hi``, the case numbers lo <= n < hi."""
+    try:
+        lo, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be lo:hi, case numbers from lo to hi - 1 (e.g. 0:150), got {text!r}"
+        ) from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"must be lo:hi with 0 <= lo < hi, got {text}")
+    return lo, hi
+
+
+def _fraction(text: str) -> float:
+    """argparse type for a share strictly between 0 and 1."""
+    v = _number(text)
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return v
 
 
 def _volume_ml(text: str) -> float:
@@ -126,7 +196,7 @@ def _synth_ct(a: argparse.Namespace, src: Path) -> int:
     # an nnU-Net dataset's labelsTr/: each case's CT goes to OUT/<case>/imaging.nii.gz.
     cases = [c for c in find_cases(src, need_image=False, label_file=a.label_file) if c.label is not None]
     if a.cases:
-        lo, hi = (int(v) for v in a.cases.split(":"))
+        lo, hi = a.cases
         cases = [c for c in cases if (n := c.case_id.rpartition("_")[2]).isdigit() and lo <= int(n) < hi]
     if a.dry_run:
         cases = cases[:1]
@@ -534,7 +604,7 @@ def _fold_arguments_agree(a: argparse.Namespace, cases: str | None, cases_flag: 
 def _fold_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--fold",
-        type=int,
+        type=_int_from(0),
         metavar="K",
         help=f"cross-validation: {what}. The folds are nnU-Net's own for the same case ids (the sorted ids "
         "shuffled with seed 12345, as its splits_final.json), unless --splits gives a file; a training run "
@@ -542,7 +612,7 @@ def _fold_arguments(p: argparse.ArgumentParser, what: str) -> None:
     )
     p.add_argument(
         "--folds",
-        type=int,
+        type=_int_from(2),
         help="how many folds --fold counts (default: nnU-Net's 5)",
     )
     p.add_argument("--splits", help="a splits_final.json (nnU-Net's format) to take --fold from")
@@ -565,12 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ph.add_argument("--out", required=True, help="output folder")
-    ph.add_argument("--n", type=int, default=40, help="number of cases (default 40)")
-    ph.add_argument("--start", type=int, default=0, help="first case number")
-    ph.add_argument("--size", type=int, default=256, help="in-plane matrix size (KiTS is 512; default 256)")
+    ph.add_argument("--n", type=_int_from(1), default=40, help="number of cases (default 40)")
+    ph.add_argument("--start", type=_int_from(0), default=0, help="first case number")
+    ph.add_argument("--size", type=_int_from(32), default=256, help="in-plane matrix size (KiTS is 512; default 256)")
     ph.add_argument("--cysts", action="store_true", help="add cysts (label 3, KiTS21/23 style)")
     ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--workers", type=int, default=2, help="parallel processes")
+    ph.add_argument("--workers", type=_int_from(1), default=2, help="parallel processes")
     ph.add_argument("--dry-run", action="store_true", help="3 tiny 64x64 cases")
     ph.set_defaults(func=cmd_phantoms)
 
@@ -590,9 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the label file in each case folder (default: segmentation.nii.gz, else KiTS21's aggregated_MAJ_seg.nii.gz)",
     )
     sc.add_argument("--out", required=True, help="output folder (KiTS19 layout)")
-    sc.add_argument("--cases", help="range lo:hi of case numbers, e.g. 0:150")
+    sc.add_argument("--cases", type=_case_range, help="range lo:hi of case numbers, e.g. 0:150 (lo <= n < hi)")
     sc.add_argument("--seed", type=int, default=0)
-    sc.add_argument("--workers", type=int, default=2)
+    sc.add_argument("--workers", type=_int_from(1), default=2)
     sc.add_argument("--dry-run", action="store_true", help="one case (a phantom's labels if --labels is missing)")
     sc.set_defaults(func=cmd_synth_ct)
 
@@ -608,16 +678,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help=DATA_HELP)
     tr.add_argument("--out", help="run folder")
     tr.add_argument("--cache", help="preprocessed cache folder (default OUT/cache)")
-    tr.add_argument("--epochs", type=int, default=20)
-    tr.add_argument("--iters", type=int, default=100, help="iterations per epoch")
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--patch", type=int, default=160, help="square training patch on the model grid")
-    tr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the seed's 1e-3)")
+    tr.add_argument("--epochs", type=_int_from(1), default=20)
+    tr.add_argument("--iters", type=_int_from(1), default=100, help="iterations per epoch")
+    tr.add_argument("--batch-size", type=_int_from(1), default=8)
+    tr.add_argument("--patch", type=_int_from(8), default=160, help="square training patch on the model grid")
+    tr.add_argument("--lr", type=_positive, default=1e-3, help="Adam learning rate (the seed's 1e-3)")
     tr.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
-    tr.add_argument("--val-fraction", type=float, default=0.2, help="patients held out for validation")
+    tr.add_argument("--val-fraction", type=_fraction, default=0.2, help="patients held out for validation")
     tr.add_argument("--val-cases", help="comma-separated case ids to validate on instead")
     _fold_arguments(tr, "train on fold K's training cases and validate on its validation cases")
-    tr.add_argument("--max-train-cases", type=int)
+    tr.add_argument("--max-train-cases", type=_int_from(1))
     tr.add_argument(
         "--val-precision",
         default="fp32",
@@ -626,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--val-every",
-        type=int,
+        type=_int_from(1),
         default=1,
         metavar="N",
         help="validate on the whole validation volumes (and write last/best.safetensors) every N epochs and after "
@@ -642,13 +712,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--dist-timeout",
-        type=float,
+        type=_positive,
         default=30.0,
         metavar="MINUTES",
         help="under torchrun, how long a rank waits for the others in a collective before the run fails "
         "(NCCL's own default is 10)",
     )
-    tr.add_argument("--fg-fraction", type=float, default=0.67, help="share of patches centred on kidney/tumor")
+    tr.add_argument("--fg-fraction", type=_share, default=0.67, help="share of patches centred on kidney/tumor")
     tr.add_argument(
         "--tumor-sampling",
         choices=["slice", "component"],
@@ -667,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--deep-supervision",
-        type=int,
+        type=_int_from(0),
         default=0,
         metavar="LEVELS",
         help="also train the decoder's outputs at 1/2, 1/4, ... resolution (LEVELS of them) through their "
@@ -703,13 +773,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--workers",
-        type=int,
+        type=_int_from(0),
         help="DataLoader worker processes (default: 0 on a CPU, whose cores the training step uses; "
         "on CUDA one per spare CPU core, shared among the node's ranks, at most 12)",
     )
     tr.add_argument(
         "--cache-workers",
-        type=int,
+        type=_int_from(0),
         help="processes that preprocess the cases into the cache before training, each rank its share "
         "(default: one per available CPU core, at most 8; none with under 4 cores or under 64 MB of images)",
     )
@@ -731,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--max-minutes",
-        type=float,
+        type=_positive,
         help="stop after the epoch that crosses this wall time (a resumed run's earlier parts count toward it)",
     )
     tr.add_argument(
@@ -751,8 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-file",
         help=LABEL_FILE_HELP,
     )
-    tr.add_argument("--base-width", type=int, default=16)
-    tr.add_argument("--depth", type=int, default=4)
+    tr.add_argument("--base-width", type=_int_from(1), default=16)
+    tr.add_argument("--depth", type=_int_from(2), default=4)
     tr.add_argument(
         "--block",
         choices=["plain", "residual"],
@@ -760,8 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the encoder levels' block: plain (two conv + norm + ReLU, Ronneberger) or residual (the "
         "same with a shortcut, as nnU-Net's residual-encoder U-Net); the decoder is plain either way",
     )
-    tr.add_argument("--in-slices", type=int, default=3, help="1, or 2k+1 for 2.5D context")
-    tr.add_argument("--spacing", type=float, default=1.6, help="in-plane target spacing in mm; 0 keeps native")
+    tr.add_argument("--in-slices", type=_in_slices, default=3, help="1, or 2k+1 for 2.5D context")
+    tr.add_argument("--spacing", type=_spacing, default=1.6, help="in-plane target spacing in mm; 0 keeps native")
     tr.add_argument(
         "--antialias",
         action="store_true",
@@ -847,14 +917,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="folder for kits_table.md, summary.json and cases.csv")
     ev.add_argument("--cases", help="comma-separated case ids")
     _fold_arguments(ev, "evaluate on fold K's validation cases (a cross-validation fold's own held-out cases)")
-    ev.add_argument("--limit", type=int)
+    ev.add_argument("--limit", type=_int_from(1))
     ev.add_argument("--kits23", action="store_true", help="also compute KiTS21/23 regions and Surface Dice")
     ev.add_argument(
         "--label-file",
         help=LABEL_FILE_HELP,
     )
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--batch-size", type=_int_from(1), default=16)
     ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ev.add_argument(
         "--backend",
@@ -905,12 +975,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     from segcore.errors import KitsegError
     from training.datasets import DatasetError
+    from training.train import ConfigError
 
     try:
         return int(args.func(args))
     # A checkpoint missing, tampered or mismatched; an unreadable volume; a dataset folder missing,
     # without labelled cases or with labels the model has no class for: the message says which.
-    except (KitsegError, DatasetError, FileNotFoundError) as e:
+    except (KitsegError, DatasetError, ConfigError, FileNotFoundError) as e:
         print(f"kitseg-train {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -66,6 +66,11 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+class ConfigError(ValueError):
+    """Training options that don't go together, or a --resume state that doesn't match them; the
+    command line reports the message (status 2). Raised before the first training step."""
+
+
 @dataclass
 class TrainConfig:
     data: str
@@ -209,11 +214,11 @@ class DeepSupervision(nn.Module):
 
     @staticmethod
     def check(levels: int, depth: int, patch: int | None = None) -> None:
-        """Raise ValueError unless ``levels`` (and ``patch``, when given) suit a U-Net of ``depth``."""
+        """Raise ConfigError unless ``levels`` (and ``patch``, when given) suit a U-Net of ``depth``."""
         if not 1 <= levels <= depth - 2:
-            raise ValueError(f"deep supervision levels must be 0 or 1..depth-2 = {depth - 2}, got {levels}")
+            raise ConfigError(f"deep supervision levels must be 0 or 1..depth-2 = {depth - 2}, got {levels}")
         if patch is not None and patch % 2 ** (depth - 1):
-            raise ValueError(f"deep supervision needs a patch that is a multiple of {2 ** (depth - 1)}, got {patch}")
+            raise ConfigError(f"deep supervision needs a patch that is a multiple of {2 ** (depth - 1)}, got {patch}")
 
     def __init__(self, net: UNet, levels: int) -> None:
         super().__init__()
@@ -658,18 +663,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     t_start = time.perf_counter()
     if not 0.0 <= cfg.ema < 1.0:
-        raise ValueError(f"ema decay must be in [0, 1), got {cfg.ema}")
+        raise ConfigError(f"ema decay must be in [0, 1), got {cfg.ema}")
     if cfg.fold is not None and cfg.val_cases:
-        raise ValueError("a fold names its validation cases; give --fold or --val-cases, not both")
+        raise ConfigError("a fold names its validation cases; give --fold or --val-cases, not both")
     if cfg.splits and cfg.fold is None:
-        raise ValueError("a splits file holds folds; say which with --fold")
+        raise ConfigError("a splits file holds folds; say which with --fold")
     if cfg.fit_schedule and cfg.max_minutes is None:
-        raise ValueError("fit_schedule fits the LR schedule to max_minutes; set max_minutes too")
+        raise ConfigError("fit_schedule fits the LR schedule to max_minutes; set max_minutes too")
     if cfg.val_every < 1:
-        raise ValueError(f"val_every must be >= 1, got {cfg.val_every}")
+        raise ConfigError(f"val_every must be >= 1, got {cfg.val_every}")
     if cfg.fit_schedule and cfg.val_every > 1:
         # The schedule's end is known only after an epoch, when it may already be the last.
-        raise ValueError("fit_schedule decides the last epoch after it ends; validate every epoch with it")
+        raise ConfigError("fit_schedule decides the last epoch after it ends; validate every epoch with it")
     if cfg.deep_supervision:
         # Checked before any preprocessing, so a wrong flag fails at once.
         DeepSupervision.check(cfg.deep_supervision, cfg.depth, cfg.patch)
@@ -830,20 +835,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         plain_unet(model).load_state_dict(state["model"])
         if cfg.deep_supervision:
             if "aux" not in state:
-                raise ValueError(
+                raise ConfigError(
                     f"{cfg.resume} was trained without deep supervision; resume it without --deep-supervision"
                 )
             unwrap(model).aux.load_state_dict(state["aux"])
         elif "aux" in state:
-            raise ValueError(
+            raise ConfigError(
                 f"{cfg.resume} was trained with deep supervision; resume it with the same --deep-supervision"
             )
         if ema is not None:
             if "ema" not in state:
-                raise ValueError(f"{cfg.resume} was trained without a weight average; resume it without --ema")
+                raise ConfigError(f"{cfg.resume} was trained without a weight average; resume it without --ema")
             ema.load_state_dict(state["ema"])
         elif "ema" in state:
-            raise ValueError(f"{cfg.resume} was trained with a weight average; resume it with the same --ema")
+            raise ConfigError(f"{cfg.resume} was trained with a weight average; resume it with the same --ema")
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
         history = json.loads(state["history"])

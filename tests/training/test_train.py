@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -717,7 +718,7 @@ def test_train_writes_checkpoints_log_plot_and_resumes(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
-def test_val_every_validates_every_n_epochs_and_the_last(tmp_path: Path) -> None:
+def test_val_every_validates_every_n_epochs_and_the_last(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     for i in range(3):
         _one_phantom((i, str(data), 48, False, 0))
@@ -745,9 +746,11 @@ def test_val_every_validates_every_n_epochs_and_the_last(tmp_path: Path) -> None
     )
     rows = [json.loads(line) for line in (guarded / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], "val_composite" in r) for r in rows] == [(1, True)]
-    for bad in (["--val-every", "0"], ["--val-every", "2", "--max-minutes", "10", "--fit-schedule"]):
-        with pytest.raises(ValueError, match=r"val_every|fit_schedule"):
-            main([*args, *bad])
+    with pytest.raises(SystemExit) as exc:  # argparse's own error
+        main([*args, "--val-every", "0"])
+    assert exc.value.code == 2 and "argument --val-every: must be >= 1, got 0" in capsys.readouterr().err
+    assert main([*args, "--val-every", "2", "--max-minutes", "10", "--fit-schedule"]) == 2
+    assert "fit_schedule decides the last epoch after it ends" in capsys.readouterr().err
 
 
 def _tiny_depth4_run(tmp_path: Path, memory_format: str) -> tuple[list[str], Path]:
@@ -937,7 +940,9 @@ def test_train_records_the_amp_that_auto_resolved_to(monkeypatch: pytest.MonkeyP
     assert meta.provenance["amp"] == "off"
 
 
-def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_path: Path) -> None:
+def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args, run = _tiny_depth4_run(tmp_path, "contiguous")
     args += ["--deep-supervision", "2"]
     assert main(args) == 0
@@ -949,13 +954,15 @@ def test_train_with_deep_supervision_saves_the_plain_network_and_resumes(tmp_pat
     assert set(resumed["aux"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
     assert main([*args[:6], "2", *args[7:], "--resume", str(run / "last.state.pt")]) == 0
     assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    with pytest.raises(ValueError, match="with deep supervision"):
-        main([*args[:6], "3", *args[7:-2], "--resume", str(run / "last.state.pt")])
+    assert (
+        main([*args[:6], "3", *args[7:-2], "--resume", str(run / "last.state.pt")]) == 2
+    )  # refused with a message, not a traceback
+    assert re.search("with deep supervision", capsys.readouterr().err)
     # Wrong settings fail before any preprocessing.
-    with pytest.raises(ValueError, match=r"levels must be 0 or 1\.\.depth-2 = 2, got 3"):
-        main([*args[:-1], "3"])
-    with pytest.raises(ValueError, match="multiple of 8, got 36"):
-        main([*args[:12], "36", *args[13:]])
+    assert main([*args[:-1], "3"]) == 2  # refused with a message, not a traceback
+    assert re.search(r"levels must be 0 or 1\.\.depth-2 = 2, got 3", capsys.readouterr().err)
+    assert main([*args[:12], "36", *args[13:]]) == 2  # refused with a message, not a traceback
+    assert re.search("multiple of 8, got 36", capsys.readouterr().err)
 
 
 def test_train_with_antialias_records_it_and_trains_on_antialiased_slices(tmp_path: Path) -> None:
@@ -1081,7 +1088,7 @@ def test_a_resumed_run_keeps_its_fitted_schedule_and_its_clock(
     assert [c[:2] for c in calls] == [(3, 1)]
 
 
-def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path) -> None:
+def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args, run = _tiny_depth4_run(tmp_path, "contiguous")
     args[8] = "1"  # one step per epoch, so the average can be checked by hand
     args += ["--ema", "0.75"]
@@ -1106,13 +1113,17 @@ def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path) -> None
     assert any(not torch.equal(saved[k], second["model"][k]) for k in floats)
     _, meta = load_checkpoint(run / "best.safetensors")
     assert meta.provenance["train_config"]["ema"] == 0.75
-    with pytest.raises(ValueError, match="resume it with the same --ema"):
-        main([*args[:6], "3", *args[7:-2], "--resume", str(run / "last.state.pt")])
+    assert (
+        main([*args[:6], "3", *args[7:-2], "--resume", str(run / "last.state.pt")]) == 2
+    )  # refused with a message, not a traceback
+    assert re.search("resume it with the same --ema", capsys.readouterr().err)
     plain, plain_run = _tiny_depth4_run(tmp_path / "plain", "contiguous")
     plain[8] = "1"
     assert main(plain) == 0
-    with pytest.raises(ValueError, match="resume it without --ema"):
-        main([*plain[:6], "2", *plain[7:], "--ema", "0.75", "--resume", str(plain_run / "last.state.pt")])
+    assert (
+        main([*plain[:6], "2", *plain[7:], "--ema", "0.75", "--resume", str(plain_run / "last.state.pt")]) == 2
+    )  # refused with a message, not a traceback
+    assert re.search("resume it without --ema", capsys.readouterr().err)
     for bad in ("1", "-0.1", "nan", "x"):
         with pytest.raises(SystemExit) as e:
             main([*args[:-1], bad])
@@ -1317,3 +1328,33 @@ def test_a_device_that_is_not_there_is_an_error_message_not_a_traceback(
         err = capsys.readouterr().err
         assert err.count(f"error: device '{device}'") == 2, err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["phantoms", "--out", "x", "--n", "-1"], "argument --n: must be >= 1, got -1"),
+        (["phantoms", "--out", "x", "--size", "8"], "argument --size: must be >= 32, got 8"),
+        (["synth-ct", "--labels", "x", "--out", "y", "--cases", "case_00001"], "argument --cases: must be lo:hi"),
+        (["synth-ct", "--labels", "x", "--out", "y", "--cases", "50:40"], "0 <= lo < hi, got 50:40"),
+        (["train", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+        (["train", "--batch-size", "two"], "argument --batch-size: not a whole number: 'two'"),
+        (["train", "--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+        (["train", "--in-slices", "2"], "argument --in-slices: must be odd"),
+        (["train", "--val-fraction", "1"], "argument --val-fraction: must be between 0 and 1"),
+        (["train", "--fg-fraction", "1.5"], "argument --fg-fraction: must be in [0, 1], got 1.5"),
+        (["train", "--spacing", "-1"], "argument --spacing: must be a spacing >= 0 mm"),
+        (["train", "--max-minutes", "0"], "argument --max-minutes: must be a finite number > 0, got 0"),
+        (["train", "--fold", "-1"], "argument --fold: must be >= 0, got -1"),
+        (["train", "--folds", "1", "--fold", "0"], "argument --folds: must be >= 2, got 1"),
+        (["evaluate", "--limit", "0"], "argument --limit: must be >= 1, got 0"),
+    ],
+)
+def test_cli_refuses_numbers_out_of_range_as_argparse_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before, a batch size of 0 or --phantoms --n -1 ended in a traceback from deep inside.
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
