@@ -239,10 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             body_crop=a.body_crop,
             compile=a.compile,
         )
-    except (
-        KitsegError,
-        ValueError,
-    ) as e:  # a missing, tampered or mismatched checkpoint; no such device; options it can't run
+    # A missing, tampered or mismatched checkpoint; no such device; options it can't run.
+    except (KitsegError, ValueError) as e:
         print(f"kitseg-predict: {e}", file=sys.stderr)
         return 2
     if a.compile != "off":

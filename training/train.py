@@ -864,7 +864,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_rng_state(state["torch_rng"])
         # The run's clock goes on where it stopped: --max-minutes bounds the whole run, resumed
         # parts included, and --fit-schedule fits the schedule as it would have without the stop
-        # (or to a new --epochs or --max-minutes). States written before session 28 lack both.
+        # (or to a new --epochs or --max-minutes). States from earlier versions of kitseg lack both.
         prior_s = float(state.get("elapsed_s", 0.0))
         t_start -= prior_s
         epoch_seconds = [float(d) for d in json.loads(state.get("epoch_seconds", "[]"))]
