@@ -47,6 +47,10 @@ mkdir -p "$OUT"
 # tool brings back at most 8 files from it).
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+# Python's own temporary folders (multiprocessing's pymp-*, the dry runs' kitseg-*) go there too,
+# so that nothing is left behind in /tmp.
+export TMPDIR="$WORK/tmp"
+mkdir -p "$TMPDIR"
 step() { echo "== $(date +%T) $*"; }
 run() { "$@" || echo "!! exit status $? from: $*"; }
 gpu_tests() {
