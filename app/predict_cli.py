@@ -117,6 +117,12 @@ CSV_FIELDS = (
     "components",
     "mean_confidence",
     "max_axial_diameter_mm",
+    # The kidney row's split into the patient's left and right (the statistics' "sides"): the
+    # kidney region (labels > 0) and the tumor inside it, per side.
+    "left_total_ml",
+    "left_tumor_ml",
+    "right_total_ml",
+    "right_tumor_ml",
 )
 
 
@@ -131,6 +137,10 @@ def _write_statistics(out: Path, model: dict[str, Any], results: list[dict[str, 
         for c in r.get("classes", []):
             row = {k: c.get(k) for k in CSV_FIELDS[1:]}
             row["volume_ml"] = round(c["volume_ml"], 3)
+            if sides := c.get("sides"):
+                for side in ("left", "right"):
+                    row[f"{side}_total_ml"] = round(sides[side]["total_ml"], 3)
+                    row[f"{side}_tumor_ml"] = round(sides[side]["tumor_ml"], 3)
             row["mean_confidence"] = None if c["mean_confidence"] is None else round(c["mean_confidence"], 4)
             w.writerow({"input": r["input"], **row})
     atomic_write(out / "statistics.csv", buf.getvalue().encode(), private=False)

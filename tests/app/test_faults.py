@@ -4,6 +4,7 @@ After each, the process keeps serving and nothing is left behind."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import logging
@@ -242,6 +243,16 @@ def test_predict_cli_writes_masks_and_statistics(tmp_path: Path, tiny_checkpoint
     assert len(stats["results"]) == 2
     rows = (out / "statistics.csv").read_text().splitlines()
     assert rows[0].startswith("input,label,name") and len(rows) == 1 + 2 * 2
+    # The kidney rows carry each side's volumes, as the JSON's "sides" has them; other rows none.
+    for r, res in zip((r for r in csv.DictReader(rows) if r["name"] == "kidney"), stats["results"], strict=True):
+        sides = res["classes"][0].get("sides")
+        for side in ("left", "right"):
+            for what in ("total", "tumor"):
+                cell = r[f"{side}_{what}_ml"]
+                assert (
+                    cell == "" if sides is None else float(cell) == pytest.approx(sides[side][f"{what}_ml"], abs=1e-3)
+                )
+    assert all(r["left_total_ml"] == "" for r in csv.DictReader(rows) if r["name"] != "kidney")
     assert np.isfinite([r["classes"][0]["volume_ml"] for r in stats["results"]]).all()
     # Two checkpoints of one configuration: an ensemble, named in the statistics.
     other = tmp_path / "fold1.safetensors"
@@ -454,3 +465,39 @@ def test_predict_cli_compile_option_reaches_the_engine(
     assert len(compiled) == 1 and warmed == [True]  # compiled, and warmed before the first volume
     masks = [nib.load(tmp_path / d / "a_mask.nii.gz").get_fdata() for d in ("eager", "on")]
     np.testing.assert_array_equal(*masks)
+
+
+def test_predict_cli_statistics_csv_has_a_row_per_class_and_each_kidneys_side(tmp_path: Path) -> None:
+    from app.predict_cli import _write_statistics
+
+    kidney = {
+        "label": 1,
+        "name": "kidney",
+        "present": True,
+        "voxels": 1000,
+        "volume_ml": 12.34567,
+        "components": 2,
+        "mean_confidence": 0.912345,
+        "sides": {
+            "left": {"total_ml": 5.0, "kidney_ml": 3.5, "tumor_ml": 1.5, "present": True},
+            "right": {"total_ml": 7.34567, "kidney_ml": 7.34567, "tumor_ml": 0.0, "present": True},
+            "midline_x_mm": 0.5,
+        },
+    }
+    tumor = {"label": 2, "name": "tumor", "present": True, "voxels": 120, "volume_ml": 1.5, "components": 1}
+    tumor |= {"mean_confidence": None, "max_axial_diameter_mm": 14.2}
+    results = [{"input": "a.nii.gz", "classes": [kidney, tumor]}, {"input": "bad.nii.gz", "error": "not NIfTI"}]
+    _write_statistics(tmp_path, {"checkpoint": "m.safetensors", "weights_sha256": ["ab"]}, results)
+    rows = list(csv.DictReader((tmp_path / "statistics.csv").read_text().splitlines()))
+    assert [(r["input"], r["name"]) for r in rows] == [("a.nii.gz", "kidney"), ("a.nii.gz", "tumor")]
+    k, t = rows
+    assert (k["volume_ml"], k["mean_confidence"]) == ("12.346", "0.9123")
+    assert (k["left_total_ml"], k["left_tumor_ml"], k["right_total_ml"], k["right_tumor_ml"]) == (
+        "5.0",
+        "1.5",
+        "7.346",
+        "0.0",
+    )
+    assert (t["left_total_ml"], t["mean_confidence"], t["max_axial_diameter_mm"]) == ("", "", "14.2")
+    saved = json.loads((tmp_path / "statistics.json").read_text())
+    assert saved == {"checkpoint": "m.safetensors", "weights_sha256": ["ab"], "results": results}
