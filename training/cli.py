@@ -409,6 +409,56 @@ def _export(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- check-data
+def cmd_check_data(a: argparse.Namespace) -> int:
+    if a.dry_run:
+        with tempfile.TemporaryDirectory(prefix="kitseg-dry-") as tmp_name:
+            data = Path(tmp_name) / "data"
+            for i in range(2):
+                _one_phantom((i, str(data), 48, False, 0))
+            return _check_data(argparse.Namespace(**{**vars(a), "data": str(data), "dry_run": False}))
+    if not a.data:
+        print("check-data needs --data (or --dry-run)", file=sys.stderr)
+        return 2
+    return _check_data(a)
+
+
+def _check_data(a: argparse.Namespace) -> int:
+    from training.datasets import check_dataset
+
+    report = check_dataset(a.data, 4 if a.kits23 else 3, a.label_file, progress=True)
+    s = report["summary"]
+
+    def spread(d: dict[str, float] | None, fmt: str = ".1f") -> str:
+        return "-" if d is None else f"{d['min']:{fmt}} / {d['median']:{fmt}} / {d['max']:{fmt}}"
+
+    print(
+        f"{a.data}: {s['cases']} case(s), {s['labelled']} labelled, {s['imaging_only']} imaging only, "
+        f"{s['labels_only']} label map(s) only\n"
+        f"  orientations: {', '.join(f'{k} {v}' for k, v in sorted(s['orientations'].items())) or '-'}\n"
+        f"  in-plane sizes: {', '.join(f'{k} {v}' for k, v in sorted(s['in_plane_sizes'].items())) or '-'}\n"
+        f"  slices (min / median / max): {spread(s['slices'], '.0f')}\n"
+        f"  slice thickness mm: {spread(s['slice_mm'], '.2f')}; in-plane spacing mm: {spread(s['in_plane_mm'], '.3f')}\n"
+        f"  kidney region mL: {spread(s['kidney_ml'])}; tumor mL (cases with one): {spread(s['tumor_ml'])}\n"
+        f"  tumor-free cases: {s['tumor_free']}; with a tumor under 10 mL: {s['with_a_tumor_under_10_ml']}; "
+        f"with cysts: {s['with_cysts']}"
+    )
+    for w in report["warnings"]:
+        print(f"warning: {w}")
+    for problem in report["problems"]:
+        print(f"problem: {problem}", file=sys.stderr)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dataset_check.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out / 'dataset_check.json'}")
+    if report["problems"]:
+        print(f"{len(report['problems'])} case(s) with problems: fix or remove them before training", file=sys.stderr)
+        return 1
+    print("no problems found")
+    return 0
+
+
 # ---------------------------------------------------------------- evaluate
 def kits_table(rows: list[dict[str, Any]], summary: dict[str, float]) -> str:
     keys = ["kidney_dice", "tumor_dice", "composite", "pixel_accuracy", "all_background_accuracy"]
@@ -862,6 +912,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="train a tiny checkpoint, rewrite it with 0.5 mL and read it back"
     )
     po.set_defaults(func=cmd_postprocess)
+
+    cd = sub.add_parser(
+        "check-data",
+        help="check a dataset before training and describe it (nnU-Net's --verify_dataset_integrity)",
+        description=(
+            "Read every case as training and evaluation will (the label maps whole, the images' headers) and report "
+            "the cases that would fail or mislead: an unreadable file, an image that is not 3D, a label map that is "
+            "not on its image's voxel grid (shape and affine: another orientation or origin would train on labels "
+            "that lie elsewhere), label values the model has no class for. Then describe the dataset: "
+            "orientations, sizes, slice thickness and spacing, kidney and tumor volumes, tumor-free cases, small "
+            "tumors, cysts. Exit status 1 when a case has a problem."
+        ),
+    )
+    cd.add_argument("--data", help=DATA_HELP)
+    cd.add_argument("--kits23", action="store_true", help="4 classes: label 3 (cyst) is allowed")
+    cd.add_argument("--label-file", help=LABEL_FILE_HELP)
+    cd.add_argument("--out", help="folder for dataset_check.json (every case's row, the summary and the problems)")
+    cd.add_argument("--dry-run", action="store_true", help="check 2 tiny phantoms in a temporary folder")
+    cd.set_defaults(func=cmd_check_data)
 
     ex = sub.add_parser(
         "export",

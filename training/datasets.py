@@ -20,7 +20,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -280,9 +282,8 @@ class CaseCache:
             raise FileNotFoundError(f"case {case.case_id} needs both imaging and segmentation")
         img_p, lab_p, stamp_p = self._paths(case)
         vol = load_volume(case.image)
-        lab, _ = load_labels(case.label)
-        if lab.shape != vol.shape:
-            raise DatasetError(f"{case.case_id}: label shape {lab.shape} != image shape {vol.shape}")
+        lab, lab_affine = load_labels(case.label)
+        check_grid(f"{case.case_id}: {case.label.name}", lab.shape, lab_affine, case.image.name, vol.shape, vol.affine)
         check_labels(lab, self.num_classes, case)
         pc = preprocess_case(vol.data, vol.affine, lab, self.cfg, self.num_classes)
         assert pc.label is not None
@@ -404,6 +405,30 @@ def default_cache_workers(todo: list[Case]) -> int:
     cores = available_cores()
     size = sum(map(case_bytes, todo))
     return 0 if size < CACHE_POOL_MIN_BYTES or cores < 4 else min(8, cores)
+
+
+def check_grid(
+    what: str,
+    shape: tuple[int, ...],
+    affine: npt.NDArray[np.float64],
+    ref_name: str,
+    ref_shape: tuple[int, ...],
+    ref_affine: npt.NDArray[np.float64],
+) -> None:
+    """Refuse a label map (or a prediction) that is not on its image's voxel grid: the same shape
+    and the same affine to 1e-3 mm. Training on one with another orientation or origin would
+    teach the network labels that lie elsewhere, and scoring one would compare other voxels, both
+    without an error (nnU-Net's dataset check refuses these too)."""
+    if tuple(shape) == tuple(ref_shape) and np.allclose(affine, ref_affine, rtol=1e-5, atol=1e-3):
+        return
+    codes, ref_codes = ("".join(nib.aff2axcodes(a)) for a in (affine, ref_affine))
+    detail = (
+        f"shape {tuple(shape)} against {tuple(ref_shape)}"
+        if tuple(shape) != tuple(ref_shape)
+        else f"affine differs by up to {float(np.abs(np.asarray(affine) - ref_affine).max()):.4g} mm "
+        f"(orientation {codes} against {ref_codes})"
+    )
+    raise DatasetError(f"{what} is not on {ref_name}'s voxel grid ({detail}): it must be on its image's voxel grid")
 
 
 def check_labels(lab: npt.NDArray[np.uint8], num_classes: int, case: Case) -> None:
@@ -596,3 +621,106 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
     val = sorted((cases[i] for i in order[:n_val]), key=lambda c: c.case_id)
     train = sorted((cases[i] for i in order[n_val:]), key=lambda c: c.case_id)
     return train, val
+
+
+def _axes(affine: npt.NDArray[np.float64]) -> tuple[int, list[int]]:
+    """The voxel axis that runs head to foot (its code is S or I), and the other two."""
+    codes = nib.aff2axcodes(affine)
+    z = next((i for i, c in enumerate(codes) if c in ("S", "I")), 2)
+    return z, [i for i in range(3) if i != z]
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    return (
+        {"min": float(np.min(values)), "median": float(np.median(values)), "max": float(np.max(values))}
+        if values
+        else None
+    )
+
+
+def check_dataset(
+    root: str | Path, num_classes: int = 3, label_file: str | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Every case under ``root`` checked as training and evaluation will read it, and the dataset
+    described (as nnU-Net's ``--verify_dataset_integrity`` and its fingerprint do, from the label
+    maps and the images' headers; the images' voxels are not read).
+
+    A case has a problem when a file can't be read, an image isn't 3D, its label map is not on
+    the image's voxel grid (shape and affine) or holds a value the model has no class for. It
+    gets a warning for a label map without kidney or a voxel size outside 0.3-10 mm. Returns
+    ``{"cases": [...], "summary": {...}, "problems": [...], "warnings": [...]}``.
+    """
+    from segcore.metrics import tumor_sizes
+
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    warnings: list[str] = []
+    for c in tqdm(find_cases(root, need_image=False, label_file=label_file), desc="check", disable=not progress):
+        row: dict[str, Any] = {"case": c.case_id, "image": c.image is not None, "label": c.label is not None}
+        rows.append(row)
+        try:
+            shape: tuple[int, ...] | None = None
+            affine: npt.NDArray[np.float64] | None = None
+            if c.image is not None:
+                img = nib.load(c.image)  # the header only: the voxels are read lazily, and never here
+                shape, affine = tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=np.float64)
+                if len(shape) != 3:
+                    raise DatasetError(f"{c.image.name} has shape {shape}; a CT volume is 3D")
+            if c.label is not None:
+                lab, lab_affine = load_labels(c.label)
+                if shape is not None and affine is not None:
+                    check_grid(c.label.name, lab.shape, lab_affine, c.image.name if c.image else "", shape, affine)
+                shape, affine = lab.shape, lab_affine
+            assert shape is not None and affine is not None
+            zooms = [float(z) for z in nib.affines.voxel_sizes(affine)]
+            z, plane = _axes(affine)
+            row.update(
+                shape=list(shape),
+                orientation="".join(nib.aff2axcodes(affine)),
+                slices=shape[z],
+                in_plane=f"{shape[plane[0]]}x{shape[plane[1]]}",
+                slice_mm=zooms[z],
+                in_plane_mm=[zooms[plane[0]], zooms[plane[1]]],
+            )
+            if not all(0.3 <= v <= 10.0 for v in zooms):
+                warnings.append(f"{c.case_id}: voxel size {tuple(round(v, 3) for v in zooms)} mm")
+            if c.label is not None:
+                counts = np.bincount(lab.ravel(), minlength=num_classes)
+                row["labels"] = {str(v): int(n) for v, n in enumerate(counts) if n}
+                check_labels(lab, num_classes, c)
+                voxel_ml = float(np.prod(zooms)) / 1000.0
+                row["kidney_ml"] = float(counts[1:].sum()) * voxel_ml
+                row["cyst_ml"] = float(counts[3]) * voxel_ml if len(counts) > 3 else 0.0
+                row.update(tumor_sizes(lab, zooms))
+                if not counts[1:].any():
+                    warnings.append(f"{c.case_id}: {c.label.name} has no kidney (every voxel is 0)")
+        except Exception as e:  # the point is to report every unreadable or inconsistent case, not to stop at one
+            row["problem"] = str(e) if isinstance(e, DatasetError) else f"{type(e).__name__}: {e}"
+            problems.append(
+                row["problem"] if row["problem"].startswith(c.case_id) else f"{c.case_id}: {row['problem']}"
+            )
+    ok = [r for r in rows if "problem" not in r]
+    labelled_ok = [r for r in ok if r["label"]]
+    orientations: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for r in ok:
+        orientations[r["orientation"]] = orientations.get(r["orientation"], 0) + 1
+        sizes[r["in_plane"]] = sizes.get(r["in_plane"], 0) + 1
+    summary = {
+        "cases": len(rows),
+        "labelled": sum(r["label"] for r in rows),
+        "imaging_only": sum(r["image"] and not r["label"] for r in rows),
+        "labels_only": sum(r["label"] and not r["image"] for r in rows),
+        "with_problems": len(problems),
+        "orientations": orientations,
+        "in_plane_sizes": sizes,
+        "slices": _spread([r["slices"] for r in ok]),
+        "slice_mm": _spread([r["slice_mm"] for r in ok]),
+        "in_plane_mm": _spread([v for r in ok for v in r["in_plane_mm"]]),
+        "kidney_ml": _spread([r["kidney_ml"] for r in labelled_ok]),
+        "tumor_free": sum(r["ref_tumors"] == 0 for r in labelled_ok),
+        "with_a_tumor_under_10_ml": sum(0 < r["ref_smallest_tumor_ml"] < 10.0 for r in labelled_ok),
+        "tumor_ml": _spread([r["ref_tumor_ml"] for r in labelled_ok if r["ref_tumors"]]),
+        "with_cysts": sum(r["cyst_ml"] > 0 for r in labelled_ok),
+    }
+    return {"cases": rows, "summary": summary, "problems": problems, "warnings": warnings}

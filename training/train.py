@@ -52,6 +52,7 @@ from training.datasets import (
     SliceDataset,
     available_cores,
     case_bytes,
+    check_grid,
     find_cases,
     fold_cases,
     kfold_splits,
@@ -457,7 +458,8 @@ def evaluate_cases(
     for c in tqdm(cases, desc="evaluate", disable=not progress, leave=False):
         assert c.image is not None and c.label is not None
         vol = load_volume(c.image, mmap=True)  # mapped when uncompressed (DecodedCopies)
-        ref, _ = load_labels(c.label)
+        ref, ref_affine = load_labels(c.label)
+        check_grid(f"{c.case_id}: {c.label.name}", ref.shape, ref_affine, c.image.name, vol.shape, vol.affine)
         t0 = time.perf_counter()
         pred = engine.predict(vol)
         secs = time.perf_counter() - t0
@@ -492,11 +494,7 @@ def score_predictions(
         t0 = time.perf_counter()
         pred, pred_affine = load_labels(path)
         ref, affine = load_labels(c.label)
-        if pred.shape != ref.shape or not np.allclose(pred_affine, affine, rtol=1e-5, atol=1e-3):
-            raise DatasetError(
-                f"{path}: shape {pred.shape} and affine differ from {c.label}'s ({ref.shape}): a prediction "
-                "must be on its image's voxel grid"
-            )
+        check_grid(str(path), pred.shape, pred_affine, c.label.name, ref.shape, affine)
         zooms = nib.affines.voxel_sizes(affine).tolist()
         rows.append(case_metrics(c.case_id, pred, ref, zooms, kits23_metrics, time.perf_counter() - t0))
     return rows

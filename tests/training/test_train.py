@@ -1130,7 +1130,7 @@ def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path, capsys:
         assert e.value.code == 2
 
 
-@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess", "export"])
+@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess", "export", "check-data"])
 def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     extra = ["--out", str(tmp_path / "o")] if cmd in ("phantoms", "synth-ct") else []
@@ -1154,11 +1154,13 @@ def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
         assert "tumor Dice by the reference's tumors: a tumor < 10 mL" in r.stdout
     if cmd == "postprocess":
         assert "'min_tumor_ml': 0.5" in r.stdout and "unchanged" in r.stdout
+    if cmd == "check-data":
+        assert "2 case(s), 2 labelled" in r.stdout and "orientations: IPL 2" in r.stdout and "no problems" in r.stdout
     if cmd == "export":
         assert "model.onnx: input x (batch, 1, H, W) float32" in r.stdout and "from torch: " in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess", "export"])
+@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess", "export", "check-data"])
 def test_cli_help(cmd: str) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "training", cmd, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
@@ -1358,3 +1360,44 @@ def test_cli_refuses_numbers_out_of_range_as_argparse_errors(
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_check_data_reports_labels_off_the_image_grid_and_values_without_a_class(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
+) -> None:
+    data = tmp_path / "data"
+    for i in range(4):
+        _one_phantom((i, str(data), 48, False, 0))
+    # case_00001's labels in another orientation (x flipped in the affine, the voxels unchanged):
+    # the same shape, so only the affine tells; case_00002 with a cyst; case_00003 imaging only.
+    seg = nib.load(data / "case_00001" / "segmentation.nii.gz")
+    flipped = seg.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, seg.shape[2] - 1], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.asanyarray(seg.dataobj), flipped), str(data / "case_00001" / "segmentation.nii.gz"))
+    seg2 = nib.load(data / "case_00002" / "segmentation.nii.gz")
+    lab = np.asanyarray(seg2.dataobj).copy()
+    lab[lab == 2] = 3
+    nib.save(nib.Nifti1Image(lab, seg2.affine), str(data / "case_00002" / "segmentation.nii.gz"))
+    (data / "case_00003" / "segmentation.nii.gz").unlink()
+    assert main(["check-data", "--data", str(data), "--out", str(tmp_path / "ck")]) == 1
+    out, err = capsys.readouterr()
+    assert "4 case(s), 3 labelled, 1 imaging only" in out
+    assert "problem: case_00001: segmentation.nii.gz is not on imaging.nii.gz's voxel grid" in err
+    assert "(orientation IPR against IPL)" in err
+    assert "problem: case_00002: segmentation.nii.gz holds label 3" in err and "--kits23" in err
+    assert "2 case(s) with problems" in err
+    report = json.loads((tmp_path / "ck" / "dataset_check.json").read_text())
+    assert [("problem" in r) for r in report["cases"]] == [False, True, True, False]
+    assert report["summary"]["imaging_only"] == 1 and report["summary"]["with_problems"] == 2
+    assert report["cases"][0]["labels"]["1"] > 0 and report["cases"][0]["orientation"] == "IPL"
+    # With 4 classes the cyst is allowed; the flipped labels are still refused.
+    assert main(["check-data", "--data", str(data), "--kits23"]) == 1
+    err = capsys.readouterr().err
+    assert "case_00001" in err and "case_00002" not in err
+    # Training and evaluation refuse the flipped labels too (before, they trained and scored on them).
+    (data / "case_00002").rename(tmp_path / "case_00002")
+    train_args = _tiny_train_args(data, tmp_path / "run")
+    assert main(train_args) == 2
+    assert "case_00001: segmentation.nii.gz is not on imaging.nii.gz's voxel grid" in capsys.readouterr().err
+    ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(data), "--cases", "case_00001"]
+    assert main(ev) == 2
+    assert "is not on imaging.nii.gz's voxel grid" in capsys.readouterr().err
