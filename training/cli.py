@@ -426,7 +426,7 @@ def cmd_check_data(a: argparse.Namespace) -> int:
 def _check_data(a: argparse.Namespace) -> int:
     from training.datasets import check_dataset
 
-    report = check_dataset(a.data, 4 if a.kits23 else 3, a.label_file, progress=True)
+    report = check_dataset(a.data, 4 if a.kits23 else 3, a.label_file, progress=True, read_images=a.images)
     s = report["summary"]
 
     def spread(d: dict[str, float] | None, fmt: str = ".1f") -> str:
@@ -442,6 +442,7 @@ def _check_data(a: argparse.Namespace) -> int:
         f"  kidney region mL: {spread(s['kidney_ml'])}; tumor mL (cases with one): {spread(s['tumor_ml'])}\n"
         f"  tumor-free cases: {s['tumor_free']}; with a tumor under 10 mL: {s['with_a_tumor_under_10_ml']}; "
         f"with cysts: {s['with_cysts']}"
+        + (f"\n  kidney region HU, each case's median: {spread(s['kidney_hu_median'], '.0f')}" if a.images else "")
     )
     for w in report["warnings"]:
         print(f"warning: {w}")
@@ -928,6 +929,12 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--data", help=DATA_HELP)
     cd.add_argument("--kits23", action="store_true", help="4 classes: label 3 (cyst) is allowed")
     cd.add_argument("--label-file", help=LABEL_FILE_HELP)
+    cd.add_argument(
+        "--images",
+        action="store_true",
+        help="also decode every image as training will (finds a truncated file or NaN voxels; minutes for KiTS19) "
+        "and describe the kidney region's HU",
+    )
     cd.add_argument("--out", help="folder for dataset_check.json (every case's row, the summary and the problems)")
     cd.add_argument("--dry-run", action="store_true", help="check 2 tiny phantoms in a temporary folder")
     cd.set_defaults(func=cmd_check_data)

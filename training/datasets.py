@@ -639,11 +639,16 @@ def _spread(values: list[float]) -> dict[str, float] | None:
 
 
 def check_dataset(
-    root: str | Path, num_classes: int = 3, label_file: str | None = None, progress: bool = False
+    root: str | Path,
+    num_classes: int = 3,
+    label_file: str | None = None,
+    progress: bool = False,
+    read_images: bool = False,
 ) -> dict[str, Any]:
     """Every case under ``root`` checked as training and evaluation will read it, and the dataset
     described (as nnU-Net's ``--verify_dataset_integrity`` and its fingerprint do, from the label
-    maps and the images' headers; the images' voxels are not read).
+    maps and the images' headers; with ``read_images``, every image is decoded as training reads
+    it, which finds a truncated file or NaN voxels, and the kidney region's HU is described).
 
     A case has a problem when a file can't be read, an image isn't 3D, its label map is not on
     the image's voxel grid (shape and affine) or holds a value the model has no class for. It
@@ -661,7 +666,11 @@ def check_dataset(
         try:
             shape: tuple[int, ...] | None = None
             affine: npt.NDArray[np.float64] | None = None
-            if c.image is not None:
+            vol = None
+            if c.image is not None and read_images:
+                vol = load_volume(c.image)  # every voxel decoded and checked, as training reads it
+                shape, affine = vol.shape, vol.affine
+            elif c.image is not None:
                 img = nib.load(c.image)  # the header only: the voxels are read lazily, and never here
                 shape, affine = tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=np.float64)
                 if len(shape) != 3:
@@ -692,6 +701,9 @@ def check_dataset(
                 row["kidney_ml"] = float(counts[1:].sum()) * voxel_ml
                 row["cyst_ml"] = float(counts[3]) * voxel_ml if len(counts) > 3 else 0.0
                 row.update(tumor_sizes(lab, zooms))
+                if vol is not None and counts[1:].any():
+                    p5, p50, p95 = np.percentile(vol.data[lab > 0], [5, 50, 95])
+                    row["kidney_hu"] = {"p5": float(p5), "median": float(p50), "p95": float(p95)}
                 if not counts[1:].any():
                     warnings.append(f"{c.case_id}: {c.label.name} has no kidney (every voxel is 0)")
         except Exception as e:  # the point is to report every unreadable or inconsistent case, not to stop at one
@@ -722,5 +734,6 @@ def check_dataset(
         "with_a_tumor_under_10_ml": sum(0 < r["ref_smallest_tumor_ml"] < 10.0 for r in labelled_ok),
         "tumor_ml": _spread([r["ref_tumor_ml"] for r in labelled_ok if r["ref_tumors"]]),
         "with_cysts": sum(r["cyst_ml"] > 0 for r in labelled_ok),
+        "kidney_hu_median": _spread([r["kidney_hu"]["median"] for r in labelled_ok if "kidney_hu" in r]),
     }
     return {"cases": rows, "summary": summary, "problems": problems, "warnings": warnings}

@@ -1401,3 +1401,22 @@ def test_check_data_reports_labels_off_the_image_grid_and_values_without_a_class
     ev = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(data), "--cases", "case_00001"]
     assert main(ev) == 2
     assert "is not on imaging.nii.gz's voxel grid" in capsys.readouterr().err
+
+
+def test_check_data_with_images_decodes_them_and_finds_a_truncated_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    for i in range(2):
+        _one_phantom((i, str(data), 48, False, 0))
+    image = data / "case_00001" / "imaging.nii.gz"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # a download cut short
+    assert main(["check-data", "--data", str(data)]) == 0  # its header is whole
+    assert "no problems found" in capsys.readouterr().out
+    assert main(["check-data", "--data", str(data), "--images", "--out", str(tmp_path / "ck")]) == 1
+    out, err = capsys.readouterr()
+    assert "problem: case_00001: CorruptData: corrupt or truncated gzip stream" in err
+    assert "kidney region HU, each case's median: " in out
+    rows = json.loads((tmp_path / "ck" / "dataset_check.json").read_text())["cases"]
+    hu = rows[0]["kidney_hu"]
+    assert 0 < hu["p5"] < hu["median"] < hu["p95"] < 400  # contrast-enhanced kidney, as the phantoms render it
