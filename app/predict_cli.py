@@ -158,7 +158,12 @@ def _earlier_results(out: Path, weights_sha256: list[str]) -> dict[str, dict[str
         results = earlier["results"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--continue: {path} is not a kitseg-predict statistics file ({e})") from e
-    if earlier.get("weights_sha256") != weights_sha256:
+    if "weights_sha256" not in earlier:
+        raise ValueError(
+            f"--continue: {path} was written by an earlier kitseg-predict, which did not record its weights; "
+            "use another --out"
+        )
+    if earlier["weights_sha256"] != weights_sha256:
         raise ValueError(
             f"--continue: {path} was written with other weights ({earlier.get('checkpoint')}); "
             "use another --out, or the same --checkpoint"

@@ -429,6 +429,12 @@ def test_predict_cli_continues_an_interrupted_run_and_keeps_what_it_wrote(
     assert main([*other_args, "--continue"]) == 2
     assert "was written with other weights" in capsys.readouterr().err and len(calls) == 5
     assert (out / "statistics.json").read_bytes() == before
+    # A folder from before the weights were recorded: refused, saying so.
+    old_style = json.loads(before)
+    del old_style["weights_sha256"]
+    (out / "statistics.json").write_text(json.dumps(old_style))
+    assert main([*args, "--continue"]) == 2
+    assert "did not record its weights" in capsys.readouterr().err and len(calls) == 5
     # A missing checkpoint and a device that isn't there: a message and status 2, no traceback.
     assert main([*args[:3], "--checkpoint", str(tmp_path / "nope.safetensors")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
