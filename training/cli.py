@@ -636,7 +636,8 @@ LABEL_FILE_HELP = (
 #: ``--data`` of train and evaluate
 DATA_HELP = (
     "the cases: a KiTS19/21/23-layout folder (case_XXXXX/imaging.nii.gz + segmentation.nii.gz), or an nnU-Net "
-    "raw dataset (imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz)"
+    "raw dataset (imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz; given its imagesTs/ folder, the test "
+    "split: imagesTs/ + labelsTs/)"
 )
 
 

@@ -62,10 +62,15 @@ def find_cases(root: str | Path, need_image: bool = True, label_file: str | None
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    if is_nnunet_dataset(root):
+    split = "Tr"
+    if root.name in NNUNET_FOLDERS and is_nnunet_dataset(root.parent, root.name[-2:]):
+        # One of an nnU-Net dataset's folders, as nnUNetv2_predict and _evaluate_folder take them:
+        # its split (imagesTs/ or labelsTs/: the test cases) of the dataset.
+        root, split = root.parent, root.name[-2:]
+    if is_nnunet_dataset(root, split):
         if label_file is not None:
-            raise DatasetError(f"{root} is an nnU-Net dataset, whose labels are labelsTr/<case>: no label_file")
-        return nnunet_cases(root, need_image)
+            raise DatasetError(f"{root} is an nnU-Net dataset, whose labels are labels{split}/<case>: no label_file")
+        return nnunet_cases(root, need_image, split)
     if label_file is not None and (not label_file or Path(label_file).name != label_file):
         raise DatasetError(f"label_file must be a file name inside each case folder, got {label_file!r}")
     names = (label_file,) if label_file else LABEL_FILES
@@ -82,17 +87,22 @@ def find_cases(root: str | Path, need_image: bool = True, label_file: str | None
     return cases
 
 
-def is_nnunet_dataset(root: str | Path) -> bool:
-    """Whether ``root`` is laid out as an nnU-Net raw dataset (``imagesTr/``, ``labelsTr/``)."""
-    return (Path(root) / "imagesTr").is_dir() or (Path(root) / "labelsTr").is_dir()
+#: an nnU-Net raw dataset's folders; given as ``--data``, one selects its split
+NNUNET_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
 
 
-def nnunet_cases(root: Path, need_image: bool = True) -> list[Case]:
-    """The training cases of an nnU-Net raw dataset (``nnUNet_raw/DatasetXXX_Name``):
-    ``imagesTr/<case>_0000<ending>`` with ``labelsTr/<case><ending>``, the ending from its
-    ``dataset.json`` (``file_ending``, NIfTI only). nnU-Net's KiTS conversions copy the challenge's
-    files, so the geometry and label values are KiTS's own. CT is one channel: a dataset with a
-    second (``_0001``) is refused."""
+def is_nnunet_dataset(root: str | Path, split: str = "Tr") -> bool:
+    """Whether ``root`` is laid out as an nnU-Net raw dataset (``imagesTr/``, ``labelsTr/``; with
+    ``split`` "Ts", its test cases' ``imagesTs/``, ``labelsTs/``)."""
+    return (Path(root) / f"images{split}").is_dir() or (Path(root) / f"labels{split}").is_dir()
+
+
+def nnunet_cases(root: Path, need_image: bool = True, split: str = "Tr") -> list[Case]:
+    """The training cases of an nnU-Net raw dataset (``nnUNet_raw/DatasetXXX_Name``), or with
+    ``split`` "Ts" its test cases: ``imagesTr/<case>_0000<ending>`` with ``labelsTr/<case><ending>``,
+    the ending from its ``dataset.json`` (``file_ending``, NIfTI only). nnU-Net's KiTS conversions
+    copy the challenge's files, so the geometry and label values are KiTS's own. CT is one channel:
+    a dataset with a second (``_0001``) is refused."""
     ending = ".nii.gz"
     if (meta := root / "dataset.json").is_file():
         try:
@@ -101,7 +111,7 @@ def nnunet_cases(root: Path, need_image: bool = True) -> list[Case]:
             raise DatasetError(f"cannot read {meta}: {e}") from e
     if ending not in (".nii.gz", ".nii"):
         raise DatasetError(f"{root}: nnU-Net dataset of {ending} files; kitseg reads NIfTI (.nii.gz, .nii)")
-    images, labels = root / "imagesTr", root / "labelsTr"
+    images, labels = root / f"images{split}", root / f"labels{split}"
     if more := sorted(images.glob(f"*_0001{ending}")):
         raise DatasetError(f"{root} has more than one input channel ({more[0].name}): kitseg segments one CT channel")
     ids = {f.name.removesuffix(f"_0000{ending}") for f in images.glob(f"*_0000{ending}")}
@@ -118,7 +128,7 @@ def labelled(cases: list[Case], root: str | Path, label_file: str | None = None)
     """The cases that have both imaging and labels, logging how many were left out (KiTS19's
     download holds 90 test cases with imaging only). An error when none is left."""
     keep = [c for c in cases if c.image is not None and c.label is not None]
-    nnunet = is_nnunet_dataset(root)
+    nnunet = is_nnunet_dataset(root) or Path(root).name in NNUNET_FOLDERS
     names = "an image and a label" if nnunet else label_file or " or ".join(LABEL_FILES)
     if left := [c.case_id for c in cases if c.image is None or c.label is None]:
         log.info(
@@ -134,7 +144,8 @@ def labelled(cases: list[Case], root: str | Path, label_file: str | None = None)
             hint = f" (the KiTS repositories keep their cases in data/ or dataset/: try {sub[0]})" if sub else ""
         if nnunet:
             raise DatasetError(
-                f"no case of the nnU-Net dataset {root} has both imagesTr/<case>_0000 and labelsTr/<case>"
+                f"no case of the nnU-Net dataset {root} has both images*/<case>_0000 and labels*/<case> "
+                "(imagesTr/ and labelsTr/, or given imagesTs/: imagesTs/ and labelsTs/)"
             )
         raise DatasetError(f"no case_XXXXX/ folder under {root} has both imaging.nii.gz and {names}{hint}")
     return keep

@@ -241,6 +241,23 @@ def test_an_nnunet_raw_dataset_trains_and_evaluates_like_its_kits_folder(
         find_cases(plain)
     with pytest.raises(DatasetError, match="no label_file"):
         find_cases(ds, label_file="segmentation.nii.gz")
+    # The test split, as nnUNetv2_predict and _evaluate_folder take it: --data imagesTs/ (or
+    # labelsTs/) is that split of the dataset; the dataset's root stays its training cases.
+    for sub in ("imagesTs", "labelsTs"):
+        (ds / sub).mkdir()
+    shutil.copy(kits / "case_00002" / "imaging.nii.gz", ds / "imagesTs" / "case_00102_0000.nii.gz")
+    shutil.copy(kits / "case_00002" / "segmentation.nii.gz", ds / "labelsTs" / "case_00102.nii.gz")
+    shutil.copy(kits / "case_00003" / "imaging.nii.gz", ds / "imagesTs" / "case_00103_0000.nii.gz")  # no labels
+    for given in ("imagesTs", "labelsTs"):
+        ts = find_cases(ds / given)
+        assert [(c.case_id, c.label is not None) for c in ts] == [("case_00102", True), ("case_00103", False)]
+        assert ts[0].image == ds / "imagesTs" / "case_00102_0000.nii.gz"
+    assert [c.case_id for c in find_cases(ds)][:4] == [f"case_0000{i}" for i in range(4)]
+    out = tmp_path / "eval-ts"
+    ev = ["evaluate", "--checkpoint", ckpt, "--data", str(ds / "imagesTs"), "--out", str(out), "--backend", "torch"]
+    assert main(ev) == 0
+    (ts_row,) = json.loads((out / "summary.json").read_text())["cases"]
+    assert ts_row == {**tables[1][2], "case": "case_00102", "seconds": ts_row["seconds"]}  # case_00002's scores
     (ds / "dataset.json").write_text(json.dumps({"file_ending": ".mha"}))
     with pytest.raises(DatasetError, match="kitseg reads NIfTI"):
         find_cases(ds)
