@@ -148,7 +148,7 @@ def _write_statistics(out: Path, model: dict[str, Any], results: list[dict[str, 
 
 def _earlier_results(out: Path, weights_sha256: list[str]) -> dict[str, dict[str, Any]]:
     """For ``--continue``: the results an earlier run wrote into ``out/statistics.json`` with the
-    same checkpoint(s), by input; failed inputs are run again. A run with another model is an
+    same checkpoint(s), by the input's absolute path; failed inputs are run again. A run with another model is an
     error, since its masks would be mixed with this one's."""
     path = out / "statistics.json"
     if not path.is_file():
@@ -168,7 +168,12 @@ def _earlier_results(out: Path, weights_sha256: list[str]) -> dict[str, dict[str
             f"--continue: {path} was written with other weights ({earlier.get('checkpoint')}); "
             "use another --out, or the same --checkpoint"
         )
-    return {r["input"]: r for r in results if isinstance(r, dict) and "mask" in r and "input" in r}
+    # By absolute path: the same folder given another way (relative, absolute) is the same run.
+    return {
+        str(Path(r["input"]).resolve()): r
+        for r in results
+        if isinstance(r, dict) and isinstance(r.get("input"), str) and isinstance(r.get("mask"), str)
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = kept = 0
     for f in tqdm(files, desc="segment", unit="vol"):
         mask_path = mask_paths[f]
-        if (earlier := done.get(str(f))) and earlier["mask"] == str(mask_path) and mask_path.is_file():
+        earlier = done.get(str(f.resolve()))
+        if earlier and Path(earlier["mask"]).resolve() == mask_path.resolve() and mask_path.is_file():
             results.append(earlier)
             kept += 1
             continue

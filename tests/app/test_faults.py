@@ -415,8 +415,12 @@ def test_predict_cli_continues_an_interrupted_run_and_keeps_what_it_wrote(
     assert results[0] == first and all(Path(r["mask"]).is_file() for r in results)
     assert len((out / "statistics.csv").read_text().splitlines()) == 1 + 3 * 2
     assert "(1 kept from the earlier run)" in capsys.readouterr().out
-    # Everything done: nothing runs again. Without --continue, everything does.
+    # Everything done: nothing runs again, also with the folders given relative to the cwd.
     assert main([*args, "--continue"]) == 0 and len(calls) == 2
+    monkeypatch.chdir(tmp_path)
+    relative = ["in", "--out", "out", *args[3:]]
+    assert main([*relative, "--continue"]) == 0 and len(calls) == 2
+    # Without --continue, everything does.
     assert main(args) == 0 and len(calls) == 5
     # Other weights would mix two models' masks in one folder: refused, nothing written.
     model, meta = load_checkpoint(tiny_checkpoint)
