@@ -46,32 +46,29 @@ def _int_from(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
         return v
 
-    parse.__name__ = f"whole number >= {lo}"  # what argparse names in its message
     return parse
 
 
-def _positive(text: str) -> float:
-    """argparse type for a finite number > 0 (a rate, a time)."""
-    v = _number(text)
-    if not (0.0 < v < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
+def _float_where(ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """argparse type for a number ``ok`` accepts (NaN fails every comparison, so every rule
+    refuses it); otherwise the error says it "must be ``rule``"."""
+
+    def parse(text: str) -> float:
+        v = _number(text)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return v
+
+    return parse
 
 
-def _share(text: str) -> float:
-    """argparse type for a fraction in [0, 1]."""
-    v = _number(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return v
-
-
-def _spacing(text: str) -> float:
-    """argparse type for an in-plane spacing in mm: finite, >= 0 (0 keeps the scan's own)."""
-    v = _number(text)
-    if not 0.0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a spacing >= 0 mm (0: native), got {text}")
-    return v
+_INF = float("inf")
+_positive = _float_where(lambda v: 0.0 < v < _INF, "a finite number > 0")  # a rate, a time
+_share = _float_where(lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+_fraction = _float_where(lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
+_spacing = _float_where(lambda v: 0.0 <= v < _INF, "a spacing >= 0 mm (0: native)")  # in-plane, mm
+_volume_ml = _float_where(lambda v: 0.0 <= v < _INF, "a finite volume >= 0 mL")
+_ema_decay = _float_where(lambda v: 0.0 <= v < 1.0, "in [0, 1)")  # a moving-average decay
 
 
 def _in_slices(text: str) -> int:
@@ -93,30 +90,6 @@ def _case_range(text: str) -> tuple[int, int]:
     if not 0 <= lo < hi:
         raise argparse.ArgumentTypeError(f"must be lo:hi with 0 <= lo < hi, got {text}")
     return lo, hi
-
-
-def _fraction(text: str) -> float:
-    """argparse type for a share strictly between 0 and 1."""
-    v = _number(text)
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return v
-
-
-def _volume_ml(text: str) -> float:
-    """argparse type for a volume in millilitres: a finite number >= 0."""
-    v = _number(text)
-    if not (v >= 0.0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite volume >= 0 mL, got {text}")
-    return v
-
-
-def _ema_decay(text: str) -> float:
-    """argparse type for a moving-average decay: a number in [0, 1)."""
-    v = _number(text)
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return v
 
 
 # ---------------------------------------------------------------- phantoms
