@@ -655,6 +655,16 @@ def _infinite(loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]) -> Iterator
         yield from loader
 
 
+def checkpoint_metrics(row: dict[str, Any], val_cases: int) -> dict[str, Any]:
+    """What a checkpoint records of a validated epoch's metrics.jsonl row (and what a run reports
+    as its best): the epoch, its KiTS19 scores and how many cases they average."""
+    return {
+        "epoch": row["epoch"],
+        **{k: row[k] for k in ("val_kidney_dice", "val_tumor_dice", "val_composite")},
+        "val_cases": val_cases,
+    }
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train and return the best validation metrics. Writes into ``cfg.out``:
     ``best.safetensors``, ``last.safetensors``, ``last.state.pt``, ``metrics.jsonl``, ``curves.png``.
@@ -854,11 +864,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if validated := [h for h in history if "val_composite" in h]:
             # The first of the best, as best.safetensors holds it (a later tie doesn't replace it).
             h = max(validated, key=lambda h: h["val_composite"])
-            best_metrics = {
-                "epoch": h["epoch"],
-                **{k: h[k] for k in ("val_kidney_dice", "val_tumor_dice", "val_composite")},
-                "val_cases": len(val_cases),
-            }
+            best_metrics = checkpoint_metrics(h, len(val_cases))
         torch.set_rng_state(state["torch_rng"])
         # The run's clock goes on where it stopped: --max-minutes bounds the whole run, resumed
         # parts included, and --fit-schedule fits the schedule as it would have without the stop
@@ -1008,13 +1014,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if validate:
-                metrics = {
-                    "epoch": epoch + 1,
-                    "val_kidney_dice": row["val_kidney_dice"],
-                    "val_tumor_dice": row["val_tumor_dice"],
-                    "val_composite": row["val_composite"],
-                    "val_cases": len(val_cases),
-                }
+                metrics = checkpoint_metrics(row, len(val_cases))
                 meta = CheckpointMeta(
                     mcfg,
                     pp,
@@ -1072,7 +1072,5 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             break
     ddp.barrier()
     ddp.close()
-    if not best_metrics and history:
-        best_metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")}
     # Rank 0's alone: the other ranks keep no history of their own (a resumed one has the file's).
     return {"best": best_metrics if ddp.main else {}, "history": history, "elapsed_s": time.perf_counter() - t_start}
