@@ -25,7 +25,6 @@ from typing import Any
 from tqdm import tqdm
 
 from app.settings import DEMO_CHECKPOINT
-from segcore.checkpoint import read_meta
 from segcore.errors import KitsegError
 from segcore.inference import Engine
 from segcore.io import atomic_write, load_volume, save_mask
@@ -280,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     a.out.mkdir(parents=True, exist_ok=True)
     mask_paths = _mask_paths(files, a.input, a.out, names)
-    hashes = [read_meta(c).weights_sha256 for c in ckpts]
+    hashes = [m.weights_sha256 for m in engine.metas]
     model = {"checkpoint": [str(c) for c in ckpts] if len(ckpts) > 1 else str(ckpts[0]), "weights_sha256": hashes}
     try:
         done = _earlier_results(a.out, hashes) if a.resume else {}

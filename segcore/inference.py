@@ -239,7 +239,9 @@ class Engine:
         self.chunk_voxels = chunk_voxels
         self.mirror = mirror
         self.body_crop = body_crop and meta.model.norm in ("batch", "none")
-        check_ensemble([meta, *(m for _, m in ensemble)])
+        #: every member's metadata, the first's being ``meta`` (their weights' sha256 tell them apart)
+        self.metas = [meta, *(m for _, m in ensemble)]
+        check_ensemble(self.metas)
         self.ort: OrtModel | None = None
         self.members: list[Callable[[torch.Tensor], torch.Tensor]] = []
         self._orts: list[OrtModel] = []
