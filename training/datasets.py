@@ -62,12 +62,8 @@ def find_cases(root: str | Path, need_image: bool = True, label_file: str | None
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    split = "Tr"
-    if root.name in NNUNET_FOLDERS and is_nnunet_dataset(root.parent, root.name[-2:]):
-        # One of an nnU-Net dataset's folders, as nnUNetv2_predict and _evaluate_folder take them:
-        # its split (imagesTs/ or labelsTs/: the test cases) of the dataset.
-        root, split = root.parent, root.name[-2:]
-    if is_nnunet_dataset(root, split):
+    if (nnunet := nnunet_split(root)) is not None:
+        root, split = nnunet
         if label_file is not None:
             raise DatasetError(f"{root} is an nnU-Net dataset, whose labels are labels{split}/<case>: no label_file")
         return nnunet_cases(root, need_image, split)
@@ -95,6 +91,16 @@ def is_nnunet_dataset(root: str | Path, split: str = "Tr") -> bool:
     """Whether ``root`` is laid out as an nnU-Net raw dataset (``imagesTr/``, ``labelsTr/``; with
     ``split`` "Ts", its test cases' ``imagesTs/``, ``labelsTs/``)."""
     return (Path(root) / f"images{split}").is_dir() or (Path(root) / f"labels{split}").is_dir()
+
+
+def nnunet_split(root: str | Path) -> tuple[Path, str] | None:
+    """``(dataset, split)`` when ``root`` is an nnU-Net raw dataset (its training split, "Tr") or
+    one of its folders, as nnUNetv2_predict and _evaluate_folder take them (``imagesTs/`` or
+    ``labelsTs/``: the test split, "Ts"); None for any other folder."""
+    root = Path(root)
+    if root.name in NNUNET_FOLDERS and is_nnunet_dataset(root.parent, root.name[-2:]):
+        return root.parent, root.name[-2:]
+    return (root, "Tr") if is_nnunet_dataset(root) else None
 
 
 def nnunet_cases(root: Path, need_image: bool = True, split: str = "Tr") -> list[Case]:
@@ -128,7 +134,7 @@ def labelled(cases: list[Case], root: str | Path, label_file: str | None = None)
     """The cases that have both imaging and labels, logging how many were left out (KiTS19's
     download holds 90 test cases with imaging only). An error when none is left."""
     keep = [c for c in cases if c.image is not None and c.label is not None]
-    nnunet = is_nnunet_dataset(root) or Path(root).name in NNUNET_FOLDERS
+    nnunet = nnunet_split(root) is not None
     names = "an image and a label" if nnunet else label_file or " or ".join(LABEL_FILES)
     if left := [c.case_id for c in cases if c.image is None or c.label is None]:
         log.info(
