@@ -322,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         # After every volume, so that an interrupted run keeps what it did (--continue goes on).
         _write_statistics(a.out, model, results)
-    _write_statistics(a.out, model, results)  # this run's inputs only, also when all were kept
+    if kept:
+        # Every volume this run segmented was followed by a write; kept ones were not, and the file
+        # must hold this run's inputs only (an earlier run's extra inputs drop out).
+        _write_statistics(a.out, model, results)
     print(
         f"segmented {len(files) - failures}/{len(files)} volumes into {a.out}"
         + (f" ({kept} kept from the earlier run)" if kept else "")
