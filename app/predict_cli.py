@@ -28,7 +28,7 @@ from app.settings import DEMO_CHECKPOINT
 from segcore.errors import KitsegError
 from segcore.inference import Engine
 from segcore.io import atomic_write, load_volume, save_mask
-from segcore.ort import BACKENDS
+from segcore.options import add_engine_arguments, engine_options
 from segcore.stats import compute_statistics
 
 #: file names in a folder that are not CT: the KiTS layouts' label maps (KiTS19/23's, KiTS21's
@@ -212,36 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         help="go on after an interrupted run into the same --out: inputs whose mask and statistics it wrote "
         "(with the same checkpoint) are kept, not segmented again (nnU-Net's --continue_prediction)",
     )
-    ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    ap.add_argument(
-        "--backend",
-        default="auto",
-        choices=BACKENDS,
-        help="auto: ONNX Runtime for fp32 on CPU when installed (kitseg[onnx]), torch otherwise",
-    )
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument(
-        "--mirror",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="test-time mirroring: average with the left-right flipped input (2x model time)",
-    )
-    ap.add_argument(
-        "--body-crop",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the network only on the box around the body (above the checkpoint's lower HU clip) plus a "
-        "margin; outside it is background",
-    )
-    ap.add_argument(
-        "--compile",
-        choices=["auto", "on", "off"],
-        default="off",
-        help="torch.compile the network before the first volume (the same masks; 10-40 s of compiling on a "
-        "2-core CPU, so it pays off over dozens of volumes). auto: on for torch bf16 on CPU with a C++ compiler, "
-        "as the service does",
-    )
+    add_engine_arguments(ap, batch_size=8)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     ckpts = a.checkpoint or [DEMO_CHECKPOINT]
@@ -250,13 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine.from_checkpoint(
             [str(c) for c in ckpts],
-            device=a.device,
-            batch_size=a.batch_size,
-            precision=a.precision,
-            mirror=a.mirror,
-            backend=a.backend,
-            body_crop=a.body_crop,
-            compile=a.compile,
+            **engine_options(a),
         )
     # A missing, tampered or mismatched checkpoint; no such device; options it can't run.
     except (KitsegError, ValueError) as e:

@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # render() imports training
 
+from segcore.options import BACKENDS  # noqa: E402
+
 CHILD = r"""
 import json, os, resource, sys, tempfile, time
 from pathlib import Path
@@ -144,7 +146,7 @@ def main() -> int:
     ap.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "torch", "onnxruntime"],  # segcore.ort.BACKENDS; literal to keep torch out of start-up
+        choices=BACKENDS,
         help="KITSEG_BACKEND; a non-auto choice gets its own section (auto: onnxruntime on CPU when installed)",
     )
     ap.add_argument(

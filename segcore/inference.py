@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from segcore.checkpoint import CheckpointMeta, check_ensemble, load_checkpoint
 from segcore.errors import DeviceUnavailable
 from segcore.io import Volume
-from segcore.ort import BACKENDS, OrtModel, onnxruntime_available
+from segcore.options import BACKENDS, COMPILE_MODES, PRECISIONS
+from segcore.ort import OrtModel, onnxruntime_available
 from segcore.postprocess import keep_largest_components, relabel_small_tumors
 from segcore.preprocessing import (
     Window,
@@ -205,12 +206,12 @@ class Engine:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("fp16 is only supported on CUDA; use bf16 or fp32 on CPU")
-        if compile not in ("auto", "on", "off"):
-            raise ValueError(f"compile must be auto, on or off, got {compile!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.meta = meta
         self.device = device
         self.batch_size = batch_size

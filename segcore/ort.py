@@ -27,10 +27,6 @@ from segcore.unet import UNet, padded_call
 
 log = logging.getLogger(__name__)
 
-#: ``Engine(backend=...)`` values. ``auto``: onnxruntime for fp32 on CPU when it is installed,
-#: torch otherwise.
-BACKENDS = ("auto", "torch", "onnxruntime")
-
 
 def onnxruntime_available() -> bool:
     """Whether the ``onnx`` extra is installed: the exporter needs ``onnx``, the runtime ``onnxruntime``."""

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from segcore.options import PRECISIONS, add_engine_arguments, engine_options, int_from
+
 log = logging.getLogger("kitseg.train")
 # Workers are spawned, not forked: forking after torch has started its OpenMP threads deadlocks.
 _SPAWN = multiprocessing.get_context("spawn")
@@ -32,21 +34,6 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
-def _int_from(lo: int) -> Callable[[str], int]:
-    """argparse type for a whole number >= ``lo`` (a count, a size, an index)."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
-        return v
-
-    return parse
 
 
 def _float_where(ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
@@ -73,7 +60,7 @@ _ema_decay = _float_where(lambda v: 0.0 <= v < 1.0, "in [0, 1)")  # a moving-ave
 
 def _in_slices(text: str) -> int:
     """argparse type for the slices a model takes: 1, or 2k+1 (the slice and k on each side)."""
-    v = _int_from(1)(text)
+    v = int_from(1)(text)
     if v % 2 == 0:
         raise argparse.ArgumentTypeError(f"must be odd (1, or 2k+1 for k neighbours on each side), got {text}")
     return v
@@ -494,13 +481,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     for checkpoints, mine in jobs:
         engine = Engine.from_checkpoint(
             checkpoints,
-            device=a.device,
-            batch_size=a.batch_size,
-            precision=a.precision,
-            mirror=a.mirror,
-            backend=a.backend,
-            body_crop=a.body_crop,
-            compile=a.compile,
+            **engine_options(a),
         )
         if a.compile != "off":
             engine.warmup()
@@ -629,7 +610,7 @@ def _fold_arguments_agree(a: argparse.Namespace, cases: str | None, cases_flag: 
 def _fold_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--fold",
-        type=_int_from(0),
+        type=int_from(0),
         metavar="K",
         help=f"cross-validation: {what}. The folds are nnU-Net's own for the same case ids (the sorted ids "
         "shuffled with seed 12345, as its splits_final.json), unless --splits gives a file; a training run "
@@ -637,7 +618,7 @@ def _fold_arguments(p: argparse.ArgumentParser, what: str) -> None:
     )
     p.add_argument(
         "--folds",
-        type=_int_from(2),
+        type=int_from(2),
         help="how many folds --fold counts (default: nnU-Net's 5)",
     )
     p.add_argument("--splits", help="a splits_final.json (nnU-Net's format) to take --fold from")
@@ -660,12 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ph.add_argument("--out", required=True, help="output folder")
-    ph.add_argument("--n", type=_int_from(1), default=40, help="number of cases (default 40)")
-    ph.add_argument("--start", type=_int_from(0), default=0, help="first case number")
-    ph.add_argument("--size", type=_int_from(32), default=256, help="in-plane matrix size (KiTS is 512; default 256)")
+    ph.add_argument("--n", type=int_from(1), default=40, help="number of cases (default 40)")
+    ph.add_argument("--start", type=int_from(0), default=0, help="first case number")
+    ph.add_argument("--size", type=int_from(32), default=256, help="in-plane matrix size (KiTS is 512; default 256)")
     ph.add_argument("--cysts", action="store_true", help="add cysts (label 3, KiTS21/23 style)")
     ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--workers", type=_int_from(1), default=2, help="parallel processes")
+    ph.add_argument("--workers", type=int_from(1), default=2, help="parallel processes")
     ph.add_argument("--dry-run", action="store_true", help="3 tiny 64x64 cases")
     ph.set_defaults(func=cmd_phantoms)
 
@@ -687,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", required=True, help="output folder (KiTS19 layout)")
     sc.add_argument("--cases", type=_case_range, help="range lo:hi of case numbers, e.g. 0:150 (lo <= n < hi)")
     sc.add_argument("--seed", type=int, default=0)
-    sc.add_argument("--workers", type=_int_from(1), default=2)
+    sc.add_argument("--workers", type=int_from(1), default=2)
     sc.add_argument("--dry-run", action="store_true", help="one case (a phantom's labels if --labels is missing)")
     sc.set_defaults(func=cmd_synth_ct)
 
@@ -703,25 +684,25 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help=DATA_HELP)
     tr.add_argument("--out", help="run folder")
     tr.add_argument("--cache", help="preprocessed cache folder (default OUT/cache)")
-    tr.add_argument("--epochs", type=_int_from(1), default=20)
-    tr.add_argument("--iters", type=_int_from(1), default=100, help="iterations per epoch")
-    tr.add_argument("--batch-size", type=_int_from(1), default=8)
-    tr.add_argument("--patch", type=_int_from(8), default=160, help="square training patch on the model grid")
+    tr.add_argument("--epochs", type=int_from(1), default=20)
+    tr.add_argument("--iters", type=int_from(1), default=100, help="iterations per epoch")
+    tr.add_argument("--batch-size", type=int_from(1), default=8)
+    tr.add_argument("--patch", type=int_from(8), default=160, help="square training patch on the model grid")
     tr.add_argument("--lr", type=_positive, default=1e-3, help="Adam learning rate (the seed's 1e-3)")
     tr.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
     tr.add_argument("--val-fraction", type=_fraction, default=0.2, help="patients held out for validation")
     tr.add_argument("--val-cases", help="comma-separated case ids to validate on instead")
     _fold_arguments(tr, "train on fold K's training cases and validate on its validation cases")
-    tr.add_argument("--max-train-cases", type=_int_from(1))
+    tr.add_argument("--max-train-cases", type=int_from(1))
     tr.add_argument(
         "--val-precision",
         default="fp32",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=PRECISIONS,
         help="engine precision for validation",
     )
     tr.add_argument(
         "--val-every",
-        type=_int_from(1),
+        type=int_from(1),
         default=1,
         metavar="N",
         help="validate on the whole validation volumes (and write last/best.safetensors) every N epochs and after "
@@ -762,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--deep-supervision",
-        type=_int_from(0),
+        type=int_from(0),
         default=0,
         metavar="LEVELS",
         help="also train the decoder's outputs at 1/2, 1/4, ... resolution (LEVELS of them) through their "
@@ -798,13 +779,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--workers",
-        type=_int_from(0),
+        type=int_from(0),
         help="DataLoader worker processes (default: 0 on a CPU, whose cores the training step uses; "
         "on CUDA one per spare CPU core, shared among the node's ranks, at most 12)",
     )
     tr.add_argument(
         "--cache-workers",
-        type=_int_from(0),
+        type=int_from(0),
         help="processes that preprocess the cases into the cache before training, each rank its share "
         "(default: one per available CPU core, at most 8; none with under 4 cores or under 64 MB of images)",
     )
@@ -846,8 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-file",
         help=LABEL_FILE_HELP,
     )
-    tr.add_argument("--base-width", type=_int_from(1), default=16)
-    tr.add_argument("--depth", type=_int_from(2), default=4)
+    tr.add_argument("--base-width", type=int_from(1), default=16)
+    tr.add_argument("--depth", type=int_from(2), default=4)
     tr.add_argument(
         "--block",
         choices=["plain", "residual"],
@@ -967,44 +948,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="folder for kits_table.md, summary.json and cases.csv")
     ev.add_argument("--cases", help="comma-separated case ids")
     _fold_arguments(ev, "evaluate on fold K's validation cases (a cross-validation fold's own held-out cases)")
-    ev.add_argument("--limit", type=_int_from(1))
+    ev.add_argument("--limit", type=int_from(1))
     ev.add_argument("--kits23", action="store_true", help="also compute KiTS21/23 regions and Surface Dice")
     ev.add_argument(
         "--label-file",
         help=LABEL_FILE_HELP,
     )
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--batch-size", type=_int_from(1), default=16)
-    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    ev.add_argument(
-        "--backend",
-        default="auto",
-        choices=["auto", "torch", "onnxruntime"],  # segcore.ort.BACKENDS; literal to keep torch out of start-up
-        help="auto: ONNX Runtime for fp32 on CPU when installed (kitseg[onnx]), torch otherwise; the tables in "
-        "docs/ before session 7 were made with torch",
-    )
-    ev.add_argument(
-        "--mirror",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="test-time mirroring, as the service does by default: average the logits with those of the "
-        "left-right flipped input (2x model time)",
-    )
-    ev.add_argument(
-        "--body-crop",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="as the service does by default: run the network only on the box around the body (above the "
-        "checkpoint's lower HU clip) plus a margin, background outside; --no-body-crop for whole slices (the "
-        "tables in docs/ before session 12)",
-    )
-    ev.add_argument(
-        "--compile",
-        choices=["auto", "on", "off"],
-        default="off",
-        help="torch.compile the network before the first volume (the same masks; 10-40 s of compiling on a "
-        "2-core CPU, so it pays off over dozens of volumes). auto: on for torch bf16 on CPU with a C++ compiler, "
-        "as the service does",
+    add_engine_arguments(
+        ev,
+        batch_size=16,
+        notes={
+            "backend": "The tables in docs/ before session 7 were made with torch.",
+            "body_crop": "The tables in docs/ before session 12 were made without it.",
+        },
     )
     ev.add_argument(
         "--min-tumor-ml",

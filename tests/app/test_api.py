@@ -158,6 +158,25 @@ def test_empty_environment_variables_are_unset_ones(monkeypatch: pytest.MonkeyPa
     assert empty.model_dump() == defaults and empty.is_demo
 
 
+def test_the_command_lines_engine_flags_take_the_services_values_and_defaults() -> None:
+    # kitseg-predict and kitseg-train evaluate declare their engine flags in segcore.options; the
+    # settings are pydantic Literals, so the two lists could drift apart without this.
+    import argparse
+    import typing
+
+    from segcore.options import BACKENDS, COMPILE_MODES, PRECISIONS, add_engine_arguments, engine_options
+
+    fields = Settings.model_fields
+    for name, values in (("precision", PRECISIONS), ("backend", BACKENDS), ("compile", COMPILE_MODES)):
+        assert typing.get_args(fields[name].annotation) == values, name
+    ap = argparse.ArgumentParser()
+    add_engine_arguments(ap, batch_size=fields["batch_size"].default)
+    cli = engine_options(ap.parse_args([]))
+    for name in ("device", "precision", "backend", "batch_size", "mirror", "body_crop"):
+        assert cli[name] == fields[name].default, name
+    assert cli["compile"] == "off"  # a command line segments once: compiling is opt-in there
+
+
 def test_mirror_backend_and_body_crop_settings_reach_the_engine(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
