@@ -55,6 +55,16 @@ _share = _float_where(lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 _fraction = _float_where(lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
 _spacing = _float_where(lambda v: 0.0 <= v < _INF, "a spacing >= 0 mm (0: native)")  # in-plane, mm
 _volume_ml = _float_where(lambda v: 0.0 <= v < _INF, "a finite volume >= 0 mL")
+
+
+def _volumes(text: str) -> tuple[float, ...]:
+    """argparse type for a comma-separated list of volumes in mL (each finite and >= 0)."""
+    values = tuple(_volume_ml(t.strip()) for t in text.split(",") if t.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"no volume in {text!r}")
+    return values
+
+
 _ema_decay = _float_where(lambda v: 0.0 <= v < 1.0, "in [0, 1)")  # a moving-average decay
 
 
@@ -305,37 +315,152 @@ def cmd_postprocess(a: argparse.Namespace) -> int:
     if a.dry_run:
         # A tiny checkpoint in a temporary folder, rewritten there and loaded back; all removed afterwards.
         with tempfile.TemporaryDirectory(prefix="kitseg-dry-") as tmp_name:
-            run = _train_tiny(a, Path(tmp_name))
-            src, dst = run / "best.safetensors", run / "post.safetensors"
-            min_ml = 0.5 if a.min_tumor_ml is None else a.min_tumor_ml
-            return _postprocess(argparse.Namespace(checkpoint=str(src), out=str(dst), min_tumor_ml=min_ml))
-    if not a.checkpoint or not a.out or a.min_tumor_ml is None:
-        print("postprocess needs --checkpoint, --out and --min-tumor-ml (or --dry-run)", file=sys.stderr)
-        return 2
+            tmp = Path(tmp_name)
+            run = _train_tiny(a, tmp)
+            dry = {"checkpoint": [str(run / "best.safetensors")], "out": str(run / "post.safetensors")}
+            if a.choose:
+                dry["data"] = str(tmp / "data")  # chosen on the validation cases the tiny run recorded
+            elif a.min_tumor_ml is None:
+                dry["min_tumor_ml"] = 0.5
+            return _postprocess(argparse.Namespace(**{**vars(a), **dry}))
     return _postprocess(a)
 
 
 def _postprocess(a: argparse.Namespace) -> int:
+    checkpoints = [a.checkpoint] if isinstance(a.checkpoint, str) else a.checkpoint or []
+    problem = None
+    if not checkpoints or not a.out:
+        problem = "postprocess needs --checkpoint and --out (or --dry-run)"
+    elif a.choose == (a.min_tumor_ml is not None):
+        problem = "give --min-tumor-ml (the value to write) or --choose (choose it on validation cases), one of them"
+    elif a.choose and not a.data:
+        problem = "--choose needs --data, the dataset the checkpoint's validation cases are in"
+    elif not a.choose and (a.data or a.cases or a.fold is not None):
+        problem = "--data, --cases and --fold say which cases --choose scores; without --choose they do nothing"
+    elif len(checkpoints) > 1 and (a.cases or a.fold is not None):
+        problem = "several checkpoints are a cross-validation's folds, each scored on its own validation cases: no --cases or --fold"
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    if not _fold_arguments_agree(a, a.cases, "--cases"):
+        return 2
+    outs = _postprocess_outputs(checkpoints, Path(a.out))
+    value, chosen_on = a.min_tumor_ml, None
+    if a.choose:
+        value, chosen_on = _choose_min_tumor_ml(a, checkpoints)
+    for ck, out in zip(checkpoints, outs, strict=True):
+        _rewrite_postprocessing(ck, out, value, chosen_on)
+    return 0
+
+
+def _postprocess_outputs(checkpoints: list[str], out: Path) -> list[Path]:
+    """Where each rewritten checkpoint goes: ``out`` itself for one; for several, a file in the
+    folder ``out`` named after its run folder and its own name (``kits19-fold0-best.safetensors``)."""
+    from training.train import ConfigError
+
+    if len(checkpoints) == 1:
+        return [out]
+    names = [f"{Path(ck).resolve().parent.name}-{Path(ck).name}" for ck in checkpoints]
+    if len(set(names)) < len(names):
+        raise ConfigError(
+            f"two checkpoints would be written to the same file in {out}: {names}; give each run its own folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} must be a folder for several checkpoints")
+    out.mkdir(parents=True, exist_ok=True)
+    return [out / n for n in names]
+
+
+def _choose_min_tumor_ml(a: argparse.Namespace, checkpoints: list[str]) -> tuple[float, dict[str, Any]]:
+    """Score every candidate ``min_tumor_ml`` on held-out cases (one network run per case) and
+    return the best (:func:`training.train.best_min_tumor_ml`) with what it was chosen on."""
+    from segcore.checkpoint import check_ensemble, read_meta
+    from segcore.inference import Engine
+    from segcore.metrics import tumor_dice_by_size
+    from training.datasets import find_cases, fold_cases, kfold_splits, labelled, read_splits, select_cases
+    from training.train import best_min_tumor_ml, sweep_min_tumor_ml
+
+    # One value for every fold: they must be one configuration, as an ensemble's members are.
+    check_ensemble(
+        [
+            dataclasses.replace(m, postprocessing=dataclasses.replace(m.postprocessing, min_tumor_ml=0.0))
+            for m in map(read_meta, checkpoints)
+        ]
+    )
+    cases = labelled(find_cases(a.data, label_file=a.label_file), a.data, a.label_file)
+    if a.cases:
+        jobs = [(checkpoints[0], select_cases(cases, a.cases.split(","), a.data))]
+    elif a.fold is not None:
+        ids = [c.case_id for c in cases]
+        splits = read_splits(a.splits) if a.splits else kfold_splits(ids, *([a.folds] if a.folds else []))
+        jobs = [(checkpoints[0], fold_cases(cases, splits, a.fold, a.data)[1])]
+    else:
+        jobs = _held_out_jobs(checkpoints, cases, a.data)
+    rows: dict[float, list[dict[str, Any]]] = {v: [] for v in sorted({0.0, *a.candidates})}
+    for ck, mine in jobs:
+        engine = Engine.from_checkpoint([ck], **engine_options(a))
+        if a.compile != "off":
+            engine.warmup()
+        for v, got in sweep_min_tumor_ml(engine, mine, list(rows), progress=True).items():
+            rows[v] += got
+    best = best_min_tumor_ml(rows, a.min_gain)
+    lines = [
+        "| min_tumor_ml | kidney Dice | tumor Dice | composite | tumor Dice, a tumor < 10 mL | all >= 10 mL | tumor-free |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    scores: dict[str, float] = {}
+    for v, got in rows.items():
+        mean = {k: float(np.mean([r[k] for r in got])) for k in ("kidney_dice", "tumor_dice", "composite")}
+        scores[f"{v:g}"] = round(mean["composite"], 6)
+        size = tumor_dice_by_size(got)
+        groups = " | ".join(
+            "n/a" if (d := size[k]["tumor_dice"]) is None else f"{d:.4f} (n={size[k]['n']})"
+            for k in ("small", "large", "tumor_free")
+        )
+        mark = " (chosen)" if v == best else ""
+        lines.append(
+            f"| {v:g}{' (off)' if v == 0 else ''}{mark} | {mean['kidney_dice']:.4f} | {mean['tumor_dice']:.4f} "
+            f"| {mean['composite']:.4f} | {groups} |"
+        )
+    n = len(rows[best])
+    print("\n".join(lines))
+    print(
+        f"\nchosen: min_tumor_ml {best:g} mL over {n} held-out case(s): the highest mean composite, of equal ones "
+        f"the smallest, and 0 (every tumor component kept) unless another beats it by more than {a.min_gain:g}"
+    )
+    chosen_on = {
+        "cases": [r["case"] for r in rows[best]],
+        "composite_by_min_tumor_ml": scores,
+        "min_gain": a.min_gain,
+        "checkpoints": len(checkpoints),
+    }
+    return best, chosen_on
+
+
+def _rewrite_postprocessing(src: str, out: Path, min_tumor_ml: float, chosen_on: dict[str, Any] | None) -> None:
     from segcore.checkpoint import load_checkpoint, read_meta, save_checkpoint
 
-    model, meta = load_checkpoint(a.checkpoint)  # verifies the weights' sha256
+    model, meta = load_checkpoint(src)  # verifies the weights' sha256
     before = meta.postprocessing
-    post = dataclasses.replace(before, min_tumor_ml=a.min_tumor_ml)
-    history = [
-        *meta.provenance.get("postprocessing_changes", []),
-        {"from": before.to_dict(), "to": post.to_dict(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-    ]
+    post = dataclasses.replace(before, min_tumor_ml=min_tumor_ml)
+    change: dict[str, Any] = {
+        "from": before.to_dict(),
+        "to": post.to_dict(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if chosen_on is not None:
+        change["chosen_on"] = chosen_on
+    history = [*meta.provenance.get("postprocessing_changes", []), change]
     meta = dataclasses.replace(
         meta, postprocessing=post, provenance={**meta.provenance, "postprocessing_changes": history}
     )
-    digest = save_checkpoint(a.out, model, meta)
-    if read_meta(a.out).postprocessing != post:
-        raise RuntimeError(f"{a.out} does not read back with the new post-processing")
+    digest = save_checkpoint(out, model, meta)
+    if read_meta(out).postprocessing != post:
+        raise RuntimeError(f"{out} does not read back with the new post-processing")
     print(
-        f"wrote {a.out}: post-processing {post.to_dict()} (was {before.to_dict()}); weights sha256 {digest[:12]}... "
+        f"wrote {out}: post-processing {post.to_dict()} (was {before.to_dict()}); weights sha256 {digest[:12]}... "
         "unchanged"
     )
-    return 0
 
 
 # ---------------------------------------------------------------- export
@@ -853,19 +978,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     po = sub.add_parser(
         "postprocess",
-        help="change a checkpoint's post-processing (the weights stay as they are)",
+        help="choose or change a checkpoint's post-processing (the weights stay as they are)",
         description=(
-            "Write a copy of a checkpoint with another post-processing, as chosen on development data after "
-            "training (nnU-Net chooses its own the same way). The weights and their sha256 are unchanged; the change "
-            "is recorded in the provenance. Today: --min-tumor-ml, tumor components smaller than that many "
-            "millilitres become kidney (0: off)."
+            "Write a copy of a checkpoint with another post-processing, chosen on held-out cases after training, "
+            "as nnU-Net chooses its own on the cross-validation. The weights and their sha256 are unchanged; the "
+            "change, and with --choose what it was chosen on, is recorded in the provenance. Today: "
+            "--min-tumor-ml, tumor components smaller than that many millilitres become kidney (0: off). "
+            "--choose runs the network once on each held-out case and scores every candidate value on the "
+            "same masks (the KiTS19 composite); the highest mean wins, and of equal ones the smallest, so 0 "
+            "stays unless relabelling helps. Given the folds of a cross-validation, each is scored on the cases "
+            "it held out, one value is chosen on all of them, and each fold is written with it (an ensemble's "
+            "members must share their post-processing)."
         ),
     )
-    po.add_argument("--checkpoint", help="the checkpoint to read")
-    po.add_argument("--out", help="where to write the new checkpoint (may be the same path)")
-    po.add_argument("--min-tumor-ml", type=_volume_ml, metavar="ML")
     po.add_argument(
-        "--dry-run", action="store_true", help="train a tiny checkpoint, rewrite it with 0.5 mL and read it back"
+        "--checkpoint",
+        nargs="+",
+        help="the checkpoint to read; with --choose, several are one configuration's cross-validation folds",
+    )
+    po.add_argument(
+        "--out",
+        help="where to write the new checkpoint (may be the same path); for several, a folder, where each is "
+        "written as <its run folder>-<its file name>",
+    )
+    po.add_argument("--min-tumor-ml", type=_volume_ml, metavar="ML", help="the value to write")
+    po.add_argument(
+        "--choose",
+        action="store_true",
+        help="choose --min-tumor-ml on held-out cases: by default the validation cases each checkpoint's "
+        "training recorded (never cases it trained on); --cases or --fold to name others",
+    )
+    po.add_argument(
+        "--candidates",
+        type=_volumes,
+        default=(0.1, 0.25, 0.5, 1.0, 2.0),
+        metavar="ML,ML,...",
+        help="the values --choose tries, in mL (default 0.1,0.25,0.5,1,2); 0 (off) is always one",
+    )
+    po.add_argument(
+        "--min-gain",
+        type=_share,
+        default=0.0,
+        help="a value other than 0 (off) must raise the mean composite by more than this (default 0: any gain, as "
+        "nnU-Net decides; a few held-out cases are noisy, so a margin such as 0.005 keeps chance gains out)",
+    )
+    po.add_argument("--data", help=DATA_HELP)
+    po.add_argument("--cases", help="comma-separated case ids to choose on, instead of the recorded validation cases")
+    _fold_arguments(po, "choose on fold K's validation cases instead of the recorded ones")
+    po.add_argument("--label-file", help=LABEL_FILE_HELP)
+    add_engine_arguments(po, batch_size=16)
+    po.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="train a tiny checkpoint, rewrite it (0.5 mL, or with --choose on its validation cases) and read it back",
     )
     po.set_defaults(func=cmd_postprocess)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,9 +37,9 @@ from tqdm import tqdm
 import segcore
 from segcore.checkpoint import KITS19_LABELS, KITS23_LABELS, CheckpointMeta, save_checkpoint, unwrap
 from segcore.inference import Engine, cpu_bf16_fast, pick_device
-from segcore.io import load_labels, load_volume
+from segcore.io import Volume, load_labels, load_volume
 from segcore.metrics import kits19, kits23, pixel_accuracy, summarize, tumor_sizes
-from segcore.postprocess import PostprocessConfig
+from segcore.postprocess import PostprocessConfig, relabel_small_tumors
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
 from training.datasets import (
@@ -456,15 +457,62 @@ def evaluate_cases(
     """Whole-volume predictions on the input grid, scored with the KiTS metrics."""
     rows: list[dict[str, Any]] = []
     for c in tqdm(cases, desc="evaluate", disable=not progress, leave=False):
-        assert c.image is not None and c.label is not None
-        vol = load_volume(c.image, mmap=True)  # mapped when uncompressed (DecodedCopies)
-        ref, ref_affine = load_labels(c.label)
-        check_grid(f"{c.case_id}: {c.label.name}", ref.shape, ref_affine, c.image.name, vol.shape, vol.affine)
+        vol, ref = _image_and_labels(c)
         t0 = time.perf_counter()
         pred = engine.predict(vol)
         secs = time.perf_counter() - t0
         rows.append(case_metrics(c.case_id, pred.mask, ref, vol.zooms, kits23_metrics, secs))
     return rows
+
+
+def _image_and_labels(c: Case) -> tuple[Volume, np.ndarray]:
+    """A case's image and its label map, which must lie on the image's voxel grid."""
+    assert c.image is not None and c.label is not None
+    vol = load_volume(c.image, mmap=True)  # mapped when uncompressed (DecodedCopies)
+    ref, ref_affine = load_labels(c.label)
+    check_grid(f"{c.case_id}: {c.label.name}", ref.shape, ref_affine, c.image.name, vol.shape, vol.affine)
+    return vol, ref
+
+
+def sweep_min_tumor_ml(
+    engine: Engine, cases: list[Case], candidates: Sequence[float], progress: bool = False
+) -> dict[float, list[dict[str, Any]]]:
+    """Each candidate ``min_tumor_ml``'s KiTS19 rows on ``cases``, from one network run per case.
+
+    The engine runs with ``min_tumor_ml`` 0 and the rest of its checkpoint's post-processing; each
+    candidate's relabelling is then applied to a copy of that mask. That is the mask the engine
+    gives with the candidate in its checkpoint, since it relabels last. ``seconds`` is the
+    network's time, the same in every candidate's row.
+    """
+    meta = engine.meta
+    tumor, kidney = meta.label_value("tumor"), meta.label_value("kidney")
+    engine.meta = dataclasses.replace(meta, postprocessing=dataclasses.replace(meta.postprocessing, min_tumor_ml=0.0))
+    rows: dict[float, list[dict[str, Any]]] = {v: [] for v in sorted(set(candidates))}
+    try:
+        for c in tqdm(cases, desc="sweep", disable=not progress, leave=False):
+            vol, ref = _image_and_labels(c)
+            t0 = time.perf_counter()
+            pred = engine.predict(vol)
+            secs = time.perf_counter() - t0
+            for v, mine in rows.items():
+                mask = relabel_small_tumors(pred.mask.copy(), v, vol.voxel_ml, tumor=tumor, kidney=kidney)
+                mine.append(case_metrics(c.case_id, mask, ref, vol.zooms, False, secs))
+    finally:
+        engine.meta = meta
+    return rows
+
+
+def best_min_tumor_ml(rows: dict[float, list[dict[str, Any]]], min_gain: float = 0.0) -> float:
+    """The candidate with the highest mean KiTS19 composite; of equal ones, the smallest. A value
+    other than 0 (no relabelling) must beat 0's composite by more than ``min_gain``, as nnU-Net
+    keeps a post-processing step only where it raises the cross-validation score."""
+    means = {v: float(np.mean([r["composite"] for r in rows[v]])) for v in sorted(rows)}
+    if not means:
+        raise ValueError("no candidates")
+    best = max(means, key=lambda v: (means[v], -v))  # the highest, then the smallest
+    if 0.0 in means and best != 0.0 and not means[best] > means[0.0] + min_gain:
+        return 0.0
+    return best
 
 
 #: where a case's mask may be under a predictions folder, in this order: the flat

@@ -19,11 +19,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from segcore.checkpoint import load_checkpoint, read_meta
+from segcore.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from segcore.inference import Engine
 from segcore.io import load_labels, load_volume
+from segcore.postprocess import PostprocessConfig
 from segcore.preprocessing import preprocess_case
 from segcore.unet import UNet, UNetConfig
+from tests.conftest import (
+    GEOM_PP,
+    KIDNEY_HU,
+    ORIENTATIONS,
+    TUMOR_HU,
+    IntensityModel,
+    make_tiny_checkpoint,
+    make_volume,
+    write_nifti,
+)
 from training.cli import _one_phantom, main
 from training.datasets import (
     CaseCache,
@@ -40,6 +51,7 @@ from training.datasets import (
 from training.train import (
     DeepSupervision,
     balanced_shares,
+    best_min_tumor_ml,
     choose_memory_format,
     deep_supervision_loss,
     dice_ce_loss,
@@ -47,6 +59,7 @@ from training.train import (
     evaluate_cases,
     plain_unet,
     resolve_amp,
+    sweep_min_tumor_ml,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -1147,12 +1160,14 @@ def test_train_with_ema_saves_the_average_and_resumes_it(tmp_path: Path, capsys:
         assert e.value.code == 2
 
 
-@pytest.mark.parametrize("cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess", "export", "check-data"])
+@pytest.mark.parametrize(
+    "cmd", ["phantoms", "synth-ct", "train", "evaluate", "postprocess", "postprocess --choose", "export", "check-data"]
+)
 def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     extra = ["--out", str(tmp_path / "o")] if cmd in ("phantoms", "synth-ct") else []
     r = subprocess.run(
-        [sys.executable, "-m", "training", cmd, "--dry-run", *extra],
+        [sys.executable, "-m", "training", *cmd.split(), "--dry-run", *extra],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -1171,6 +1186,8 @@ def test_cli_dry_runs(cmd: str, tmp_path: Path) -> None:
         assert "tumor Dice by the reference's tumors: a tumor < 10 mL" in r.stdout
     if cmd == "postprocess":
         assert "'min_tumor_ml': 0.5" in r.stdout and "unchanged" in r.stdout
+    if cmd == "postprocess --choose":
+        assert "| 0 (off)" in r.stdout and "(chosen)" in r.stdout and "unchanged" in r.stdout
     if cmd == "check-data":
         assert "2 case(s), 2 labelled" in r.stdout and "orientations: IPL 2" in r.stdout and "no problems" in r.stdout
     if cmd == "export":
@@ -1437,3 +1454,107 @@ def test_check_data_with_images_decodes_them_and_finds_a_truncated_one(
     rows = json.loads((tmp_path / "ck" / "dataset_check.json").read_text())["cases"]
     hu = rows[0]["kidney_hu"]
     assert 0 < hu["p5"] < hu["median"] < hu["p95"] < 400  # contrast-enhanced kidney, as the phantoms render it
+
+
+def _speck_cases(root: Path) -> tuple[list[tuple[int, int, int]], float]:
+    """Two KiTS19-layout cases on make_volume's IPL grid whose images hold 1-voxel tumor specks
+    that their label maps don't: case_00000 with the reference's 2.1 mL tumor, case_00001
+    tumor-free (the tumor is kidney in image and labels). Returns the specks and one voxel's mL."""
+    hu, aff, truth = make_volume(ORIENTATIONS["IPL"])
+    inner = [
+        (int(i), int(j), int(k))
+        for i, j, k in np.argwhere(truth == 1)
+        if min(i, j, k) >= 2 and (truth[i - 2 : i + 3, j - 2 : j + 3, k - 2 : k + 3] == 1).all()
+    ]
+    specks = [inner[0], next(v for v in inner if max(abs(p - q) for p, q in zip(v, inner[0], strict=True)) >= 4)]
+    for case, tumor_free in (("case_00000", False), ("case_00001", True)):
+        image, labels = hu.copy(), truth.copy()
+        if tumor_free:
+            image[labels == 2], labels[labels == 2] = KIDNEY_HU, 1
+        for v in specks:
+            image[v] = TUMOR_HU
+        (root / case).mkdir(parents=True)
+        write_nifti(root / case / "imaging.nii.gz", image, aff)
+        write_nifti(root / case / "segmentation.nii.gz", labels, aff, dtype=np.uint8)
+    return specks, float(abs(np.linalg.det(aff[:3, :3]))) / 1000.0
+
+
+def _intensity_engine(paths: list[str], **kw: Any) -> Engine:
+    """What Engine.from_checkpoint gives, with a network that labels by intensity (exact masks)."""
+    meta = dataclasses.replace(read_meta(paths[0]), preprocessing=GEOM_PP)
+    model = IntensityModel(meta.model, GEOM_PP)
+    return Engine(model, meta, torch.device("cpu"), batch_size=4, precision="fp32", backend="torch")  # type: ignore[arg-type]
+
+
+def test_min_tumor_ml_sweep_scores_each_value_as_the_engine_gives_it(tmp_path: Path) -> None:
+    _, voxel_ml = _speck_cases(tmp_path / "data")
+    cases = find_cases(tmp_path / "data")
+    engine = _intensity_engine([str(make_tiny_checkpoint(tmp_path))])
+    # In voxels: under 1 (nothing changes), 1.7 and 3.3 (the specks go), and over the 2.1 mL tumor.
+    candidates = [0.0, 0.6 * voxel_ml, 1.7 * voxel_ml, 3.3 * voxel_ml, 5.0]
+    swept = sweep_min_tumor_ml(engine, cases, candidates)
+    assert engine.meta.postprocessing.min_tumor_ml == 0.0  # restored
+    tumor = {v: [round(r["tumor_dice"], 6) for r in rows] for v, rows in swept.items()}
+    for v in candidates:
+        engine.meta = dataclasses.replace(engine.meta, postprocessing=PostprocessConfig(min_tumor_ml=v))
+        direct = evaluate_cases(engine, cases)
+        for a, b in zip(swept[v], direct, strict=True):
+            assert {k: x for k, x in a.items() if k != "seconds"} == {k: x for k, x in b.items() if k != "seconds"}
+    # The specks cost the tumor-free case its whole score, and some of the other's; the largest value
+    # removes the real tumor too. Kidney Dice never changes.
+    assert tumor[0.0] == tumor[candidates[1]] and tumor[0.0][1] == 0.0 and tumor[0.0][0] < 1.0
+    assert tumor[candidates[2]] == tumor[candidates[3]] and tumor[candidates[2]][1] == 1.0
+    assert tumor[candidates[2]][0] > tumor[0.0][0] and tumor[5.0] == [0.0, 1.0]
+    assert len({tuple(r["kidney_dice"] for r in rows) for rows in swept.values()}) == 1
+    assert best_min_tumor_ml(swept) == candidates[2]  # of the two best, the smaller
+    assert best_min_tumor_ml({0.0: swept[0.0], 1.0: swept[0.0]}) == 0.0  # no gain: nothing relabelled
+    gain = np.mean([r["composite"] for r in swept[candidates[2]]]) - np.mean([r["composite"] for r in swept[0.0]])
+    assert best_min_tumor_ml(swept, min_gain=gain * 0.99) == candidates[2]
+    assert best_min_tumor_ml(swept, min_gain=gain * 1.01) == 0.0  # not enough gain: off
+
+
+def test_postprocess_choose_writes_the_value_chosen_on_held_out_cases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import segcore.inference
+
+    _, voxel_ml = _speck_cases(tmp_path / "data")
+    monkeypatch.setattr(segcore.inference.Engine, "from_checkpoint", staticmethod(_intensity_engine))
+    tiny = make_tiny_checkpoint(tmp_path)
+    model, meta = load_checkpoint(tiny)
+    folds = []
+    for k, case in enumerate(("case_00000", "case_00001")):  # two folds, each holding one case out
+        (tmp_path / f"fold{k}").mkdir()
+        folds.append(tmp_path / f"fold{k}" / "best.safetensors")
+        save_checkpoint(folds[-1], model, dataclasses.replace(meta, provenance={"val_cases": [case]}))
+    small, big = 1.7 * voxel_ml, 5.0
+    base = ["postprocess", "--data", str(tmp_path / "data"), "--candidates", f"{small},{big}", "--choose"]
+    # One checkpoint: chosen on the case it held out, a tumor-bearing one with specks.
+    assert main([*base, "--checkpoint", str(folds[0]), "--out", str(tmp_path / "one.safetensors")]) == 0
+    change = read_meta(tmp_path / "one.safetensors").provenance["postprocessing_changes"][-1]
+    assert change["to"]["min_tumor_ml"] == small and change["chosen_on"]["cases"] == ["case_00000"]
+    assert set(change["chosen_on"]["composite_by_min_tumor_ml"]) == {"0", f"{small:g}", "5"}
+    assert "(chosen)" in capsys.readouterr().out
+    # The folds: each scored on its own case, one value for all, each written with it.
+    assert main([*base, "--checkpoint", *map(str, folds), "--out", str(tmp_path / "folds")]) == 0
+    for k in range(2):
+        written = read_meta(tmp_path / "folds" / f"fold{k}-best.safetensors")
+        assert written.postprocessing.min_tumor_ml == small and written.weights_sha256 == meta.weights_sha256
+        assert written.provenance["postprocessing_changes"][-1]["chosen_on"]["cases"] == ["case_00000", "case_00001"]
+    # --cases names the cases instead; a tumor-free case alone is best without its specks, too.
+    assert (
+        main([*base, "--checkpoint", str(tiny), "--out", str(tmp_path / "c.safetensors"), "--cases", "case_00001"]) == 0
+    )
+    assert read_meta(tmp_path / "c.safetensors").postprocessing.min_tumor_ml == small
+    # Mistakes are status 2 with a reason, and write nothing.
+    out = ["--out", str(tmp_path / "bad.safetensors")]
+    for bad in (
+        ["postprocess", "--checkpoint", str(tiny), *out, "--choose"],  # no --data
+        [*base, "--checkpoint", str(tiny), *out, "--min-tumor-ml", "1"],  # both
+        ["postprocess", "--checkpoint", str(tiny), *out, "--min-tumor-ml", "1", "--cases", "case_00000"],
+        [*base, "--checkpoint", *map(str, folds), "--out", str(tmp_path / "f2"), "--cases", "case_00000"],
+        [*base, "--checkpoint", str(tiny), *out],  # it records no validation cases
+        [*base, "--checkpoint", str(folds[0]), str(folds[0]), "--out", str(tmp_path / "f3")],  # one file twice
+    ):
+        assert main(bad) == 2, bad
+    assert not (tmp_path / "bad.safetensors").exists()
