@@ -494,8 +494,12 @@ def sweep_min_tumor_ml(
             t0 = time.perf_counter()
             pred = engine.predict(vol)
             secs = time.perf_counter() - t0
+            # Relabelling changes only the box that holds the foreground (pred.box), so one copy
+            # serves every candidate: its box is reset from the network's mask before each.
+            mask, box = pred.mask.copy(), pred.box or (slice(None),) * 3
             for v, mine in rows.items():
-                mask = relabel_small_tumors(pred.mask.copy(), v, vol.voxel_ml, tumor=tumor, kidney=kidney)
+                mask[box] = pred.mask[box]
+                relabel_small_tumors(mask[box], v, vol.voxel_ml, tumor=tumor, kidney=kidney)
                 mine.append(case_metrics(c.case_id, mask, ref, vol.zooms, False, secs))
     finally:
         engine.meta = meta
