@@ -45,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     drain_s = app.state.settings.drain_timeout_s
 
     config = uvicorn.Config(
-        app, host=a.host, port=a.port, workers=1, timeout_graceful_shutdown=int(drain_s), proxy_headers=False
+        app,
+        host=a.host,
+        port=a.port,
+        workers=1,
+        timeout_graceful_shutdown=int(drain_s),
+        proxy_headers=False,
+        root_path=app.state.settings.root_path,
     )
     DrainingServer(config).run()
     return 0

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: a URL path prefix: unreserved characters and slashes, nothing to escape in a URL or in HTML
+_PATH_PREFIX = re.compile(r"/[A-Za-z0-9._~/-]*")
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_model" / "kitseg-demo-phantom.safetensors"
 
 
@@ -92,6 +95,12 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated keys; empty = no auth"
     )
+    root_path: str = Field(
+        "",
+        description="the path prefix a reverse proxy serves the API under (for example /kitseg), which the proxy "
+        "strips before forwarding: kitseg-serve gives it to uvicorn (--root-path), and the links the API returns "
+        "(mask_url, Location) and the docs pages carry it",
+    )
     log_level: str = Field("INFO", description="logging level")
     warmup: bool = Field(
         True,
@@ -112,6 +121,16 @@ class Settings(BaseSettings):
         if weak:
             raise ValueError("each API key must be at least 16 characters")
         return v
+
+    @field_validator("root_path")
+    @classmethod
+    def _url_path(cls, v: str) -> str:
+        v = v.strip()
+        if v in ("", "/"):
+            return ""
+        if not v.startswith("/") or "//" in v or not _PATH_PREFIX.fullmatch(v):
+            raise ValueError(f"root_path must be a URL path such as /kitseg (letters, digits, -._~/), got {v!r}")
+        return v.rstrip("/")
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:

@@ -345,6 +345,15 @@ def decoder_for(
         return None  # all decoders busy, no spool space, or a boundary python-multipart refuses
 
 
+def _route_path(scope: Scope) -> str:
+    """The path the routes match: without the ``root_path`` that uvicorn (``--root-path``, behind a
+    proxy's path prefix) puts in front of it."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return str(path[len(root) :])
+    return str(path)
+
+
 class UploadDecodeMiddleware:
     """Copies the body of ``POST /segment`` to an :class:`UploadDecoder` as it is received.
 
@@ -357,8 +366,7 @@ class UploadDecodeMiddleware:
         self.make = make
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or scope.get("method") != "POST" or path.rstrip("/") != "/segment":
+        if scope["type"] != "http" or scope.get("method") != "POST" or _route_path(scope).rstrip("/") != "/segment":
             await self.app(scope, receive, send)
             return
         dec = self.make(scope)

@@ -94,6 +94,18 @@ async def _wait_for_result(request: Request, job: Job, timeout_s: float) -> dict
             return None
 
 
+def _root(request: Request) -> str:
+    """The path prefix a reverse proxy serves the API under (``KITSEG_ROOT_PATH``, uvicorn's
+    ``--root-path``), for the links a response carries; empty without one."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _linked(result: dict[str, Any], request: Request) -> dict[str, Any]:
+    """``result`` with its ``mask_url`` under the proxy's prefix (results are stored without it)."""
+    root = _root(request)
+    return {**result, "mask_url": root + result["mask_url"]} if root and "mask_url" in result else result
+
+
 def _summary_header(result: dict[str, Any]) -> str:
     return json.dumps(
         {
@@ -165,17 +177,20 @@ async def segment(
             path,
             media_type="application/gzip",
             filename=f"{rid}_mask.nii.gz",
-            headers={"X-Kitseg-Statistics": _summary_header(result), "X-Kitseg-Result": f"/segmentations/{rid}"},
+            headers={
+                "X-Kitseg-Statistics": _summary_header(result),
+                "X-Kitseg-Result": f"{_root(request)}/segmentations/{rid}",
+            },
         )
-    return JSONResponse(result, headers={"Location": f"/segmentations/{rid}"})
+    return JSONResponse(_linked(result, request), headers={"Location": f"{_root(request)}/segmentations/{rid}"})
 
 
 @router.get("/segmentations/{rid}", response_model=SegmentationResult, responses={404: {"model": ErrorBody}})
-def get_segmentation(rid: str, store: StoreDep) -> Any:
+def get_segmentation(rid: str, request: Request, store: StoreDep) -> Any:
     result = store.get(rid)
     if result is None:
         raise NotFound(f"no segmentation {rid!r} (never existed, deleted, or expired)")
-    return JSONResponse(result)
+    return JSONResponse(_linked(result, request))
 
 
 @router.get(

@@ -200,3 +200,58 @@ def test_curl_upload_and_download(demo_server: LiveServer, phantom_case: Path, t
     mask = nib.load(str(out))
     assert mask.shape == nib.load(str(phantom_case / "imaging.nii.gz")).shape
     assert np.asanyarray(mask.dataobj).max() >= 1
+
+
+def test_behind_a_proxy_path_prefix_the_links_and_the_docs_carry_it(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reverse proxy serves the API under /kitseg and strips it (nginx ``location /kitseg/ {
+    proxy_pass http://127.0.0.1:8000/; }``); uvicorn runs with ``--root-path /kitseg``, which
+    kitseg-serve sets from KITSEG_ROOT_PATH. The requests below are what reaches uvicorn."""
+    import app.main
+    import app.routes.segment as segment_route
+    from app.serve import DrainingServer
+    from app.serve import main as serve_main
+
+    settings = make_settings(tmp_path, checkpoint=tiny_checkpoint, root_path="/kitseg/")
+    assert settings.root_path == "/kitseg"
+    # kitseg-serve hands the setting to uvicorn.
+    seen: list[str] = []
+    monkeypatch.setattr(app.main.app.state, "settings", settings)
+    monkeypatch.setattr(DrainingServer, "run", lambda self, *a, **k: seen.append(self.config.root_path))
+    assert serve_main(["--port", "1"]) == 0 and seen == ["/kitseg"]
+
+    def no_plain_path(*a: object, **k: object) -> int:  # the upload is decoded while it arrives
+        raise AssertionError("the route copied Starlette's file instead of using the decoded one")
+
+    monkeypatch.setattr(segment_route, "_spool", no_plain_path)
+    hu = np.full((8, 32, 32), -1000, np.int16)
+    hu[2:6, 8:24, 8:24] = 150
+    data = gzip.compress(nib.Nifti1Image(hu, np.diag([2.0, 1.0, 1.0, 1.0])).to_bytes())
+    with LiveServer(create_app(settings), root_path=settings.root_path) as srv:
+        r = httpx.post(f"{srv.url}/segment", files={"file": ("v.nii.gz", data)}, timeout=60)
+        assert r.status_code == 200, r.text
+        rid = r.json()["id"]
+        assert r.json()["mask_url"] == f"/kitseg/segmentations/{rid}/mask"
+        assert r.headers["location"] == f"/kitseg/segmentations/{rid}"
+        again = httpx.get(f"{srv.url}/segmentations/{rid}", timeout=10)
+        assert again.json()["mask_url"] == f"/kitseg/segmentations/{rid}/mask"
+        # The proxy strips the prefix from the link before forwarding it.
+        link = r.json()["mask_url"].removeprefix("/kitseg")
+        assert httpx.get(f"{srv.url}{link}", timeout=10).status_code == 200
+        got = httpx.post(f"{srv.url}/segment?download=true", files={"file": ("v.nii.gz", data)}, timeout=60)
+        assert got.headers["x-kitseg-result"].startswith("/kitseg/segmentations/")
+        # The Swagger UI and ReDoc load their files and the schema through the prefix.
+        for page, files in (("docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("redoc", ("redoc.standalone.js",))):
+            html = httpx.get(f"{srv.url}/{page}", timeout=10).text
+            assert "'/kitseg/openapi.json'" in html or '"/kitseg/openapi.json"' in html, page
+            for f in files:
+                assert f"/kitseg/static-docs/{f}" in html
+                assert httpx.get(f"{srv.url}/static-docs/{f}", timeout=10).status_code == 200
+        schema = httpx.get(f"{srv.url}/openapi.json", timeout=10).json()
+        assert schema["servers"] == [{"url": "/kitseg"}]  # Swagger's "Try it out" posts through the proxy
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+    for bad in ("kitseg", "/a b", "/a//b", "/a?b", "/ä"):
+        with pytest.raises(ValueError, match="root_path"):
+            make_settings(tmp_path, root_path=bad)
+    assert make_settings(tmp_path, root_path="/").root_path == ""
