@@ -26,7 +26,7 @@ from starlette.types import Scope
 import segcore
 from app.deps import api_key_ok, require_api_key
 from app.errors import register_error_handlers
-from app.middleware import RequestContextMiddleware, configure_logging
+from app.middleware import JsonCORSMiddleware, RequestContextMiddleware, configure_logging
 from app.routes import health, segment
 from app.settings import Settings, get_settings
 from app.store import ResultStore
@@ -169,6 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # and time limits.
     app.add_middleware(UploadDecodeMiddleware, make=make_decoder)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=s0.max_upload_bytes, body_timeout_s=s0.upload_timeout_s)
+    if s0.cors_origins:  # outermost: every response, errors included, carries the CORS headers
+        app.add_middleware(JsonCORSMiddleware, origins=s0.cors_origins)
     app.include_router(health.router)
     app.include_router(segment.router, dependencies=[Depends(require_api_key)])
     return app

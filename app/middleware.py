@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids, one structured log line per request, and a body-size cap.
+"""ASGI middleware: request ids, one structured log line per request, a body-size cap, and CORS.
 
 The cap is enforced on the byte stream itself, so it holds for chunked uploads without a
 Content-Length too; Starlette puts no size limit on multipart file parts.
@@ -14,7 +14,10 @@ import time
 import uuid
 from typing import Any
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("kitseg.access")
@@ -140,3 +143,43 @@ class RequestContextMiddleware:
                     "bytes_in": received["n"],
                 },
             )
+
+
+#: what a browser page on another origin may send, and read back, when KITSEG_CORS_ORIGINS allows it
+CORS_ALLOW_HEADERS = ("X-API-Key", "Authorization", "Content-Type", "Accept", "X-Request-ID")
+CORS_EXPOSE_HEADERS = ("X-Request-ID", "X-Kitseg-Statistics", "X-Kitseg-Result", "Location", "Retry-After")
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware, outside every other layer so that errors (401, 413, 503) carry
+    its headers too and a page can read them; a refused preflight answers in the API's error
+    shape instead of Starlette's plain text."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        super().__init__(
+            app,
+            allow_origins=origins,
+            allow_methods=("GET", "POST", "DELETE"),
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
+        )
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        resp = super().preflight_response(request_headers)
+        if resp.status_code < 400:
+            return resp
+        rid = request_headers.get("x-request-id", "")
+        if not _RID_RE.fullmatch(rid):
+            rid = uuid.uuid4().hex
+        refused = bytes(resp.body).decode("utf-8", "replace")  # "Disallowed CORS origin, headers"
+        keep = {k: v for k, v in resp.headers.items() if k.lower().startswith("access-control-") or k.lower() == "vary"}
+        return JSONResponse(
+            {
+                "code": "bad_request",
+                "message": f"{refused} (KITSEG_CORS_ORIGINS lists the origins that may call this API; methods "
+                f"GET, POST, DELETE; headers {', '.join(CORS_ALLOW_HEADERS)})",
+                "request_id": rid,
+            },
+            status_code=400,
+            headers={**keep, "X-Request-ID": rid},
+        )

@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: a URL path prefix: unreserved characters and slashes, nothing to escape in a URL or in HTML
 _PATH_PREFIX = re.compile(r"/[A-Za-z0-9._~/-]*")
+#: a web origin: scheme, host (a name, IPv4 or [IPv6]) and port, nothing after
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_model" / "kitseg-demo-phantom.safetensors"
 
 
@@ -95,6 +97,11 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated keys; empty = no auth"
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="the browser origins (scheme://host[:port], comma-separated, or *) whose pages may call the API "
+        "(a web viewer on another host); empty = no CORS headers, so browsers allow only the service's own pages",
+    )
     root_path: str = Field(
         "",
         description="the path prefix a reverse proxy serves the API under (for example /kitseg), which the proxy "
@@ -107,7 +114,7 @@ class Settings(BaseSettings):
         description="run one whole job on a synthetic CT before reporting ready, so the first request is not slower",
     )
 
-    @field_validator("api_keys", "ensemble", mode="before")
+    @field_validator("api_keys", "ensemble", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         if isinstance(v, str):
@@ -121,6 +128,15 @@ class Settings(BaseSettings):
         if weak:
             raise ValueError("each API key must be at least 16 characters")
         return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        out = [o.rstrip("/") for o in v]
+        bad = [o for o in out if o != "*" and not _ORIGIN.fullmatch(o)]
+        if bad:
+            raise ValueError(f"each CORS origin must be scheme://host[:port] (no path) or *, got {bad}")
+        return out
 
     @field_validator("root_path")
     @classmethod

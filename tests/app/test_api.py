@@ -403,3 +403,57 @@ def test_openapi_has_file_upload(tiny_client: TestClient) -> None:
     js = tiny_client.get("/static-docs/swagger-ui-bundle.js")
     assert js.status_code == 200 and len(js.content) > 100_000
     assert tiny_client.get("/redoc").status_code == 200
+
+
+def test_cors_lets_the_configured_origins_pages_call_the_api_and_read_its_answers_and_errors(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    viewer, other = "https://viewer.example.org", "https://elsewhere.example.org"
+    key = "k" * 20
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    data = write_nifti(tmp_path / "v.nii.gz", hu, aff).read_bytes()
+    # Off by default: no CORS headers, so a browser lets only the service's own pages read answers.
+    with TestClient(create_app(make_settings(tmp_path / "a", checkpoint=tiny_checkpoint))) as c:
+        r = c.get("/health", headers={"Origin": viewer})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    settings = make_settings(
+        tmp_path / "b",
+        checkpoint=tiny_checkpoint,
+        api_keys=key,
+        cors_origins=f" {viewer}/ ,http://127.0.0.1:3000",
+        max_upload_bytes=4 << 20,
+    )
+    assert settings.cors_origins == [viewer, "http://127.0.0.1:3000"]
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        # The preflight a browser sends before a POST with an API key; it never carries the key.
+        pre = {"Origin": viewer, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"}
+        r = c.options("/segment", headers=pre)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == viewer
+        assert "x-api-key" in r.headers["access-control-allow-headers"].lower()
+        # The request itself: the page may read the answer and the headers it needs.
+        r = c.post("/segment", files={"file": ("v.nii.gz", data)}, headers={"Origin": viewer, "X-API-Key": key})
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == viewer
+        exposed = r.headers["access-control-expose-headers"].lower()
+        assert {"x-kitseg-statistics", "x-kitseg-result", "x-request-id", "location", "retry-after"} <= {
+            h.strip() for h in exposed.split(",")
+        }
+        # Errors carry them too, so the page can show the message: 401 from the route, 413 from the
+        # outer body-size check, 404 for an unknown result.
+        for r, status in (
+            (c.post("/segment", files={"file": ("v.nii.gz", data)}, headers={"Origin": viewer}), 401),
+            (c.post("/segment", content=b"x" * (5 << 20), headers={"Origin": viewer, "X-API-Key": key}), 413),
+            (c.get(f"/segmentations/{'0' * 32}", headers={"Origin": viewer, "X-API-Key": key}), 404),
+        ):
+            assert_error(r, status)
+            assert r.headers["access-control-allow-origin"] == viewer, status
+        # Another origin gets no CORS headers, and its preflight is refused in the API's error shape.
+        r = c.get("/health", headers={"Origin": other})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        body = assert_error(c.options("/segment", headers={**pre, "Origin": other}), 400, "bad_request")
+        assert "origin" in body["message"] and "KITSEG_CORS_ORIGINS" in body["message"]
+        assert assert_error(c.options("/segment", headers={**pre, "Access-Control-Request-Headers": "x-evil"}), 400)
+    for bad in ("viewer.example.org", "https://viewer.example.org/app", "ftp://x", "https://a b"):
+        with pytest.raises(ValueError, match="CORS origin"):
+            make_settings(tmp_path, cors_origins=bad)
+    assert make_settings(tmp_path, cors_origins="*").cors_origins == ["*"]
