@@ -44,6 +44,10 @@ class NotFound(APIError):
     status, code = 404, "not_found"
 
 
+class NotFinished(APIError):
+    status, code = 409, "not_finished"
+
+
 class Unauthorized(APIError):
     status, code = 401, "unauthorized"
 
@@ -96,15 +100,22 @@ def domain_status(exc: KitsegError) -> tuple[int, str]:
     return 500, "internal_error"
 
 
+def describe(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
+    """``(status, code, message, headers)`` for a failed job, as the handlers below answer it;
+    for a job whose client doesn't wait (``POST /segment?wait=false``), kept until it asks."""
+    if isinstance(exc, APIError):
+        return exc.status, exc.code, exc.message, exc.headers
+    if isinstance(exc, KitsegError):
+        status, code = domain_status(exc)
+        return status, code, str(exc), {}
+    return 500, "internal_error", "internal server error; see the server log for this request_id", {}
+
+
 def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
-
     @app.exception_handler(KitsegError)
-    async def _domain(request: Request, exc: KitsegError) -> JSONResponse:
-        status, code = domain_status(exc)
-        return error_response(request, status, code, str(exc))
+    async def _known(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, *describe(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -73,3 +73,10 @@ class SegmentationResult(Loose):
     notice: str | None = None
     created_at: str
     expires_at: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: str = Field(description="queued or running")
+    progress: float = Field(description="share of the volume's slices segmented so far, 0 to 1")
+    status_url: str = Field(description="GET it until it answers 200 with the result (or the job's error)")

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from app.errors import InsufficientStorage, NotReady, OutOfMemory, Overloaded
+from app.errors import DeadlineExceeded, InsufficientStorage, NotReady, OutOfMemory, Overloaded, describe
 from app.settings import Settings
 from app.store import ResultStore, StoreClosed
 from segcore.checkpoint import CheckpointMeta, file_sha256
@@ -38,12 +38,34 @@ log = logging.getLogger("kitseg.worker")
 
 @dataclass
 class Job:
+    """One accepted upload. ``deadline`` (``time.monotonic()``) is set for a job whose client
+    doesn't wait (``POST /segment?wait=false``): the worker enforces it, where a waiting request
+    enforces its own. ``state`` and ``progress`` answer ``GET /segmentations/{id}`` meanwhile."""
+
     rid: str
     upload: Path
     received_ms: float
     request_id: str
     future: cf.Future[dict[str, Any]] = field(default_factory=cf.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None
+    state: str = "queued"
+    progress: float = 0.0
+
+    @property
+    def waited_for(self) -> bool:
+        return self.deadline is None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a job whose client didn't wait failed with, answered by ``GET /segmentations/{id}``."""
+
+    status: int
+    code: str
+    message: str
+    request_id: str
+    expires: float  # time.monotonic()
 
 
 def _release_frames(exc: BaseException) -> None:
@@ -93,6 +115,16 @@ class JobCancelled(Exception):
     """The request's deadline passed or its client disconnected; stop between batches."""
 
 
+#: failures of jobs nobody waited for, kept at most (each is a few hundred bytes)
+MAX_FAILURES = 10_000
+
+
+def _check_deadline(job: Job) -> None:
+    """A job whose client doesn't wait ends at its deadline (a waiting request ends its own)."""
+    if job.deadline is not None and time.monotonic() > job.deadline:
+        raise DeadlineExceeded("segmentation did not finish within KITSEG_REQUEST_TIMEOUT_S of its upload")
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -111,6 +143,10 @@ class InferenceWorker:
         self.busy = threading.Event()
         self.accepting = True
         self.processed = 0
+        # Accepted jobs not finished yet, and failures of jobs nobody waited for, by result id.
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._failures: dict[str, Failure] = {}
         self._warmed = threading.Event()
         self._warm_error: BaseException | None = None
 
@@ -139,13 +175,56 @@ class InferenceWorker:
     def submit(self, job: Job) -> None:
         if not self.accepting:
             raise Overloaded("server is shutting down", {"Retry-After": str(self.settings.retry_after_s)})
+        with self._lock:
+            self._jobs[job.rid] = job
         try:
             self.queue.put_nowait(job)
         except queue.Full:
+            self._forget(job)
             raise Overloaded(
                 f"all {self.settings.queue_size} queue slots are taken; retry later",
                 {"Retry-After": str(self.settings.retry_after_s)},
             ) from None
+
+    def pending(self, rid: str) -> Job | None:
+        """The accepted job with this result id, while it is queued or running."""
+        with self._lock:
+            return self._jobs.get(rid)
+
+    def failure(self, rid: str) -> Failure | None:
+        """How the job with this result id failed, if nobody waited for it and it did, until the
+        results' time-to-live has passed."""
+        with self._lock:
+            f = self._failures.get(rid)
+            if f is not None and f.expires < time.monotonic():
+                del self._failures[rid]
+                return None
+            return f
+
+    def cancel(self, rid: str) -> bool:
+        """Cancel a queued or running job (it is dropped between batches and leaves nothing), or
+        forget a failure; False when there is neither."""
+        with self._lock:
+            job = self._jobs.pop(rid, None)  # gone for GET at once; the worker drops it
+            forgot = self._failures.pop(rid, None) is not None
+        if job is not None:
+            job.cancelled.set()
+        return job is not None or forgot
+
+    def _forget(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.rid, None)
+
+    def _record_failure(self, job: Job, error: BaseException) -> None:
+        status, code, message, _ = describe(error)
+        now = time.monotonic()
+        with self._lock:
+            for rid in [r for r, f in self._failures.items() if f.expires < now]:
+                del self._failures[rid]
+            while len(self._failures) >= MAX_FAILURES:  # the oldest go first
+                del self._failures[next(iter(self._failures))]
+            self._failures[job.rid] = Failure(status, code, message, job.request_id, now + self.settings.result_ttl_s)
+        log.info("job failed", extra={"request_id": job.request_id, "result_id": job.rid, "code": code})
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let queued work finish, then end the thread."""
@@ -168,12 +247,15 @@ class InferenceWorker:
                 return
             if job.cancelled.is_set() or job.future.cancelled():
                 job.upload.unlink(missing_ok=True)
+                self._forget(job)
                 continue
             self.busy.set()
+            job.state = "running"
             result: dict[str, Any] | None = None
             error: BaseException | None = None
             cancelled = False
             try:
+                _check_deadline(job)  # it may have passed in the queue
                 result = self._process(job)
             except JobCancelled:
                 cancelled = True
@@ -187,8 +269,11 @@ class InferenceWorker:
                 self.busy.clear()
                 self.processed += 1
             if cancelled or job.cancelled.is_set() or job.future.cancelled():
-                # Deadline passed or the client left: nobody will ever learn this id.
+                # Deadline passed, the client left or deleted the job: nobody will ask for this id.
                 self.store.delete(job.rid)
+            elif error is not None and not job.waited_for:
+                self._record_failure(job, error)  # kept for the client's next GET
+            self._forget(job)
             # The request may cancel its future at any moment; the worker must never die of it.
             with contextlib.suppress(cf.InvalidStateError):
                 if error is not None:
@@ -200,6 +285,8 @@ class InferenceWorker:
         def check(done: int, total: int) -> None:
             if job.cancelled.is_set():
                 raise JobCancelled
+            _check_deadline(job)
+            job.progress = done / total if total else 1.0
 
         bs = self.engine.batch_size
         while True:

@@ -13,10 +13,18 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
 from app.deps import SettingsDep, StoreDep, WorkerDep
-from app.errors import BadUpload, DeadlineExceeded, InsufficientStorage, NotFound, PayloadTooLarge
-from app.schemas import ErrorBody, SegmentationResult
+from app.errors import (
+    BadUpload,
+    DeadlineExceeded,
+    InsufficientStorage,
+    NotFinished,
+    NotFound,
+    PayloadTooLarge,
+    error_response,
+)
+from app.schemas import ErrorBody, JobStatus, SegmentationResult
 from app.upload import UploadDecoder
-from app.worker import Job
+from app.worker import InferenceWorker, Job
 
 router = APIRouter(tags=["segmentation"])
 DISCONNECT_POLL_S = 0.5
@@ -128,6 +136,7 @@ def _summary_header(result: dict[str, Any]) -> str:
             "content": {"application/gzip": {}},
             "description": "the statistics (JSON), or the mask itself with ?download=true or Accept: application/gzip",
         },
+        202: {"model": JobStatus, "description": "with wait=false: accepted; GET its status_url until it answers 200"},
     },
     summary="Segment kidneys and tumors in a CT volume",
 )
@@ -140,8 +149,17 @@ async def segment(
     download: Annotated[
         bool, Query(description="return the mask file itself, with the statistics in the X-Kitseg-Statistics header")
     ] = False,
+    wait: Annotated[
+        bool,
+        Query(
+            description="false: answer 202 with the result's id as soon as the upload is accepted, and let "
+            "GET /segmentations/{id} say when it is done (for long jobs and proxies that cut long requests)"
+        ),
+    ] = True,
 ) -> Any:
     t0 = time.perf_counter()
+    if download and not wait:
+        raise BadUpload("download=true needs the request to wait for the mask; with wait=false, fetch mask_url later")
     form = await request.form()  # already parsed for ``file``; cached by Starlette
     if len(form.getlist("file")) != 1:
         raise BadUpload("send exactly one file in the 'file' field")
@@ -154,11 +172,17 @@ async def segment(
         raise BadUpload("the uploaded file is empty")
     rid = store.new_id()
     job = Job(rid=rid, upload=dst, received_ms=1000 * (time.perf_counter() - t0), request_id=request.state.request_id)
+    if not wait:
+        job.deadline = time.monotonic() + settings.request_timeout_s
     try:
         worker.submit(job)
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
+    if not wait:
+        return JSONResponse(
+            _status(job, request), status_code=202, headers={"Location": f"{_root(request)}/segmentations/{rid}"}
+        )
     try:
         result = await _wait_for_result(request, job, settings.request_timeout_s)
     except TimeoutError:  # _wait_for_result has already cancelled the job
@@ -185,12 +209,42 @@ async def segment(
     return JSONResponse(_linked(result, request), headers={"Location": f"{_root(request)}/segmentations/{rid}"})
 
 
-@router.get("/segmentations/{rid}", response_model=SegmentationResult, responses={404: {"model": ErrorBody}})
+def _status(job: Job, request: Request) -> dict[str, Any]:
+    return {
+        "id": job.rid,
+        "status": job.state,
+        "progress": round(job.progress, 3),
+        "status_url": f"{_root(request)}/segmentations/{job.rid}",
+    }
+
+
+def _worker(request: Request) -> InferenceWorker | None:
+    """The worker, also while the service drains (its accepted jobs still finish)."""
+    return getattr(request.app.state, "worker", None)
+
+
+@router.get(
+    "/segmentations/{rid}",
+    response_model=SegmentationResult,
+    responses={
+        202: {"model": JobStatus, "description": "accepted with wait=false and not finished yet; ask again"},
+        404: {"model": ErrorBody},
+        **{s: ERRORS[s] for s in (413, 415, 422, 504, 507)},
+    },
+    summary="A segmentation's result; for one sent with wait=false, its progress or how it failed",
+)
 def get_segmentation(rid: str, request: Request, store: StoreDep) -> Any:
     result = store.get(rid)
-    if result is None:
-        raise NotFound(f"no segmentation {rid!r} (never existed, deleted, or expired)")
-    return JSONResponse(_linked(result, request))
+    if result is not None:
+        return JSONResponse(_linked(result, request))
+    worker = _worker(request)
+    job = worker.pending(rid) if worker is not None else None
+    if job is not None:
+        return JSONResponse(_status(job, request), status_code=202, headers={"Retry-After": "1"})
+    failed = worker.failure(rid) if worker is not None else None
+    if failed is not None:  # the job's own error, with its status and code
+        return error_response(request, failed.status, failed.code, f"{failed.message} (request {failed.request_id})")
+    raise NotFound(f"no segmentation {rid!r} (never existed, deleted, or expired)")
 
 
 @router.get(
@@ -198,19 +252,25 @@ def get_segmentation(rid: str, request: Request, store: StoreDep) -> Any:
     responses={
         200: {"content": {"application/gzip": {}}, "description": "uint8 mask with the input's affine and header"},
         404: {"model": ErrorBody},
+        409: {"model": ErrorBody, "description": "sent with wait=false and not finished yet"},
     },
     response_class=FileResponse,
 )
-def get_mask(rid: str, store: StoreDep) -> Any:
+def get_mask(rid: str, request: Request, store: StoreDep) -> Any:
     path = store.mask_path(rid)
     if path is None:
+        worker = _worker(request)
+        if worker is not None and worker.pending(rid) is not None:
+            raise NotFinished(f"segmentation {rid!r} is not finished; GET /segmentations/{rid} says when it is")
         raise NotFound(f"no mask for segmentation {rid!r}")
     return FileResponse(path, media_type="application/gzip", filename=f"{rid}_mask.nii.gz")
 
 
 @router.delete("/segmentations/{rid}", status_code=204, responses={404: {"model": ErrorBody}})
-def delete_segmentation(rid: str, store: StoreDep) -> Response:
-    if not store.delete(rid):
+def delete_segmentation(rid: str, request: Request, store: StoreDep) -> Response:
+    worker = _worker(request)
+    cancelled = worker is not None and worker.cancel(rid)  # queued or running: dropped, nothing kept
+    if not store.delete(rid) and not cancelled:
         raise NotFound(f"no segmentation {rid!r}")
     return Response(status_code=204)
 

@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -511,3 +512,90 @@ def test_predict_cli_statistics_csv_has_a_row_per_class_and_each_kidneys_side(tm
     assert (t["left_total_ml"], t["mean_confidence"], t["max_axial_diameter_mm"]) == ("", "", "14.2")
     saved = json.loads((tmp_path / "statistics.json").read_text())
     assert saved == {"checkpoint": "m.safetensors", "weights_sha256": ["ab"], "results": results}
+
+
+def _poll(c: TestClient, rid: str, timeout_s: float = 60.0):  # type: ignore[no-untyped-def]
+    """GET the result until it is no longer 202."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = c.get(f"/segmentations/{rid}")
+        if r.status_code != 202 or time.monotonic() > deadline:
+            return r
+        assert r.headers["retry-after"] == "1" and set(r.json()) == {"id", "status", "progress", "status_url"}
+        time.sleep(0.05)
+
+
+def test_wait_false_answers_202_at_once_and_the_status_url_follows_the_job(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    with _client(tmp_path, tiny_checkpoint) as c:
+        w = c.app.state.worker  # type: ignore[attr-defined]
+        real = w.engine.predict
+        go, started = threading.Event(), threading.Event()
+
+        def gated(*a, **k):
+            started.set()
+            assert go.wait(60)
+            return real(*a, **k)
+
+        w.engine.predict = gated
+        r = c.post("/segment?wait=false", files={"file": ("v", payload)})
+        assert r.status_code == 202, r.text
+        rid = r.json()["id"]
+        assert r.headers["location"] == r.json()["status_url"] == f"/segmentations/{rid}"
+        assert started.wait(60)
+        now = c.get(f"/segmentations/{rid}")
+        assert now.status_code == 202 and now.json()["status"] == "running"
+        queued = c.post("/segment?wait=false", files={"file": ("v", payload)}).json()["id"]
+        assert c.get(f"/segmentations/{queued}").json()["status"] == "queued"
+        assert_error(c.get(f"/segmentations/{rid}/mask"), 409, "not_finished")
+        # Deleting a queued job cancels it: it is never segmented and leaves nothing.
+        assert c.delete(f"/segmentations/{queued}").status_code == 204
+        assert_error(c.get(f"/segmentations/{queued}"), 404)
+        go.set()
+        done = _poll(c, rid)
+        assert done.status_code == 200, done.text
+        res = done.json()
+        assert res["id"] == rid and res["mask_url"] == f"/segmentations/{rid}/mask"
+        assert c.get(res["mask_url"]).status_code == 200
+        # The same upload, waited for, gives the same result.
+        waited = c.post("/segment", files={"file": ("v", payload)}).json()
+        assert [k["voxels"] for k in waited["classes"]] == [k["voxels"] for k in res["classes"]]
+        assert w.processed == 2 and w.pending(queued) is None  # the deleted job never ran
+        assert_error(c.post("/segment?wait=false&download=true", files={"file": ("v", payload)}), 422, "bad_upload")
+        _clean(tmp_path)
+
+
+def test_wait_false_failures_answer_the_status_url_with_their_own_error(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    flat = tmp_path / "flat.nii"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 1, 2), np.int16), np.eye(4)), str(flat))  # 4D, t = 2
+    with _client(tmp_path, tiny_checkpoint, request_timeout_s=1.0) as c:
+        w = c.app.state.worker  # type: ignore[attr-defined]
+        r = c.post("/segment?wait=false", files={"file": ("v", flat.read_bytes())})
+        assert r.status_code == 202, r.text
+        bad = r.json()["id"]
+        body = assert_error(_poll(c, bad), 422, "invalid_volume")
+        assert r.headers["x-request-id"] in body["message"]  # the upload's request, for the server log
+        assert_error(_poll(c, bad), 422, "invalid_volume")  # asked again: the same answer
+        # A deadline passes while it runs: 504, and no result is kept.
+        real = w.engine.predict
+
+        def slow(*a, **k):
+            time.sleep(1.5)
+            return real(*a, **k)
+
+        w.engine.predict = slow
+        late = c.post("/segment?wait=false", files={"file": ("v", payload)}).json()["id"]
+        assert_error(_poll(c, late), 504, "deadline_exceeded")
+        w.engine.predict = real
+        assert not (tmp_path / "results" / "results" / late).exists()
+        # A failure is forgotten when deleted, and after the results' time-to-live.
+        assert c.delete(f"/segmentations/{bad}").status_code == 204
+        assert_error(c.get(f"/segmentations/{bad}"), 404)
+        assert_error(c.delete(f"/segmentations/{bad}"), 404)
+        w.settings = w.settings.model_copy(update={"result_ttl_s": 0})
+        ok = c.post("/segment?wait=false", files={"file": ("v", flat.read_bytes())}).json()["id"]
+        assert_error(_poll(c, ok), 404)  # failed, and already expired
+        _clean(tmp_path)

@@ -300,6 +300,9 @@ def test_sigterm_drains_accepted_work_then_exits(tmp_path: Path, tiny_checkpoint
             time.sleep(0.4)
             futs.append(pool.submit(httpx.post, f"{url}/segment", files={"file": ("b.nii", _nii())}, timeout=60))
             time.sleep(0.4)
+            # And one whose client doesn't wait: accepted is accepted.
+            unwaited = httpx.post(f"{url}/segment?wait=false", files={"file": ("c.nii", _nii())}, timeout=60)
+            assert unwaited.status_code == 202, unwaited.text
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             # Draining: no longer ready, whether the socket is already closed or still answers.
@@ -314,8 +317,7 @@ def test_sigterm_drains_accepted_work_then_exits(tmp_path: Path, tiny_checkpoint
         # SIGTERM" (143 in a shell, what Docker and systemd expect), after the work is done.
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
         # What was written before the stop is still there for a restarted server.
-        for r in results:
-            rid = r.json()["id"]
+        for rid in [r.json()["id"] for r in results] + [unwaited.json()["id"]]:
             assert (tmp_path / "results" / "results" / rid / "mask.nii.gz").exists()
         assert list((tmp_path / "results" / "spool").iterdir()) == []
     finally:
