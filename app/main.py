@@ -26,6 +26,7 @@ from starlette.types import Scope
 import segcore
 from app.deps import api_key_ok, require_api_key
 from app.errors import register_error_handlers
+from app.metrics import Metrics
 from app.middleware import JsonCORSMiddleware, RequestContextMiddleware, configure_logging
 from app.routes import health, segment
 from app.settings import Settings, get_settings
@@ -106,13 +107,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         try:
             engine = await run_in_threadpool(_load, s)
-            worker = InferenceWorker(engine, s, store)
+            worker = InferenceWorker(engine, s, store, metrics=app.state.metrics)
             worker.start()
             await run_in_threadpool(worker.wait_warm)
         except (CheckpointError, RuntimeError, OSError, ValueError) as e:
             log.error("startup failed: %s", e)
             raise RuntimeError(f"kitseg cannot start: {e}") from e
         app.state.worker = worker
+        if app.state.metrics is not None:
+            app.state.metrics.watch(
+                queued=worker.queue.qsize,
+                busy=lambda: float(worker.busy.is_set()),
+                ready=lambda: float(app.state.ready and not getattr(app.state, "draining", False)),
+            )
         sweeper = asyncio.create_task(_sweeper(store, max(5.0, min(60.0, s.result_ttl_s / 4))))
         app.state.ready = True
         log.info(
@@ -151,6 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     _mount_docs(app)
     app.state.settings = s0
+    app.state.metrics = Metrics() if s0.metrics else None
     register_error_handlers(app)
 
     def make_decoder(scope: Scope) -> UploadDecoder | None:
@@ -168,7 +176,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside the request-context middleware, so the decoder sees the body only after its size
     # and time limits.
     app.add_middleware(UploadDecodeMiddleware, make=make_decoder)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=s0.max_upload_bytes, body_timeout_s=s0.upload_timeout_s)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=s0.max_upload_bytes,
+        body_timeout_s=s0.upload_timeout_s,
+        metrics=app.state.metrics,
+    )
     if s0.cors_origins:  # outermost: every response, errors included, carries the CORS headers
         app.add_middleware(JsonCORSMiddleware, origins=s0.cors_origins)
     app.include_router(health.router)

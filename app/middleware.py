@@ -20,6 +20,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.metrics import Metrics
+
 log = logging.getLogger("kitseg.access")
 _RID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Multipart framing (boundary, part headers) on top of the file itself.
@@ -57,10 +59,13 @@ def configure_logging(level: str) -> None:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float = 300.0, metrics: Metrics | None = None
+    ) -> None:
         self.app = app
         self.max_body = max_body_bytes + MULTIPART_OVERHEAD
         self.body_timeout_s = body_timeout_s
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,6 +137,9 @@ class RequestContextMiddleware:
                 return
             await self.app(scope, limited_receive, send_wrapper)
         finally:
+            seconds = time.perf_counter() - t0
+            if self.metrics is not None:
+                self.metrics.observe_request(scope, status["code"], seconds)
             log.info(
                 "request",
                 extra={
@@ -139,7 +147,7 @@ class RequestContextMiddleware:
                     "method": scope.get("method"),
                     "path": scope.get("path"),
                     "status": status["code"],
-                    "duration_ms": round(1000 * (time.perf_counter() - t0), 1),
+                    "duration_ms": round(1000 * seconds, 1),
                     "bytes_in": received["n"],
                 },
             )

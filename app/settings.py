@@ -109,6 +109,11 @@ class Settings(BaseSettings):
         "(mask_url, Location) and the docs pages carry it",
     )
     log_level: str = Field("INFO", description="logging level")
+    metrics: bool = Field(
+        True,
+        description="Prometheus metrics at GET /metrics (requests, job stages and outcomes, queue, process); "
+        "behind the API key when keys are set",
+    )
     warmup: bool = Field(
         True,
         description="run one whole job on a synthetic CT before reporting ready, so the first request is not slower",

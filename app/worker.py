@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from app.errors import DeadlineExceeded, InsufficientStorage, NotReady, OutOfMemory, Overloaded, describe
+from app.metrics import Metrics
 from app.settings import Settings
 from app.store import ResultStore, StoreClosed
 from segcore.checkpoint import CheckpointMeta, file_sha256
@@ -130,8 +131,9 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class InferenceWorker:
-    def __init__(self, engine: Engine, settings: Settings, store: ResultStore) -> None:
+    def __init__(self, engine: Engine, settings: Settings, store: ResultStore, metrics: Metrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.settings = settings
         self.store = store
         self.meta: CheckpointMeta = engine.meta
@@ -248,6 +250,8 @@ class InferenceWorker:
             if job.cancelled.is_set() or job.future.cancelled():
                 job.upload.unlink(missing_ok=True)
                 self._forget(job)
+                if self.metrics is not None:
+                    self.metrics.observe_job("cancelled")
                 continue
             self.busy.set()
             job.state = "running"
@@ -274,6 +278,10 @@ class InferenceWorker:
             elif error is not None and not job.waited_for:
                 self._record_failure(job, error)  # kept for the client's next GET
             self._forget(job)
+            if self.metrics is not None:
+                outcome = "cancelled" if cancelled else describe(error)[1] if error is not None else "ok"
+                with contextlib.suppress(Exception):  # counting must never stop the worker
+                    self.metrics.observe_job(outcome, result["timings_ms"] if result is not None else None)
             # The request may cancel its future at any moment; the worker must never die of it.
             with contextlib.suppress(cf.InvalidStateError):
                 if error is not None:

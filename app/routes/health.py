@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from app.deps import WorkerDep, require_api_key
-from app.errors import NotReady
+from app.errors import NotFound, NotReady
+from app.metrics import CONTENT_TYPE
 from app.schemas import ErrorBody
 
 router = APIRouter(tags=["service"])
@@ -64,3 +65,20 @@ async def model_card(worker: WorkerDep) -> dict[str, Any]:
     if worker.settings.is_demo:
         card["notice"] = "demo model trained on synthetic phantoms (kitseg-train phantoms); not for clinical use"
     return card
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    description="Requests by route and status, job stages and outcomes, the queue, readiness and the process, in "
+    "Prometheus' text format. Labels never hold result ids, file names or volume data. Behind the API key when "
+    "keys are set (a Prometheus job's `authorization: {credentials: <key>}`); KITSEG_METRICS=false turns it off.",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {}}}, 404: {"model": ErrorBody}},
+    dependencies=[Depends(require_api_key)],
+)
+async def metrics(request: Request) -> Response:
+    m = getattr(request.app.state, "metrics", None)
+    if m is None:
+        raise NotFound("metrics are off (KITSEG_METRICS=false)")
+    return Response(m.render(), media_type=CONTENT_TYPE)

@@ -457,3 +457,49 @@ def test_cors_lets_the_configured_origins_pages_call_the_api_and_read_its_answer
         with pytest.raises(ValueError, match="CORS origin"):
             make_settings(tmp_path, cors_origins=bad)
     assert make_settings(tmp_path, cors_origins="*").cors_origins == ["*"]
+
+
+def _samples(text: str) -> dict[str, float]:
+    """Prometheus text format: 'name{labels} value' lines, comments left out."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_count_requests_by_route_and_jobs_by_outcome_without_ids_or_names(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    key = "m" * 20
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    data = write_nifti(tmp_path / "v.nii.gz", hu, aff).read_bytes()
+    flat = nib.Nifti1Image(np.zeros((32, 32, 1, 2), np.int16), np.eye(4)).to_bytes()  # 4D, t = 2
+    settings = make_settings(tmp_path, checkpoint=tiny_checkpoint, api_keys=key)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        h = {"X-API-Key": key}
+        assert_error(c.get("/metrics"), 401)  # behind the key, as the rest
+        ok = c.post("/segment", files={"file": ("patient-name.nii.gz", data)}, headers=h).json()["id"]
+        assert_error(c.post("/segment", files={"file": ("x.nii", flat)}, headers=h), 422, "invalid_volume")
+        assert c.get(f"/segmentations/{ok}", headers=h).status_code == 200
+        assert_error(c.get(f"/segmentations/{'0' * 32}", headers=h), 404)
+        assert c.get("/no/such/path").status_code == 404
+        r = c.get("/metrics", headers=h)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        m = _samples(r.text)
+        assert m['kitseg_http_requests_total{method="POST",route="/segment",status="200"}'] == 1
+        assert m['kitseg_http_requests_total{method="POST",route="/segment",status="422"}'] == 1
+        assert m['kitseg_http_requests_total{method="GET",route="/segmentations/{rid}",status="200"}'] == 1
+        assert m['kitseg_http_requests_total{method="GET",route="/segmentations/{rid}",status="404"}'] == 1
+        assert m['kitseg_http_requests_total{method="GET",route="unmatched",status="404"}'] == 1
+        assert m['kitseg_http_requests_total{method="GET",route="/metrics",status="401"}'] == 1
+        assert m['kitseg_http_request_duration_seconds_count{method="POST",route="/segment"}'] == 2
+        assert m['kitseg_jobs_total{outcome="ok"}'] == 1 and m['kitseg_jobs_total{outcome="invalid_volume"}'] == 1
+        for stage in ("decompress_parse", "preprocess", "model", "postprocess", "statistics", "encode", "write"):
+            assert m[f'kitseg_job_stage_seconds_count{{stage="{stage}"}}'] == 1, stage
+        assert m["kitseg_ready"] == 1 and m["kitseg_queue_jobs"] == 0 and m["kitseg_worker_busy"] == 0
+        assert m["process_resident_memory_bytes"] > 0
+        assert ok not in r.text and "patient-name" not in r.text  # no result ids, no file names
+    with TestClient(create_app(make_settings(tmp_path / "off", checkpoint=tiny_checkpoint, metrics=False))) as c:
+        assert_error(c.get("/metrics"), 404, "not_found")
