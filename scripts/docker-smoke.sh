@@ -110,6 +110,8 @@ assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine, atol=1e-
 seg = np.asanyarray(nib.load(f"{case}/segmentation.nii.gz").dataobj)
 pred = np.asanyarray(mask.dataobj)
 dice = 2 * ((pred > 0) & (seg > 0)).sum() / ((pred > 0).sum() + (seg > 0).sum())
+metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text  # prometheus-client in the image
+assert 'kitseg_jobs_total{outcome="ok"} 1.0' in metrics, metrics[-2000:]
 print(f"smoke OK: backend {card['backend']} ({card['precision']}, compiled {card['compiled']}), kidney {res['classes'][0]['volume_ml']:.1f} mL, kidney Dice vs truth {dice:.3f}")
 assert dice > 0.8
 EOF
