@@ -6,6 +6,10 @@ folder is searched recursively and its structure kept under ``--out``, so that a
 ``case_XXXXX/imaging.nii.gz`` files each get their own ``case_XXXXX/imaging_mask.nii.gz``; its
 label maps and earlier masks are skipped (:data:`NOT_CT`) unless ``--glob`` says which files to
 take.
+
+With ``--server URL`` the volumes go to a running kitseg service instead (``POST /segment?wait=false``,
+then its status URL, then the mask): a folder on a workstation segmented by the GPU server, into
+the same files.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import csv
 import io
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -28,7 +33,7 @@ from app.settings import DEMO_CHECKPOINT
 from segcore.errors import KitsegError
 from segcore.inference import Engine
 from segcore.io import atomic_write, load_volume, save_mask
-from segcore.options import add_engine_arguments, engine_options
+from segcore.options import ENGINE_FLAGS, add_engine_arguments, engine_options
 from segcore.stats import compute_statistics
 
 #: file names in a folder that are not CT: the KiTS layouts' label maps (KiTS19/23's, KiTS21's
@@ -175,6 +180,114 @@ def _earlier_results(out: Path, weights_sha256: list[str]) -> dict[str, dict[str
     }
 
 
+class Local:
+    """The engine in this process."""
+
+    def __init__(self, engine: Engine, checkpoints: list[Path]) -> None:
+        self.engine = engine
+        self.weights_sha256 = [m.weights_sha256 for m in engine.metas]
+        self.source: dict[str, Any] = {
+            "checkpoint": [str(c) for c in checkpoints] if len(checkpoints) > 1 else str(checkpoints[0])
+        }
+
+    def segment(self, f: Path, mask_path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+        """Write ``f``'s mask to ``mask_path``; its statistics and warnings. Raises KitsegError for a
+        volume that can't be segmented."""
+        vol = load_volume(f)
+        pred = self.engine.predict(vol)
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        save_mask(pred.mask, vol, mask_path, private=False)  # the user's outputs, not the service's
+        return compute_statistics(pred.mask, vol, self.engine.meta.labels, pred.confidence, pred.box), vol.ct_warnings()
+
+
+class ServiceError(Exception):
+    """The service refused one volume (its error's code and message): the volume is skipped."""
+
+
+class ServiceUnavailable(Exception):
+    """The service can't be used at all (unreachable, a wrong API key, not a kitseg service)."""
+
+
+class Remote:
+    """A kitseg service: each volume is uploaded with ``wait=false``, its status URL polled and
+    its mask fetched, so no request stays open for the whole job (proxies cut long ones). A full
+    queue (503) is waited out. The upload's file name is not sent: a patient's name in a file
+    name stays on this machine."""
+
+    def __init__(self, url: str, api_key: str | None, timeout_s: float) -> None:
+        import httpx
+
+        self.httpx = httpx
+        self.base = httpx.URL(url.rstrip("/") + "/")
+        self.timeout_s = timeout_s
+        self.client = httpx.Client(headers={"X-API-Key": api_key} if api_key else {}, timeout=60.0)
+        card = self._json(self._call("GET", "model"), "GET /model")
+        try:
+            # The weights' hash, as a local run records it; an ensemble's files' hashes (its card's).
+            self.weights_sha256 = list(card["ensemble"]) if card.get("ensemble") else [card["weights_sha256"]]
+        except (KeyError, TypeError):
+            raise ServiceUnavailable(f"{url} does not answer GET /model as a kitseg service") from None
+        self.source = {"server": url, "model": card.get("name"), "demo": card.get("demo")}
+
+    def _url(self, path: str) -> Any:
+        # Links from the service are absolute paths (under its root path, behind a proxy), so they
+        # replace the base URL's path; a relative one is under it.
+        return self.base.join(path)
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self.client.request(method, self._url(path), **kw)
+        except self.httpx.HTTPError as e:
+            raise ServiceUnavailable(f"{self.base}: {e}") from e
+        if r.status_code == 401:
+            raise ServiceUnavailable(f"{self.base}: missing or wrong API key (--api-key, or KITSEG_API_KEY)")
+        return r
+
+    @staticmethod
+    def _json(r: Any, what: str) -> Any:
+        try:
+            return r.json()
+        except ValueError:
+            raise ServiceUnavailable(f"{what} answered {r.status_code} without JSON: not a kitseg service?") from None
+
+    @staticmethod
+    def _refused(r: Any) -> ServiceError:
+        try:
+            body = r.json()
+            return ServiceError(f"{r.status_code} {body['code']}: {body['message']}")
+        except (ValueError, KeyError, TypeError):
+            return ServiceError(f"HTTP {r.status_code}")
+
+    def segment(self, f: Path, mask_path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            with open(f, "rb") as fh:
+                r = self._call("POST", "segment", params={"wait": "false"}, files={"file": ("volume", fh)})
+            if r.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(min(30.0, float(r.headers.get("retry-after", "5"))))  # the queue is full
+        if r.status_code != 202:
+            raise self._refused(r)
+        status_url = self._json(r, "POST /segment")["status_url"]
+        while True:
+            r = self._call("GET", status_url)
+            if r.status_code != 202:
+                break
+            if time.monotonic() > deadline:
+                self._call("DELETE", status_url)
+                raise ServiceError(f"not finished within {self.timeout_s:.0f} s (--timeout); cancelled")
+            time.sleep(min(1.0, float(r.headers.get("retry-after", "1"))))
+        if r.status_code != 200:
+            raise self._refused(r)
+        result = self._json(r, "GET " + status_url)
+        m = self._call("GET", result["mask_url"])
+        if m.status_code != 200:
+            raise self._refused(m)
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(mask_path, m.content, private=False)
+        return result["classes"], result.get("warnings", [])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kitseg-predict", description=__doc__)
     ap.add_argument(
@@ -213,22 +326,53 @@ def main(argv: list[str] | None = None) -> int:
         "(with the same checkpoint) are kept, not segmented again (nnU-Net's --continue_prediction)",
     )
     add_engine_arguments(ap, batch_size=8)
+    ap.add_argument(
+        "--server",
+        metavar="URL",
+        help="send the volumes to a running kitseg service (e.g. https://gpu-host/kitseg) instead of running the "
+        "engine here; its checkpoint and settings apply, so --checkpoint and the engine options are refused",
+    )
+    ap.add_argument(
+        "--api-key", help="the service's API key, with --server (default: the KITSEG_API_KEY environment variable)"
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="with --server: seconds one volume may take, queue and upload included (default 3600)",
+    )
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    ckpts = a.checkpoint or [DEMO_CHECKPOINT]
-    if a.checkpoint is None:
-        print("using the bundled demo model (synthetic phantoms; not for clinical use)", file=sys.stderr)
-    try:
-        engine = Engine.from_checkpoint(
-            [str(c) for c in ckpts],
-            **engine_options(a),
-        )
-    # A missing, tampered or mismatched checkpoint; no such device; options it can't run.
-    except (KitsegError, ValueError) as e:
-        print(f"kitseg-predict: {e}", file=sys.stderr)
-        return 2
-    if a.compile != "off":
-        engine.warmup()
+    segmenter: Local | Remote
+    if a.server:
+        changed = [f"--{k.replace('_', '-')}" for k in ENGINE_FLAGS if getattr(a, k) != ap.get_default(k)]
+        if a.checkpoint or changed:
+            print(
+                f"kitseg-predict: with --server the service's checkpoint and settings apply: drop "
+                f"{', '.join((['--checkpoint'] if a.checkpoint else []) + changed)}",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            segmenter = Remote(a.server, a.api_key or os.environ.get("KITSEG_API_KEY"), a.timeout)
+        except ServiceUnavailable as e:
+            print(f"kitseg-predict: {e}", file=sys.stderr)
+            return 2
+        if segmenter.source["demo"]:
+            print(f"{a.server} serves its demo model (synthetic phantoms; not for clinical use)", file=sys.stderr)
+    else:
+        ckpts = a.checkpoint or [DEMO_CHECKPOINT]
+        if a.checkpoint is None:
+            print("using the bundled demo model (synthetic phantoms; not for clinical use)", file=sys.stderr)
+        try:
+            engine = Engine.from_checkpoint([str(c) for c in ckpts], **engine_options(a))
+        # A missing, tampered or mismatched checkpoint; no such device; options it can't run.
+        except (KitsegError, ValueError) as e:
+            print(f"kitseg-predict: {e}", file=sys.stderr)
+            return 2
+        if a.compile != "off":
+            engine.warmup()
+        segmenter = Local(engine, ckpts)
     files, skipped = _inputs(a.input, a.glob)
     if skipped:
         print(
@@ -244,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     a.out.mkdir(parents=True, exist_ok=True)
     mask_paths = _mask_paths(files, a.input, a.out, names)
-    hashes = [m.weights_sha256 for m in engine.metas]
-    model = {"checkpoint": [str(c) for c in ckpts] if len(ckpts) > 1 else str(ckpts[0]), "weights_sha256": hashes}
+    hashes = segmenter.weights_sha256
+    model = {**segmenter.source, "weights_sha256": hashes}
     try:
         done = _earlier_results(a.out, hashes) if a.resume else {}
     except ValueError as e:
@@ -262,18 +406,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         try:
-            vol = load_volume(f)
-            pred = engine.predict(vol)
-        except KitsegError as e:
+            classes, warnings = segmenter.segment(f, mask_path)
+        except (KitsegError, ServiceError) as e:
             failures += 1
             tqdm.write(f"skip {f}: {e}")
             results.append({"input": str(f), "error": str(e)})
             _write_statistics(a.out, model, results)
             continue
-        mask_path.parent.mkdir(parents=True, exist_ok=True)
-        save_mask(pred.mask, vol, mask_path, private=False)  # the user's outputs, not the service's
-        classes = compute_statistics(pred.mask, vol, engine.meta.labels, pred.confidence, pred.box)
-        warnings = vol.ct_warnings()
+        except ServiceUnavailable as e:  # every later volume would fail the same way
+            print(f"kitseg-predict: {e}", file=sys.stderr)
+            return 2
         for message in warnings:
             tqdm.write(f"warning: {f}: {message}")
         results.append(

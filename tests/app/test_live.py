@@ -255,3 +255,69 @@ def test_behind_a_proxy_path_prefix_the_links_and_the_docs_carry_it(
         with pytest.raises(ValueError, match="root_path"):
             make_settings(tmp_path, root_path=bad)
     assert make_settings(tmp_path, root_path="/").root_path == ""
+
+
+def test_predict_cli_with_server_writes_what_the_local_engine_writes(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kitseg-predict --server: the same masks and statistics as the engine in-process, from a
+    service with API keys; a volume the service refuses is skipped."""
+    from app.predict_cli import main as predict
+    from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+    scans = tmp_path / "scans"
+    for name, codes in (("a", "IPL"), ("sub/b", "LPS")):
+        (scans / name).parent.mkdir(parents=True, exist_ok=True)
+        hu, aff, _ = make_volume(ORIENTATIONS[codes])
+        write_nifti(scans / f"{name}.nii.gz", hu, aff)
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 1, 2), np.int16), np.eye(4)), str(scans / "flat.nii"))  # 4D
+    key = "p" * 20
+    settings = make_settings(tmp_path / "srv", checkpoint=tiny_checkpoint, api_keys=key)
+    local = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--precision", "fp32", "--backend", "torch"]
+    assert predict([str(scans), "--out", str(tmp_path / "local"), *local]) == 1  # flat.nii is refused
+    with LiveServer(create_app(settings)) as srv:
+        url = srv.url
+        monkeypatch.setenv("KITSEG_API_KEY", key)
+        assert predict([str(scans), "--out", str(tmp_path / "remote"), "--server", url]) == 1
+        # --continue asks the service again only for what failed.
+        assert predict([str(scans), "--out", str(tmp_path / "remote"), "--server", url, "--continue"]) == 1
+        assert "2 kept from the earlier run" in capsys.readouterr().out
+        # Mistakes are status 2 before anything is sent.
+        assert predict([str(scans), "--out", str(tmp_path / "x"), "--server", url, "--checkpoint", "c"]) == 2
+        assert predict([str(scans), "--out", str(tmp_path / "x"), "--server", url, "--batch-size", "2"]) == 2
+        monkeypatch.setenv("KITSEG_API_KEY", "w" * 20)
+        assert predict([str(scans), "--out", str(tmp_path / "x"), "--server", url]) == 2
+        assert "API key" in capsys.readouterr().err
+    assert predict([str(scans), "--out", str(tmp_path / "x"), "--server", url, "--api-key", key]) == 2  # gone
+    for name in ("a", "sub/b"):
+        want = nib.load(tmp_path / "local" / f"{name}_mask.nii.gz")
+        got = nib.load(tmp_path / "remote" / f"{name}_mask.nii.gz")
+        np.testing.assert_array_equal(np.asanyarray(got.dataobj), np.asanyarray(want.dataobj))
+        np.testing.assert_allclose(got.affine, want.affine)
+    stats = {d: json.loads((tmp_path / d / "statistics.json").read_text()) for d in ("local", "remote")}
+    assert stats["remote"]["server"] == url and stats["remote"]["weights_sha256"] == stats["local"]["weights_sha256"]
+    for r, w in zip(stats["remote"]["results"], stats["local"]["results"], strict=True):
+        assert r["input"] == w["input"]
+        if "error" in w:
+            assert "invalid_volume" in r["error"]
+            continue
+        assert [c["voxels"] for c in r["classes"]] == [c["voxels"] for c in w["classes"]]
+    csvs = [(tmp_path / d / "statistics.csv").read_text().splitlines() for d in ("local", "remote")]
+    assert csvs[0][0] == csvs[1][0] and len(csvs[0]) == len(csvs[1])
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_predict_cli_server_links_resolve_under_a_proxy_prefix() -> None:
+    """The service's links are absolute paths that carry its root path (/kitseg/segmentations/...):
+    they replace the base URL's path, which a proxy then strips; "segment" is under the base."""
+    import httpx
+
+    from app.predict_cli import Remote
+
+    r = Remote.__new__(Remote)
+    for base in ("https://host/kitseg", "https://host/kitseg/"):
+        r.base = httpx.URL(base.rstrip("/") + "/")
+        assert str(r._url("segment")) == "https://host/kitseg/segment"
+        assert str(r._url("/kitseg/segmentations/ab")) == "https://host/kitseg/segmentations/ab"
+    r.base = httpx.URL("http://127.0.0.1:8000/")
+    assert str(r._url("model")) == "http://127.0.0.1:8000/model"
