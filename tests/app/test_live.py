@@ -321,3 +321,35 @@ def test_predict_cli_server_links_resolve_under_a_proxy_prefix() -> None:
         assert str(r._url("/kitseg/segmentations/ab")) == "https://host/kitseg/segmentations/ab"
     r.base = httpx.URL("http://127.0.0.1:8000/")
     assert str(r._url("model")) == "http://127.0.0.1:8000/model"
+
+
+def test_predict_cli_with_server_waits_out_a_full_queue(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    import threading
+
+    from app.predict_cli import main as predict
+    from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    scan = write_nifti(tmp_path / "a.nii.gz", hu, aff)
+    settings = make_settings(tmp_path / "srv", checkpoint=tiny_checkpoint, queue_size=1, retry_after_s=1)
+    app = create_app(settings)
+    with LiveServer(app) as srv:
+        worker = app.state.worker
+        real, go, started = worker.engine.predict, threading.Event(), threading.Event()
+
+        def gated(*a, **k):  # type: ignore[no-untyped-def]
+            started.set()
+            assert go.wait(60)
+            return real(*a, **k)
+
+        worker.engine.predict = gated
+        files = {"file": ("v", scan.read_bytes())}
+        assert httpx.post(f"{srv.url}/segment?wait=false", files=files, timeout=30).status_code == 202  # runs
+        assert started.wait(60)
+        assert httpx.post(f"{srv.url}/segment?wait=false", files=files, timeout=30).status_code == 202  # queued
+        assert httpx.post(f"{srv.url}/segment?wait=false", files=files, timeout=30).status_code == 503  # full
+        threading.Timer(2.0, go.set).start()  # the queue frees up while kitseg-predict waits
+        t0 = time.monotonic()
+        assert predict([str(scan), "--out", str(tmp_path / "out"), "--server", srv.url]) == 0
+        assert time.monotonic() - t0 >= 1.0 and (tmp_path / "out" / "a_mask.nii.gz").is_file()
+        worker.engine.predict = real
