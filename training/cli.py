@@ -377,7 +377,7 @@ def _choose_min_tumor_ml(a: argparse.Namespace, checkpoints: list[str]) -> tuple
     from segcore.checkpoint import check_ensemble, read_meta
     from segcore.inference import Engine
     from segcore.metrics import tumor_dice_by_size
-    from training.datasets import find_cases, fold_cases, kfold_splits, labelled, read_splits, select_cases
+    from training.datasets import find_cases, labelled, select_cases
     from training.train import best_min_tumor_ml, sweep_min_tumor_ml
 
     # One value for every fold: they must be one configuration, as an ensemble's members are.
@@ -391,9 +391,7 @@ def _choose_min_tumor_ml(a: argparse.Namespace, checkpoints: list[str]) -> tuple
     if a.cases:
         jobs = [(checkpoints[0], select_cases(cases, a.cases.split(","), a.data))]
     elif a.fold is not None:
-        ids = [c.case_id for c in cases]
-        splits = read_splits(a.splits) if a.splits else kfold_splits(ids, *([a.folds] if a.folds else []))
-        jobs = [(checkpoints[0], fold_cases(cases, splits, a.fold, a.data)[1])]
+        jobs = [(checkpoints[0], _fold_validation_cases(a, cases))]
     else:
         jobs = _held_out_jobs(checkpoints, cases, a.data)
     rows: dict[float, list[dict[str, Any]]] = {v: [] for v in sorted({0.0, *a.candidates})}
@@ -570,7 +568,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _evaluate(a: argparse.Namespace) -> int:
     from segcore.inference import Engine
-    from training.datasets import find_cases, fold_cases, kfold_splits, labelled, read_splits, select_cases
+    from training.datasets import find_cases, labelled, select_cases
     from training.train import evaluate_cases, score_predictions
 
     if sum(map(bool, (a.checkpoint, a.predictions, a.held_out))) != 1 or not a.data:
@@ -590,9 +588,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     if a.cases:
         cases = select_cases(cases, a.cases.split(","), a.data)
     if a.fold is not None:
-        ids = [c.case_id for c in cases]
-        splits = read_splits(a.splits) if a.splits else kfold_splits(ids, *([a.folds] if a.folds else []))
-        _, cases = fold_cases(cases, splits, a.fold, a.data)
+        cases = _fold_validation_cases(a, cases)
     if a.limit:
         cases = cases[: a.limit]
     if a.predictions:
@@ -643,6 +639,16 @@ def _evaluate(a: argparse.Namespace) -> int:
             "compiled": engine.compiled,
         },
     )
+
+
+def _fold_validation_cases(a: argparse.Namespace, cases: list[Any]) -> list[Any]:
+    """Fold ``--fold``'s validation cases among ``cases``: nnU-Net's folds for their ids (``--folds``
+    of them), or those of ``--splits``."""
+    from training.datasets import fold_cases, kfold_splits, read_splits
+
+    ids = [c.case_id for c in cases]
+    splits = read_splits(a.splits) if a.splits else kfold_splits(ids, *([a.folds] if a.folds else []))
+    return fold_cases(cases, splits, a.fold, a.data)[1]
 
 
 def _held_out_jobs(checkpoints: list[str], cases: list[Any], root: str) -> list[tuple[str, list[Any]]]:
