@@ -28,6 +28,11 @@ _RID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MULTIPART_OVERHEAD = 64 * 1024
 
 
+def _request_id(sent: str) -> str:
+    """The client's X-Request-ID when it is a plain token, else a new one."""
+    return sent if _RID_RE.fullmatch(sent) else uuid.uuid4().hex
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; only whitelisted fields, never voxel data or file names."""
 
@@ -72,9 +77,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        rid = headers.get("x-request-id", "")
-        if not _RID_RE.fullmatch(rid):
-            rid = uuid.uuid4().hex
+        rid = _request_id(headers.get("x-request-id", ""))
         scope.setdefault("state", {})["request_id"] = rid
         t0 = time.perf_counter()
         status = {"code": 0}
@@ -176,9 +179,7 @@ class JsonCORSMiddleware(CORSMiddleware):
         resp = super().preflight_response(request_headers)
         if resp.status_code < 400:
             return resp
-        rid = request_headers.get("x-request-id", "")
-        if not _RID_RE.fullmatch(rid):
-            rid = uuid.uuid4().hex
+        rid = _request_id(request_headers.get("x-request-id", ""))
         refused = bytes(resp.body).decode("utf-8", "replace")  # "Disallowed CORS origin, headers"
         keep = {k: v for k, v in resp.headers.items() if k.lower().startswith("access-control-") or k.lower() == "vary"}
         return JSONResponse(
