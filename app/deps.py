@@ -14,6 +14,12 @@ from app.store import ResultStore
 from app.worker import InferenceWorker
 
 
+def root_path(request: Request) -> str:
+    """The path prefix a reverse proxy serves the API under (``KITSEG_ROOT_PATH``, uvicorn's
+    ``--root-path``), for the links a response or a docs page carries; empty without one."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
 def get_app_settings(request: Request) -> Settings:
     s: Settings = request.app.state.settings
     return s

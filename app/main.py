@@ -24,7 +24,7 @@ from starlette.datastructures import Headers
 from starlette.types import Scope
 
 import segcore
-from app.deps import api_key_ok, require_api_key
+from app.deps import api_key_ok, require_api_key, root_path
 from app.errors import register_error_handlers
 from app.metrics import Metrics
 from app.middleware import JsonCORSMiddleware, RequestContextMiddleware, configure_logging
@@ -75,7 +75,7 @@ def _mount_docs(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "").rstrip("/")  # behind a proxy's path prefix
+        root = root_path(request)  # behind a proxy's path prefix
         return get_swagger_ui_html(
             openapi_url=root + (app.openapi_url or "/openapi.json"),
             title=f"{app.title} - Swagger UI",
@@ -86,7 +86,7 @@ def _mount_docs(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "").rstrip("/")
+        root = root_path(request)
         return get_redoc_html(
             openapi_url=root + (app.openapi_url or "/openapi.json"),
             title=f"{app.title} - ReDoc",

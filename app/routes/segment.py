@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
-from app.deps import SettingsDep, StoreDep, WorkerDep
+from app.deps import SettingsDep, StoreDep, WorkerDep, root_path
 from app.errors import (
     BadUpload,
     DeadlineExceeded,
@@ -102,15 +102,9 @@ async def _wait_for_result(request: Request, job: Job, timeout_s: float) -> dict
             return None
 
 
-def _root(request: Request) -> str:
-    """The path prefix a reverse proxy serves the API under (``KITSEG_ROOT_PATH``, uvicorn's
-    ``--root-path``), for the links a response carries; empty without one."""
-    return str(request.scope.get("root_path", "")).rstrip("/")
-
-
 def _linked(result: dict[str, Any], request: Request) -> dict[str, Any]:
     """``result`` with its ``mask_url`` under the proxy's prefix (results are stored without it)."""
-    root = _root(request)
+    root = root_path(request)
     return {**result, "mask_url": root + result["mask_url"]} if root and "mask_url" in result else result
 
 
@@ -181,7 +175,7 @@ async def segment(
         raise
     if not wait:
         return JSONResponse(
-            _status(job, request), status_code=202, headers={"Location": f"{_root(request)}/segmentations/{rid}"}
+            _status(job, request), status_code=202, headers={"Location": f"{root_path(request)}/segmentations/{rid}"}
         )
     try:
         result = await _wait_for_result(request, job, settings.request_timeout_s)
@@ -203,10 +197,10 @@ async def segment(
             filename=f"{rid}_mask.nii.gz",
             headers={
                 "X-Kitseg-Statistics": _summary_header(result),
-                "X-Kitseg-Result": f"{_root(request)}/segmentations/{rid}",
+                "X-Kitseg-Result": f"{root_path(request)}/segmentations/{rid}",
             },
         )
-    return JSONResponse(_linked(result, request), headers={"Location": f"{_root(request)}/segmentations/{rid}"})
+    return JSONResponse(_linked(result, request), headers={"Location": f"{root_path(request)}/segmentations/{rid}"})
 
 
 def _status(job: Job, request: Request) -> dict[str, Any]:
@@ -214,7 +208,7 @@ def _status(job: Job, request: Request) -> dict[str, Any]:
         "id": job.rid,
         "status": job.state,
         "progress": round(job.progress, 3),
-        "status_url": f"{_root(request)}/segmentations/{job.rid}",
+        "status_url": f"{root_path(request)}/segmentations/{job.rid}",
     }
 
 
