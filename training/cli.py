@@ -320,7 +320,7 @@ def cmd_postprocess(a: argparse.Namespace) -> int:
             dry = {"checkpoint": [str(run / "best.safetensors")], "out": str(run / "post.safetensors")}
             if a.choose:
                 dry["data"] = str(tmp / "data")  # chosen on the validation cases the tiny run recorded
-            elif a.min_tumor_ml is None:
+            elif a.min_tumor_ml is None and a.kidney_filter is None:
                 dry["min_tumor_ml"] = 0.5
             return _postprocess(argparse.Namespace(**{**vars(a), **dry}))
     return _postprocess(a)
@@ -331,8 +331,10 @@ def _postprocess(a: argparse.Namespace) -> int:
     problem = None
     if not checkpoints or not a.out:
         problem = "postprocess needs --checkpoint and --out (or --dry-run)"
-    elif a.choose == (a.min_tumor_ml is not None):
-        problem = "give --min-tumor-ml (the value to write) or --choose (choose it on validation cases), one of them"
+    elif a.choose and a.min_tumor_ml is not None:
+        problem = "give --min-tumor-ml (the value to write) or --choose (choose it on validation cases), not both"
+    elif not a.choose and a.min_tumor_ml is None and a.kidney_filter is None:
+        problem = "give --choose (choose the post-processing on validation cases), or what to write: --min-tumor-ml, --kidney-filter"
     elif a.choose and not a.data:
         problem = "--choose needs --data, the dataset the checkpoint's validation cases are in"
     elif not a.choose and (a.data or a.cases or a.fold is not None):
@@ -344,18 +346,25 @@ def _postprocess(a: argparse.Namespace) -> int:
         return 2
     if not _fold_arguments_agree(a, a.cases, "--cases"):
         return 2
-    outs = _postprocess_outputs(checkpoints, Path(a.out))
-    value, chosen_on = a.min_tumor_ml, None
+    outs = _postprocess_outputs(checkpoints, Path(a.out))  # checked before the scoring, made after it
+    change: dict[str, Any] = {}
+    if a.kidney_filter is not None:
+        change["keep_largest"] = a.kidney_filter == "on"
+    if a.min_tumor_ml is not None:
+        change["min_tumor_ml"] = a.min_tumor_ml
+    chosen_on = None
     if a.choose:
-        value, chosen_on = _choose_min_tumor_ml(a, checkpoints)
+        (change["keep_largest"], change["min_tumor_ml"]), chosen_on = _choose_postprocessing(a, checkpoints)
     for ck, out in zip(checkpoints, outs, strict=True):
-        _rewrite_postprocessing(ck, out, value, chosen_on)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _rewrite_postprocessing(ck, out, change, chosen_on)
     return 0
 
 
 def _postprocess_outputs(checkpoints: list[str], out: Path) -> list[Path]:
     """Where each rewritten checkpoint goes: ``out`` itself for one; for several, a file in the
-    folder ``out`` named after its run folder and its own name (``kits19-fold0-best.safetensors``)."""
+    folder ``out`` named after its run folder and its own name (``kits19-fold0-best.safetensors``).
+    Nothing is created here."""
     from training.train import ConfigError
 
     if len(checkpoints) == 1:
@@ -367,26 +376,30 @@ def _postprocess_outputs(checkpoints: list[str], out: Path) -> list[Path]:
         )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} must be a folder for several checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
     return [out / n for n in names]
 
 
-def _choose_min_tumor_ml(a: argparse.Namespace, checkpoints: list[str]) -> tuple[float, dict[str, Any]]:
-    """Score every candidate ``min_tumor_ml`` on held-out cases (one network run per case) and
-    return the best (:func:`training.train.best_min_tumor_ml`) with what it was chosen on."""
+def _choose_postprocessing(a: argparse.Namespace, checkpoints: list[str]) -> tuple[tuple[bool, float], dict[str, Any]]:
+    """Score every candidate post-processing on held-out cases (one network run per case) and
+    return the one to keep (:func:`training.train.best_postprocessing`) with what it was chosen on."""
     from segcore.checkpoint import check_ensemble, read_meta
     from segcore.inference import Engine
     from segcore.metrics import tumor_dice_by_size
     from training.datasets import find_cases, labelled, select_cases
-    from training.train import best_min_tumor_ml, sweep_min_tumor_ml
+    from training.train import best_postprocessing, choice_score, sweep_postprocessing
 
-    # One value for every fold: they must be one configuration, as an ensemble's members are.
+    # One choice for every fold: they must be one configuration, as an ensemble's members are.
+    metas = list(map(read_meta, checkpoints))
     check_ensemble(
         [
-            dataclasses.replace(m, postprocessing=dataclasses.replace(m.postprocessing, min_tumor_ml=0.0))
-            for m in map(read_meta, checkpoints)
+            dataclasses.replace(
+                m, postprocessing=dataclasses.replace(m.postprocessing, keep_largest=True, min_tumor_ml=0.0)
+            )
+            for m in metas
         ]
     )
+    kits23_metrics = metas[0].model.num_classes == 4
+    filters = (False, True) if a.kidney_filter is None else (a.kidney_filter == "on",)
     cases = labelled(find_cases(a.data, label_file=a.label_file), a.data, a.label_file)
     if a.cases:
         jobs = [(checkpoints[0], select_cases(cases, a.cases.split(","), a.data))]
@@ -394,61 +407,70 @@ def _choose_min_tumor_ml(a: argparse.Namespace, checkpoints: list[str]) -> tuple
         jobs = [(checkpoints[0], _fold_validation_cases(a, cases))]
     else:
         jobs = _held_out_jobs(checkpoints, cases, a.data)
-    rows: dict[float, list[dict[str, Any]]] = {v: [] for v in sorted({0.0, *a.candidates})}
+    values = sorted({0.0, *a.candidates})
+    rows: dict[tuple[bool, float], list[dict[str, Any]]] = {(f, v): [] for f in filters for v in values}
     for ck, mine in jobs:
         engine = Engine.from_checkpoint([ck], **engine_options(a))
         if a.compile != "off":
             engine.warmup()
-        for v, got in sweep_min_tumor_ml(engine, mine, list(rows), progress=True).items():
-            rows[v] += got
-    best = best_min_tumor_ml(rows, a.min_gain)
+        for k, got in sweep_postprocessing(engine, mine, values, filters, kits23_metrics, progress=True).items():
+            rows[k] += got
+    best = best_postprocessing(rows, a.min_gain)
+    score = "KiTS23 score (Dice + Surface Dice) / 2" if kits23_metrics else "composite"
     lines = [
-        "| min_tumor_ml | kidney Dice | tumor Dice | composite | tumor Dice, a tumor < 10 mL | all >= 10 mL | tumor-free |",
-        "|---|---|---|---|---|---|---|",
+        "| kidney filter | min_tumor_ml | kidney Dice | tumor Dice | composite |"
+        + (f" {score} |" if kits23_metrics else "")
+        + " tumor Dice, a tumor < 10 mL | all >= 10 mL | tumor-free |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if kits23_metrics else ""),
     ]
     scores: dict[str, float] = {}
-    for v, got in rows.items():
+    for (f, v), got in rows.items():
         mean = {k: float(np.mean([r[k] for r in got])) for k in ("kidney_dice", "tumor_dice", "composite")}
-        scores[f"{v:g}"] = round(mean["composite"], 6)
+        chosen_by = float(np.mean([choice_score(r) for r in got]))
+        scores[f"{'on' if f else 'off'} {v:g}"] = round(chosen_by, 6)
         size = tumor_dice_by_size(got)
         groups = " | ".join(
             "n/a" if (d := size[k]["tumor_dice"]) is None else f"{d:.4f} (n={size[k]['n']})"
             for k in ("small", "large", "tumor_free")
         )
-        mark = " (chosen)" if v == best else ""
+        mark = " (chosen)" if (f, v) == best else ""
         lines.append(
-            f"| {v:g}{' (off)' if v == 0 else ''}{mark} | {mean['kidney_dice']:.4f} | {mean['tumor_dice']:.4f} "
-            f"| {mean['composite']:.4f} | {groups} |"
+            f"| {'on' if f else 'off'}{mark} | {v:g}{' (off)' if v == 0 else ''} | {mean['kidney_dice']:.4f} "
+            f"| {mean['tumor_dice']:.4f} | {mean['composite']:.4f} |"
+            + (f" {chosen_by:.4f} |" if kits23_metrics else "")
+            + f" {groups} |"
         )
     n = len(rows[best])
     print("\n".join(lines))
     print(
-        f"\nchosen: min_tumor_ml {best:g} mL over {n} held-out case(s): the highest mean composite, of equal ones "
-        f"the smallest, and 0 (every tumor component kept) unless another beats it by more than {a.min_gain:g}"
+        f"\nchosen: kidney filter {'on' if best[0] else 'off'}, min_tumor_ml {best[1]:g} mL over {n} held-out "
+        f"case(s), step by step by the mean {score}: the filter only if it beats no filter, then the highest "
+        f"min_tumor_ml (of equal ones the smallest), and 0 unless it beats 0; each by more than {a.min_gain:g}"
     )
     chosen_on = {
         "cases": [r["case"] for r in rows[best]],
-        "composite_by_min_tumor_ml": scores,
+        "score": score,
+        "score_by_candidate": scores,
         "min_gain": a.min_gain,
         "checkpoints": len(checkpoints),
     }
     return best, chosen_on
 
 
-def _rewrite_postprocessing(src: str, out: Path, min_tumor_ml: float, chosen_on: dict[str, Any] | None) -> None:
+def _rewrite_postprocessing(src: str, out: Path, change: dict[str, Any], chosen_on: dict[str, Any] | None) -> None:
     from segcore.checkpoint import load_checkpoint, read_meta, save_checkpoint
 
     model, meta = load_checkpoint(src)  # verifies the weights' sha256
     before = meta.postprocessing
-    post = dataclasses.replace(before, min_tumor_ml=min_tumor_ml)
-    change: dict[str, Any] = {
+    post = dataclasses.replace(before, **change)
+    record: dict[str, Any] = {
         "from": before.to_dict(),
         "to": post.to_dict(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if chosen_on is not None:
-        change["chosen_on"] = chosen_on
-    history = [*meta.provenance.get("postprocessing_changes", []), change]
+        record["chosen_on"] = chosen_on
+    history = [*meta.provenance.get("postprocessing_changes", []), record]
     meta = dataclasses.replace(
         meta, postprocessing=post, provenance={**meta.provenance, "postprocessing_changes": history}
     )
@@ -988,13 +1010,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Write a copy of a checkpoint with another post-processing, chosen on held-out cases after training, "
             "as nnU-Net chooses its own on the cross-validation. The weights and their sha256 are unchanged; the "
-            "change, and with --choose what it was chosen on, is recorded in the provenance. Today: "
-            "--min-tumor-ml, tumor components smaller than that many millilitres become kidney (0: off). "
-            "--choose runs the network once on each held-out case and scores every candidate value on the "
-            "same masks (the KiTS19 composite); the highest mean wins, and of equal ones the smallest, so 0 "
-            "stays unless relabelling helps. Given the folds of a cross-validation, each is scored on the cases "
-            "it held out, one value is chosen on all of them, and each fold is written with it (an ensemble's "
-            "members must share their post-processing)."
+            "change, and with --choose what it was chosen on, is recorded in the provenance. Two steps: "
+            "--kidney-filter, which keeps only the two largest components of the kidney region (labels > 0; on "
+            "after training), and --min-tumor-ml, tumor components smaller than that many millilitres become "
+            "kidney (0: off). --choose runs the network once on each held-out case, scores every candidate on "
+            "the same masks (the KiTS19 composite; for a 4-class checkpoint the KiTS23 regions' Dice and Surface "
+            "Dice) and decides step by step as nnU-Net does: the filter only if it raises the mean over no "
+            "filter, then the best --min-tumor-ml (of equal ones the smallest), and 0 unless it raises the mean "
+            "over 0. Given the folds of a cross-validation, each is scored on the cases it held out, one choice "
+            "is made on all of them, and each fold is written with it (an ensemble's members must share their "
+            "post-processing)."
         ),
     )
     po.add_argument(
@@ -1011,8 +1036,14 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument(
         "--choose",
         action="store_true",
-        help="choose --min-tumor-ml on held-out cases: by default the validation cases each checkpoint's "
-        "training recorded (never cases it trained on); --cases or --fold to name others",
+        help="choose --kidney-filter and --min-tumor-ml on held-out cases: by default the validation cases each "
+        "checkpoint's training recorded (never cases it trained on); --cases or --fold to name others",
+    )
+    po.add_argument(
+        "--kidney-filter",
+        choices=("on", "off"),
+        help="keep only the two largest components of the kidney region (on), or every component (off: a "
+        "transplant kidney is a third one); with --choose, fixes it and only --min-tumor-ml is chosen",
     )
     po.add_argument(
         "--candidates",
@@ -1025,7 +1056,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-gain",
         type=_share,
         default=0.0,
-        help="a value other than 0 (off) must raise the mean composite by more than this (default 0: any gain, as "
+        help="each step --choose keeps must raise the mean score by more than this (default 0: any gain, as "
         "nnU-Net decides; a few held-out cases are noisy, so a margin such as 0.005 keeps chance gains out)",
     )
     po.add_argument("--data", help=DATA_HELP)

@@ -39,7 +39,7 @@ from segcore.checkpoint import KITS19_LABELS, KITS23_LABELS, CheckpointMeta, sav
 from segcore.inference import Engine, cpu_bf16_fast, pick_device
 from segcore.io import Volume, load_labels, load_volume
 from segcore.metrics import kits19, kits23, pixel_accuracy, summarize, tumor_sizes
-from segcore.postprocess import PostprocessConfig, relabel_small_tumors
+from segcore.postprocess import PostprocessConfig, keep_largest_components, relabel_small_tumors
 from segcore.preprocessing import PreprocessConfig
 from segcore.unet import UNet, UNetConfig
 from training.datasets import (
@@ -474,49 +474,91 @@ def _image_and_labels(c: Case) -> tuple[Volume, np.ndarray]:
     return vol, ref
 
 
-def sweep_min_tumor_ml(
-    engine: Engine, cases: list[Case], candidates: Sequence[float], progress: bool = False
-) -> dict[float, list[dict[str, Any]]]:
-    """Each candidate ``min_tumor_ml``'s KiTS19 rows on ``cases``, from one network run per case.
+#: a post-processing candidate: (the kidney-region component filter on, ``min_tumor_ml``)
+Candidate = tuple[bool, float]
 
-    The engine runs with ``min_tumor_ml`` 0 and the rest of its checkpoint's post-processing; each
-    candidate's relabelling is then applied to a copy of that mask. That is the mask the engine
-    gives with the candidate in its checkpoint, since it relabels last. ``seconds`` is the
-    network's time, the same in every candidate's row.
+
+def sweep_postprocessing(
+    engine: Engine,
+    cases: list[Case],
+    candidates: Sequence[float],
+    filters: Sequence[bool] = (False, True),
+    kits23_metrics: bool = False,
+    progress: bool = False,
+) -> dict[Candidate, list[dict[str, Any]]]:
+    """Each candidate post-processing's rows on ``cases``, from one network run per case: the
+    kidney-region component filter off or on (``filters``), then each ``min_tumor_ml`` of
+    ``candidates``.
+
+    The engine runs with both steps off and the rest of its checkpoint's post-processing; each
+    candidate is then applied to a copy of that mask, in the engine's order (the filter, then the
+    relabelling), with the checkpoint's ``max_components`` and ``min_fraction``. That is the mask
+    the engine gives with the candidate in its checkpoint. ``seconds`` is the network's time, the
+    same in every candidate's row.
     """
     meta = engine.meta
     tumor, kidney = meta.label_value("tumor"), meta.label_value("kidney")
-    engine.meta = dataclasses.replace(meta, postprocessing=dataclasses.replace(meta.postprocessing, min_tumor_ml=0.0))
-    rows: dict[float, list[dict[str, Any]]] = {v: [] for v in sorted(set(candidates))}
+    raw = dataclasses.replace(meta.postprocessing, keep_largest=False, min_tumor_ml=0.0)
+    engine.meta = dataclasses.replace(meta, postprocessing=raw)
+    filtered = dataclasses.replace(raw, keep_largest=True)
+    rows: dict[Candidate, list[dict[str, Any]]] = {
+        (f, v): [] for f in sorted(set(filters)) for v in sorted(set(candidates))
+    }
     try:
         for c in tqdm(cases, desc="sweep", disable=not progress, leave=False):
             vol, ref = _image_and_labels(c)
             t0 = time.perf_counter()
             pred = engine.predict(vol)
             secs = time.perf_counter() - t0
-            # Relabelling changes only the box that holds the foreground (pred.box), so one copy
-            # serves every candidate: its box is reset from the network's mask before each.
+            # Both steps change only the box that holds the foreground (pred.box), so one copy
+            # serves every candidate: its box is reset before each.
             mask, box = pred.mask.copy(), pred.box or (slice(None),) * 3
-            for v, mine in rows.items():
-                mask[box] = pred.mask[box]
-                relabel_small_tumors(mask[box], v, vol.voxel_ml, tumor=tumor, kidney=kidney)
-                mine.append(case_metrics(c.case_id, mask, ref, vol.zooms, False, secs))
+            for f in sorted(set(filters)):
+                part = pred.mask[box].copy()
+                if f:
+                    keep_largest_components(part, filtered)
+                for v in sorted(set(candidates)):
+                    mask[box] = part
+                    relabel_small_tumors(mask[box], v, vol.voxel_ml, tumor=tumor, kidney=kidney)
+                    rows[f, v].append(case_metrics(c.case_id, mask, ref, vol.zooms, kits23_metrics, secs))
     finally:
         engine.meta = meta
     return rows
 
 
-def best_min_tumor_ml(rows: dict[float, list[dict[str, Any]]], min_gain: float = 0.0) -> float:
-    """The candidate with the highest mean KiTS19 composite; of equal ones, the smallest. A value
-    other than 0 (no relabelling) must beat 0's composite by more than ``min_gain``, as nnU-Net
-    keeps a post-processing step only where it raises the cross-validation score."""
-    means = {v: float(np.mean([r["composite"] for r in rows[v]])) for v in sorted(rows)}
+def choice_score(row: dict[str, Any]) -> float:
+    """What ``postprocess --choose`` ranks a case by: the KiTS19 composite, or for a row with the
+    KiTS21/23 regions, the mean of their mean Dice and mean Surface Dice, as KiTS23 ranks."""
+    if "kits23_mean_sd" in row:
+        return (float(row["kits23_mean_dice"]) + float(row["kits23_mean_sd"])) / 2.0
+    return float(row["composite"])
+
+
+def best_postprocessing(rows: dict[Candidate, list[dict[str, Any]]], min_gain: float = 0.0) -> Candidate:
+    """The post-processing to keep, decided step by step as nnU-Net decides its own on the
+    cross-validation: a step is kept only where it raises the mean :func:`choice_score` by more
+    than ``min_gain`` over leaving it out.
+
+    1. The component filter, both without relabelling: on only if it beats off (where only one
+       setting was tried, that one).
+    2. ``min_tumor_ml`` with that filter: the highest mean, of equal ones the smallest, and 0 (no
+       relabelling) unless that one beats 0.
+    """
+    means = {k: float(np.mean([choice_score(r) for r in got])) for k, got in rows.items()}
     if not means:
         raise ValueError("no candidates")
-    best = max(means, key=lambda v: (means[v], -v))  # the highest, then the smallest
-    if 0.0 in means and best != 0.0 and not means[best] > means[0.0] + min_gain:
-        return 0.0
-    return best
+    filters = sorted({f for f, _ in means})
+    if filters == [False, True]:
+        if (False, 0.0) not in means or (True, 0.0) not in means:
+            raise ValueError("the filter is decided without relabelling: 0 mL must be a candidate")
+        keep = means[True, 0.0] > means[False, 0.0] + min_gain
+    else:
+        keep = filters[0]
+    mine = {v: m for (f, v), m in means.items() if f == keep}
+    best = max(mine, key=lambda v: (mine[v], -v))  # the highest, then the smallest
+    if 0.0 in mine and best != 0.0 and not mine[best] > mine[0.0] + min_gain:
+        best = 0.0
+    return keep, best
 
 
 #: where a case's mask may be under a predictions folder, in this order: the flat

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from segcore.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from segcore.checkpoint import KITS23_LABELS, load_checkpoint, read_meta, save_checkpoint
 from segcore.inference import Engine
 from segcore.io import load_labels, load_volume
 from segcore.postprocess import PostprocessConfig
@@ -51,7 +51,8 @@ from training.datasets import (
 from training.train import (
     DeepSupervision,
     balanced_shares,
-    best_min_tumor_ml,
+    best_postprocessing,
+    choice_score,
     choose_memory_format,
     deep_supervision_loss,
     dice_ce_loss,
@@ -59,7 +60,7 @@ from training.train import (
     evaluate_cases,
     plain_unet,
     resolve_amp,
-    sweep_min_tumor_ml,
+    sweep_postprocessing,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -1479,38 +1480,89 @@ def _speck_cases(root: Path) -> tuple[list[tuple[int, int, int]], float]:
     return specks, float(abs(np.linalg.det(aff[:3, :3]))) / 1000.0
 
 
+class _IntensityWithCyst(IntensityModel):
+    """IntensityModel for a 4-class (KiTS23) checkpoint: it never says cyst."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return torch.cat([out, torch.full_like(out[:, :1], -100.0)], dim=1)
+
+
 def _intensity_engine(paths: list[str], **kw: Any) -> Engine:
     """What Engine.from_checkpoint gives, with a network that labels by intensity (exact masks)."""
     meta = dataclasses.replace(read_meta(paths[0]), preprocessing=GEOM_PP)
-    model = IntensityModel(meta.model, GEOM_PP)
+    kind = _IntensityWithCyst if meta.model.num_classes == 4 else IntensityModel
+    model = kind(meta.model, GEOM_PP)
     return Engine(model, meta, torch.device("cpu"), batch_size=4, precision="fp32", backend="torch")  # type: ignore[arg-type]
 
 
-def test_min_tumor_ml_sweep_scores_each_value_as_the_engine_gives_it(tmp_path: Path) -> None:
+def _add_blob(case: Path, in_labels: bool) -> None:
+    """A 3x3x3 kidney-intensity blob in a corner of ``case``'s image, far from its kidney: a false
+    positive organ (``in_labels`` False) or a transplant kidney, a third one (True)."""
+    img, seg = nib.load(case / "imaging.nii.gz"), nib.load(case / "segmentation.nii.gz")
+    image, labels = np.asarray(img.dataobj), np.asarray(seg.dataobj)
+    blob = (slice(1, 4),) * 3
+    assert not labels[(slice(0, 8),) * 3].any()  # nothing it could touch
+    image[blob] = KIDNEY_HU
+    if in_labels:
+        labels[blob] = 1
+    write_nifti(case / "imaging.nii.gz", image, img.affine)
+    write_nifti(case / "segmentation.nii.gz", labels, seg.affine, dtype=np.uint8)
+
+
+def test_postprocessing_sweep_scores_each_candidate_as_the_engine_gives_it(tmp_path: Path) -> None:
     _, voxel_ml = _speck_cases(tmp_path / "data")
+    _add_blob(tmp_path / "data" / "case_00000", in_labels=False)
     cases = find_cases(tmp_path / "data")
     engine = _intensity_engine([str(make_tiny_checkpoint(tmp_path))])
+    post = engine.meta.postprocessing
     # In voxels: under 1 (nothing changes), 1.7 and 3.3 (the specks go), and over the 2.1 mL tumor.
     candidates = [0.0, 0.6 * voxel_ml, 1.7 * voxel_ml, 3.3 * voxel_ml, 5.0]
-    swept = sweep_min_tumor_ml(engine, cases, candidates)
-    assert engine.meta.postprocessing.min_tumor_ml == 0.0  # restored
-    tumor = {v: [round(r["tumor_dice"], 6) for r in rows] for v, rows in swept.items()}
-    for v in candidates:
-        engine.meta = dataclasses.replace(engine.meta, postprocessing=PostprocessConfig(min_tumor_ml=v))
+    swept = sweep_postprocessing(engine, cases, candidates)
+    assert engine.meta.postprocessing == post  # restored
+    assert set(swept) == {(f, v) for f in (False, True) for v in candidates}
+    for f, v in swept:
+        engine.meta = dataclasses.replace(engine.meta, postprocessing=PostprocessConfig(keep_largest=f, min_tumor_ml=v))
         direct = evaluate_cases(engine, cases)
-        for a, b in zip(swept[v], direct, strict=True):
+        for a, b in zip(swept[f, v], direct, strict=True):
             assert {k: x for k, x in a.items() if k != "seconds"} == {k: x for k, x in b.items() if k != "seconds"}
-    # The specks cost the tumor-free case its whole score, and some of the other's; the largest value
-    # removes the real tumor too. Kidney Dice never changes.
-    assert tumor[0.0] == tumor[candidates[1]] and tumor[0.0][1] == 0.0 and tumor[0.0][0] < 1.0
-    assert tumor[candidates[2]] == tumor[candidates[3]] and tumor[candidates[2]][1] == 1.0
-    assert tumor[candidates[2]][0] > tumor[0.0][0] and tumor[5.0] == [0.0, 1.0]
-    assert len({tuple(r["kidney_dice"] for r in rows) for rows in swept.values()}) == 1
-    assert best_min_tumor_ml(swept) == candidates[2]  # of the two best, the smaller
-    assert best_min_tumor_ml({0.0: swept[0.0], 1.0: swept[0.0]}) == 0.0  # no gain: nothing relabelled
-    gain = np.mean([r["composite"] for r in swept[candidates[2]]]) - np.mean([r["composite"] for r in swept[0.0]])
-    assert best_min_tumor_ml(swept, min_gain=gain * 0.99) == candidates[2]
-    assert best_min_tumor_ml(swept, min_gain=gain * 1.01) == 0.0  # not enough gain: off
+    tumor = {k: [round(r["tumor_dice"], 6) for r in rows] for k, rows in swept.items()}
+    kidney = {k: [round(r["kidney_dice"], 6) for r in rows] for k, rows in swept.items()}
+    for f in (False, True):
+        # The specks cost the tumor-free case its whole score, and some of the other's; the largest
+        # value removes the real tumor too. Relabelling never changes kidney Dice.
+        t = {v: tumor[f, v] for v in candidates}
+        assert t[0.0] == t[candidates[1]] and t[0.0][1] == 0.0 and t[0.0][0] < 1.0
+        assert t[candidates[2]] == t[candidates[3]] and t[candidates[2]][1] == 1.0
+        assert t[candidates[2]][0] > t[0.0][0] and t[5.0] == [0.0, 1.0]
+        assert len({tuple(kidney[f, v]) for v in candidates}) == 1
+    # The filter removes the false-positive blob from case_00000's kidney region, and nothing else.
+    assert kidney[True, 0.0][0] > kidney[False, 0.0][0] and kidney[True, 0.0][1] == kidney[False, 0.0][1]
+    assert tumor[True, 0.0] == tumor[False, 0.0]
+    assert best_postprocessing(swept) == (True, candidates[2])  # of the two best, the smaller
+    only_off = {k: rows for k, rows in swept.items() if not k[0]}
+    assert best_postprocessing(only_off) == (False, candidates[2])
+    flat = {k: swept[False, 0.0] for k in swept}  # nothing helps: no step is kept
+    assert best_postprocessing(flat) == (False, 0.0)
+
+    def mean(k: tuple[bool, float]) -> float:
+        return float(np.mean([r["composite"] for r in swept[k]]))
+
+    relabel_gain = mean((True, candidates[2])) - mean((True, 0.0))
+    filter_gain = mean((True, 0.0)) - mean((False, 0.0))
+    assert relabel_gain > 0 and filter_gain > 0 and abs(relabel_gain - filter_gain) > 1e-6
+    assert best_postprocessing(swept, min_gain=min(relabel_gain, filter_gain) * 0.99) == (True, candidates[2])
+    between = (relabel_gain + filter_gain) / 2  # each step is kept on its own gain
+    assert best_postprocessing(swept, min_gain=between) == (
+        (True, 0.0) if filter_gain > relabel_gain else (False, candidates[2])
+    )
+    assert best_postprocessing(swept, min_gain=max(relabel_gain, filter_gain) * 1.01) == (False, 0.0)
+
+
+def test_choice_score_is_kits23s_for_rows_with_its_regions() -> None:
+    assert choice_score({"composite": 0.8}) == 0.8
+    row = {"composite": 0.8, "kits23_mean_dice": 0.7, "kits23_mean_sd": 0.5}
+    assert choice_score(row) == pytest.approx(0.6)
 
 
 def test_postprocess_choose_writes_the_value_chosen_on_held_out_cases(
@@ -1533,7 +1585,11 @@ def test_postprocess_choose_writes_the_value_chosen_on_held_out_cases(
     assert main([*base, "--checkpoint", str(folds[0]), "--out", str(tmp_path / "one.safetensors")]) == 0
     change = read_meta(tmp_path / "one.safetensors").provenance["postprocessing_changes"][-1]
     assert change["to"]["min_tumor_ml"] == small and change["chosen_on"]["cases"] == ["case_00000"]
-    assert set(change["chosen_on"]["composite_by_min_tumor_ml"]) == {"0", f"{small:g}", "5"}
+    assert not change["to"]["keep_largest"]  # no component to drop on these cases: a tie, so no filter
+    assert set(change["chosen_on"]["score_by_candidate"]) == {
+        f"{f} {v}" for f in ("on", "off") for v in ("0", f"{small:g}", "5")
+    }
+    assert change["chosen_on"]["score"] == "composite"
     assert "(chosen)" in capsys.readouterr().out
     # The folds: each scored on its own case, one value for all, each written with it.
     assert main([*base, "--checkpoint", *map(str, folds), "--out", str(tmp_path / "folds")]) == 0
@@ -1546,15 +1602,51 @@ def test_postprocess_choose_writes_the_value_chosen_on_held_out_cases(
         main([*base, "--checkpoint", str(tiny), "--out", str(tmp_path / "c.safetensors"), "--cases", "case_00001"]) == 0
     )
     assert read_meta(tmp_path / "c.safetensors").postprocessing.min_tumor_ml == small
+    # The filter is kept where it removes a false-positive organ and dropped where it would remove a
+    # transplant kidney; --kidney-filter fixes it, and alone writes it without choosing anything.
+    for case, truth, filtered in (("case_00002", False, True), ("case_00003", True, False)):
+        shutil.copytree(tmp_path / "data" / "case_00001", tmp_path / "data" / case)
+        _add_blob(tmp_path / "data" / case, in_labels=truth)
+        out_f = tmp_path / f"{case}.safetensors"
+        assert main([*base, "--checkpoint", str(tiny), "--out", str(out_f), "--cases", case]) == 0
+        assert read_meta(out_f).postprocessing == PostprocessConfig(keep_largest=filtered, min_tumor_ml=small)
+        fixed = ["--kidney-filter", "off" if filtered else "on"]
+        assert main([*base, "--checkpoint", str(tiny), "--out", str(out_f), "--cases", case, *fixed]) == 0
+        assert read_meta(out_f).postprocessing == PostprocessConfig(keep_largest=not filtered, min_tumor_ml=small)
+    assert main(["postprocess", "--checkpoint", str(out_f), "--out", str(out_f), "--kidney-filter", "off"]) == 0
+    assert read_meta(out_f).postprocessing == PostprocessConfig(keep_largest=False, min_tumor_ml=small)
+    # A 4-class (KiTS23) checkpoint is chosen on the KiTS23 regions' Dice and Surface Dice.
+    cfg23 = dataclasses.replace(meta.model, num_classes=4)
+    meta23 = dataclasses.replace(meta, model=cfg23, labels=dict(KITS23_LABELS))
+    save_checkpoint(tmp_path / "k23.safetensors", UNet(cfg23), meta23)
+    out23 = tmp_path / "k23-chosen.safetensors"
+    assert (
+        main([*base, "--checkpoint", str(tmp_path / "k23.safetensors"), "--out", str(out23), "--cases", "case_00000"])
+        == 0
+    )
+    chosen23 = read_meta(out23).provenance["postprocessing_changes"][-1]["chosen_on"]
+    assert chosen23["score"].startswith("KiTS23") and read_meta(out23).postprocessing.min_tumor_ml == small
+    assert chosen23["score_by_candidate"]["off 0"] < chosen23["score_by_candidate"][f"off {small:g}"] == 1.0
+    # A failed choice for several folds leaves no --out folder behind (their cases aren't in --data).
+    (tmp_path / "other" / "case_00009").mkdir(parents=True)
+    for f in ("imaging.nii.gz", "segmentation.nii.gz"):
+        shutil.copy(tmp_path / "data" / "case_00000" / f, tmp_path / "other" / "case_00009" / f)
+    other = [*base[:1], "--data", str(tmp_path / "other"), *base[3:]]
+    assert main([*other, "--checkpoint", *map(str, folds), "--out", str(tmp_path / "f4")]) == 2
+    assert not (tmp_path / "f4").exists()
     # Mistakes are status 2 with a reason, and write nothing.
     out = ["--out", str(tmp_path / "bad.safetensors")]
     for bad in (
         ["postprocess", "--checkpoint", str(tiny), *out, "--choose"],  # no --data
         [*base, "--checkpoint", str(tiny), *out, "--min-tumor-ml", "1"],  # both
         ["postprocess", "--checkpoint", str(tiny), *out, "--min-tumor-ml", "1", "--cases", "case_00000"],
+        ["postprocess", "--checkpoint", str(tiny), *out],  # nothing to choose or write
         [*base, "--checkpoint", *map(str, folds), "--out", str(tmp_path / "f2"), "--cases", "case_00000"],
         [*base, "--checkpoint", str(tiny), *out],  # it records no validation cases
         [*base, "--checkpoint", str(folds[0]), str(folds[0]), "--out", str(tmp_path / "f3")],  # one file twice
     ):
         assert main(bad) == 2, bad
+    with pytest.raises(SystemExit) as exit_:
+        main(["postprocess", "--checkpoint", str(tiny), *out, "--kidney-filter", "maybe"])
+    assert exit_.value.code == 2
     assert not (tmp_path / "bad.safetensors").exists()
