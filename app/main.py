@@ -110,8 +110,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             worker = InferenceWorker(engine, s, store, metrics=app.state.metrics)
             worker.start()
             await run_in_threadpool(worker.wait_warm)
+            # Accepted jobs a process that died left behind (wait=false), before anything new.
+            worker.restore(await run_in_threadpool(store.adopt_pending))
         except (CheckpointError, RuntimeError, OSError, ValueError) as e:
             log.error("startup failed: %s", e)
+            store.close()
             raise RuntimeError(f"kitseg cannot start: {e}") from e
         app.state.worker = worker
         if app.state.metrics is not None:
@@ -140,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(worker.stop)
             if s.purge_results_on_shutdown:
                 await run_in_threadpool(store.purge)
+            store.close()  # what the drain didn't finish stays for the next start
             log.info("stopped")
 
     s0 = settings or get_settings()

@@ -4,10 +4,19 @@ Ids are 32 lowercase hex characters (uuid4) and are checked against that pattern
 path is built, so an id can never reach outside the result folder. Writes go to a temp file and
 are renamed into place. Uploads are spooled in ``<result_dir>/spool`` under random names: an
 uploaded filename is never used in a path.
+
+Accepted jobs whose client doesn't wait (``POST /segment?wait=false``) are also kept on disk
+until they finish, in ``<result_dir>/pending/<instance>/`` (the upload and a small record), so
+that a process that dies (killed, out of memory, the host restarted) doesn't lose them: the next
+process that starts on the same ``result_dir`` adopts them and runs them. Each process holds an
+exclusive ``flock`` on its own folder's ``.owner`` file for its life, and adopts only folders
+whose lock it can take, whose process has ended; so replicas sharing a ``result_dir`` never take
+each other's jobs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -50,6 +59,11 @@ class ResultStore:
         # Uploads spooled by a previous process that died are never going to be processed.
         for f in self.spool.iterdir():
             f.unlink(missing_ok=True)
+        self.pending_root = self.root / "pending"
+        self.pending = self.pending_root / uuid.uuid4().hex
+        self.pending.mkdir(parents=True)
+        self._owner = open(self.pending / ".owner", "wb")  # noqa: SIM115 - held for the process's life
+        fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     @staticmethod
     def new_id() -> str:
@@ -131,8 +145,81 @@ class ResultStore:
                     d.unlink(missing_ok=True)
             for f in self.spool.iterdir():
                 f.unlink(missing_ok=True)
+            for f in self.pending.iterdir():
+                if f.name != ".owner":
+                    f.unlink(missing_ok=True)
         log.info("shutdown purge removed %d results", n)
         return n
+
+    # ------------------------------------------------------------ jobs nobody waits for
+    def persist(self, rid: str, upload: Path, record: dict[str, Any]) -> Path:
+        """Keep an accepted job's upload and ``record`` (JSON: what :meth:`adopt_pending` gives
+        back) until :meth:`unpend`; returns the upload's new path. The upload moves first and
+        the record is written last, so a record always has its upload."""
+        d = self._dir(rid)
+        assert d is not None
+        dst = self.pending / f"{rid}.upload"
+        os.replace(upload, dst)
+        try:
+            atomic_write(self.pending / f"{rid}.json", json.dumps(record).encode())
+        except BaseException:
+            dst.unlink(missing_ok=True)
+            raise
+        return dst
+
+    def unpend(self, rid: str, upload: bool = True) -> None:
+        """Forget a persisted job: its record (a restart no longer runs it) and, unless the
+        worker still reads it, its upload."""
+        if self._dir(rid) is None:
+            return
+        (self.pending / f"{rid}.json").unlink(missing_ok=True)
+        if upload:
+            (self.pending / f"{rid}.upload").unlink(missing_ok=True)
+
+    def adopt_pending(self) -> list[tuple[dict[str, Any], Path]]:
+        """Move the persisted jobs of processes that have ended into this one's folder and return
+        them (record, upload), oldest first. Their folders are removed, with any upload that has
+        no record (a job whose record was never written or already removed)."""
+        adopted: list[tuple[dict[str, Any], Path]] = []
+        for d in self.pending_root.iterdir():
+            if d == self.pending or not d.is_dir():
+                continue
+            try:
+                with open(d / ".owner", "ab") as owner:
+                    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its process has ended
+                    adopted += self._adopt(d)
+            except BlockingIOError:
+                continue  # a live replica's
+            except FileNotFoundError:  # its process died before taking its lock: nothing of it ran
+                adopted += self._adopt(d)
+        adopted.sort(key=lambda a: float(a[0].get("accepted_at", 0.0)))
+        if adopted:
+            log.info("adopted %d accepted jobs of an ended process", len(adopted))
+        return adopted
+
+    def _adopt(self, d: Path) -> list[tuple[dict[str, Any], Path]]:
+        out = []
+        for rec in d.glob("*.json"):
+            rid, upload = rec.stem, d / f"{rec.stem}.upload"
+            try:
+                record = json.loads(rec.read_text())
+            except (OSError, ValueError):
+                continue
+            if self._dir(rid) is None or not upload.is_file() or record.get("id") != rid:
+                continue
+            os.replace(upload, self.pending / upload.name)
+            os.replace(rec, self.pending / rec.name)
+            out.append((record, self.pending / upload.name))
+        shutil.rmtree(d, ignore_errors=True)
+        return out
+
+    def close(self) -> None:
+        """Release this process's pending folder: removed when no job is left in it, else kept
+        for the next process to adopt (a drain that timed out)."""
+        left = [f for f in self.pending.iterdir() if f.name != ".owner"]
+        if not left:
+            shutil.rmtree(self.pending, ignore_errors=True)
+        self._owner.close()
 
     def sweep(self) -> int:
         """Delete expired results and stale partial writes; returns how many were removed."""

@@ -52,6 +52,8 @@ class Job:
     deadline: float | None = None
     state: str = "queued"
     progress: float = 0.0
+    #: kept on disk until it ends (ResultStore.persist), so that a restart after a crash runs it
+    persisted: bool = False
 
     @property
     def waited_for(self) -> bool:
@@ -140,7 +142,9 @@ class InferenceWorker:
         shas = [file_sha256(p) for p in settings.checkpoint_paths]  # the checkpoint, then the ensemble's others
         self.checkpoint_sha256 = shas[0]
         self.ensemble_sha256 = shas if settings.ensemble else None
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=settings.queue_size)
+        # Bounded by submit() (settings.queue_size), not by the queue itself, so that the jobs an
+        # ended process left (restore()) always fit.
+        self.queue: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="kitseg-worker", daemon=True)
         self.busy = threading.Event()
         self.accepting = True
@@ -177,16 +181,51 @@ class InferenceWorker:
     def submit(self, job: Job) -> None:
         if not self.accepting:
             raise Overloaded("server is shutting down", {"Retry-After": str(self.settings.retry_after_s)})
-        with self._lock:
+        with self._lock:  # only submit() and restore() add, under the lock: the check holds
+            if self.queue.qsize() >= self.settings.queue_size:
+                raise Overloaded(
+                    f"all {self.settings.queue_size} queue slots are taken; retry later",
+                    {"Retry-After": str(self.settings.retry_after_s)},
+                )
             self._jobs[job.rid] = job
-        try:
             self.queue.put_nowait(job)
-        except queue.Full:
-            self._forget(job)
-            raise Overloaded(
-                f"all {self.settings.queue_size} queue slots are taken; retry later",
-                {"Retry-After": str(self.settings.retry_after_s)},
-            ) from None
+
+    def restore(self, adopted: list[tuple[dict[str, Any], Path]]) -> int:
+        """Queue the persisted jobs that an ended process accepted and didn't finish
+        (:meth:`ResultStore.adopt_pending`), whatever the queue's bound; one whose deadline passed
+        meanwhile fails with 504 at its status URL, and one whose result was written already is
+        only forgotten. Returns how many were queued."""
+        n = 0
+        for record, upload in adopted:
+            rid = str(record["id"])
+            if self.store.get(rid) is not None:  # it finished just before its process ended
+                self.store.unpend(rid)
+                continue
+            job = Job(
+                rid=rid,
+                upload=upload,
+                received_ms=float(record.get("received_ms", 0.0)),
+                request_id=str(record.get("request_id", "")),
+                deadline=time.monotonic() + (float(record["deadline_at"]) - time.time()),
+                persisted=True,
+            )
+            if job.deadline is not None and job.deadline <= time.monotonic():
+                self._record_failure(
+                    job,
+                    DeadlineExceeded(
+                        f"segmentation did not finish within {self.settings.request_timeout_s:.0f} s: the service "
+                        "was restarted meanwhile"
+                    ),
+                )
+                self.store.unpend(rid)
+                continue
+            with self._lock:
+                self._jobs[rid] = job
+                self.queue.put_nowait(job)
+            n += 1
+        if n:
+            log.info("resumed %d accepted jobs of an ended process", n)
+        return n
 
     def pending(self, rid: str) -> Job | None:
         """The accepted job with this result id, while it is queued or running."""
@@ -211,6 +250,8 @@ class InferenceWorker:
             forgot = self._failures.pop(rid, None) is not None
         if job is not None:
             job.cancelled.set()
+            if job.persisted:
+                self.store.unpend(rid, upload=False)  # no restart runs it; the worker removes the upload
         return job is not None or forgot
 
     def _forget(self, job: Job) -> None:
@@ -249,6 +290,8 @@ class InferenceWorker:
                 return
             if job.cancelled.is_set() or job.future.cancelled():
                 job.upload.unlink(missing_ok=True)
+                if job.persisted:
+                    self.store.unpend(job.rid)
                 self._forget(job)
                 if self.metrics is not None:
                     self.metrics.observe_job("cancelled")
@@ -277,6 +320,8 @@ class InferenceWorker:
                 self.store.delete(job.rid)
             elif error is not None and not job.waited_for:
                 self._record_failure(job, error)  # kept for the client's next GET
+            if job.persisted:  # its result or failure is recorded: a restart no longer runs it
+                self.store.unpend(job.rid)
             self._forget(job)
             if self.metrics is not None:
                 outcome = "cancelled" if cancelled else describe(error)[1] if error is not None else "ok"

@@ -166,11 +166,25 @@ async def segment(
         raise BadUpload("the uploaded file is empty")
     rid = store.new_id()
     job = Job(rid=rid, upload=dst, received_ms=1000 * (time.perf_counter() - t0), request_id=request.state.request_id)
-    if not wait:
-        job.deadline = time.monotonic() + settings.request_timeout_s
     try:
+        if not wait:  # nobody holds a request open for it: kept on disk until it ends (app.store)
+            job.deadline = time.monotonic() + settings.request_timeout_s
+            record = {
+                "id": rid,
+                "request_id": job.request_id,
+                "received_ms": job.received_ms,
+                "accepted_at": time.time(),
+                "deadline_at": time.time() + settings.request_timeout_s,
+            }
+            try:
+                job.upload = await run_in_threadpool(store.persist, rid, dst, record)
+            except OSError as e:
+                raise InsufficientStorage(f"could not keep the upload: {e.strerror or e}") from e
+            job.persisted = True
         worker.submit(job)
     except BaseException:
+        if job.persisted:
+            store.unpend(rid)
         dst.unlink(missing_ok=True)
         raise
     if not wait:

@@ -39,6 +39,7 @@ def _client(tmp_path: Path, ckpt: Path, **kw: object) -> TestClient:
 def _clean(tmp_path: Path) -> None:
     assert list((tmp_path / "results" / "spool").iterdir()) == []
     assert not [p for p in (tmp_path / "results" / "results").iterdir() if p.name.startswith(".")]
+    assert [p.name for p in (tmp_path / "results" / "pending").rglob("*") if p.is_file()] in ([], [".owner"])
 
 
 def test_bug_is_500_without_traceback_and_service_survives(
@@ -213,6 +214,8 @@ def test_a_write_the_purge_overtakes_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(StoreClosed):  # and any write after it
         store.write(store.new_id(), {}, b"mask")
     assert list(store.results.iterdir()) == [] and list(store.spool.iterdir()) == []
+    store.close()
+    assert list((tmp_path / "r" / "pending").iterdir()) == []
 
 
 def test_a_job_finishing_after_the_purge_is_refused_with_the_error_shape(
@@ -598,4 +601,89 @@ def test_wait_false_failures_answer_the_status_url_with_their_own_error(
         w.settings = w.settings.model_copy(update={"result_ttl_s": 0})
         ok = c.post("/segment?wait=false", files={"file": ("v", flat.read_bytes())}).json()["id"]
         assert_error(_poll(c, ok), 404)  # failed, and already expired
+        _clean(tmp_path)
+
+
+def _left_by(folder: Path, payload: bytes, deadline_in_s: float, owner: bool = False) -> str:
+    """A wait=false job that a process which has ended (or, with ``owner`` and a lock held by
+    the caller, one still running) accepted and didn't finish, as app.store keeps it."""
+    from app.store import ResultStore
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if owner:
+        (folder / ".owner").touch()
+    rid = ResultStore.new_id()
+    (folder / f"{rid}.upload").write_bytes(payload)
+    record = {
+        "id": rid,
+        "request_id": "r1",
+        "received_ms": 1.0,
+        "accepted_at": time.time(),
+        "deadline_at": time.time() + deadline_in_s,
+    }
+    (folder / f"{rid}.json").write_text(json.dumps(record))
+    return rid
+
+
+def test_jobs_an_ended_process_accepted_are_run_by_the_next_one(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    import fcntl
+
+    pending = tmp_path / "results" / "pending"
+    dead, live = pending / ("a" * 32), pending / ("b" * 32)
+    ok, late = _left_by(dead, payload, 600), _left_by(dead, payload, -1)
+    theirs = _left_by(live, payload, 600, owner=True)
+    (dead / f"{'c' * 32}.upload").write_bytes(payload)  # an upload whose record was never written
+    with open(live / ".owner", "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a replica that is still running
+        with _client(tmp_path, tiny_checkpoint) as c:
+            deadline = time.time() + 60
+            while (r := c.get(f"/segmentations/{ok}")).status_code == 202:
+                assert time.time() < deadline
+                time.sleep(0.1)
+            assert r.status_code == 200 and r.json()["id"] == ok, r.text
+            assert c.get(f"/segmentations/{ok}/mask").status_code == 200
+            direct = c.post("/segment", files={"file": ("v", payload)}).json()
+            assert r.json()["classes"] == direct["classes"]
+            # Its deadline passed while no process ran: its own error, as for any late job.
+            body = assert_error(c.get(f"/segmentations/{late}"), 504, "deadline_exceeded")
+            assert "restarted" in body["message"]
+            assert_error(c.get(f"/segmentations/{theirs}"), 404)  # not ours to run
+            assert not dead.exists() and (live / f"{theirs}.json").exists()
+            assert list((tmp_path / "results" / "spool").iterdir()) == []
+    assert sorted(p.name for p in pending.iterdir()) == [live.name]  # ours went at shutdown
+
+
+def test_a_wait_false_job_is_on_disk_until_it_ends_and_cancelling_it_removes_it(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    orig = worker_mod.Engine.predict
+
+    def gated(self: object, *a: object, **k: object) -> object:
+        assert gate.wait(30)
+        return orig(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_mod.Engine, "predict", gated)
+    with _client(tmp_path, tiny_checkpoint) as c:
+        pending = c.app.state.store.pending  # type: ignore[attr-defined]
+        a, b = (c.post("/segment?wait=false", files={"file": ("v", payload)}).json()["id"] for _ in range(2))
+        assert sorted(p.name for p in pending.iterdir()) == sorted(
+            [".owner", f"{a}.json", f"{a}.upload", f"{b}.json", f"{b}.upload"]
+        )
+        record = json.loads((pending / f"{a}.json").read_text())
+        assert record["id"] == a and set(record) == {"id", "request_id", "received_ms", "accepted_at", "deadline_at"}
+        assert c.delete(f"/segmentations/{b}").status_code == 204
+        assert not (pending / f"{b}.json").exists()  # a restart would not run it
+        gate.set()
+        deadline = time.time() + 60
+        while c.get(f"/segmentations/{a}").status_code == 202:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        assert c.get(f"/segmentations/{a}").status_code == 200
+        deadline = time.time() + 10
+        while sorted(p.name for p in pending.iterdir()) != [".owner"]:
+            assert time.time() < deadline, list(pending.iterdir())
+            time.sleep(0.05)
         _clean(tmp_path)

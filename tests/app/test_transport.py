@@ -269,6 +269,71 @@ main(["--port", sys.argv[1]])
 """
 
 
+def _start_server(port: int, env: dict[str, str], delay_s: float) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(port), str(delay_s)], cwd=ROOT, env=env)
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError("server did not become ready")
+        time.sleep(0.2)
+
+
+def test_accepted_jobs_survive_a_killed_server(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """SIGKILL (an OOM kill, a crash, a host reset) while wait=false jobs run and wait: the next
+    server on the same result folder finishes them; a job deleted before the kill stays gone."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "KITSEG_CHECKPOINT": str(tiny_checkpoint),
+        "KITSEG_RESULT_DIR": str(tmp_path / "results"),
+        "KITSEG_DEVICE": "cpu",
+        "KITSEG_WARMUP": "false",
+        "KITSEG_LOG_LEVEL": "WARNING",
+    }
+    url = f"http://127.0.0.1:{port}"
+    procs = [_start_server(port, env, 30.0)]  # every job outlives this server
+    try:
+        ids = []
+        for name in ("a.nii", "b.nii", "c.nii"):
+            r = httpx.post(f"{url}/segment?wait=false", files={"file": (name, _nii())}, timeout=30)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        assert httpx.get(f"{url}/segmentations/{ids[0]}", timeout=5).json()["status"] == "running"
+        assert httpx.delete(f"{url}/segmentations/{ids[2]}", timeout=5).status_code == 204
+        procs[0].kill()
+        procs[0].wait(timeout=30)
+        procs.append(_start_server(port, env, 0.0))
+        for rid in ids[:2]:
+            deadline = time.time() + 60
+            while (r := httpx.get(f"{url}/segmentations/{rid}", timeout=5)).status_code == 202:
+                assert time.time() < deadline
+                time.sleep(0.2)
+            assert r.status_code == 200 and r.json()["id"] == rid, r.text
+            mask = httpx.get(f"{url}/segmentations/{rid}/mask", timeout=5)
+            assert mask.status_code == 200 and nib.Nifti1Image.from_bytes(gzip.decompress(mask.content)).shape == (
+                24,
+                24,
+                6,
+            )
+        assert httpx.get(f"{url}/segmentations/{ids[2]}", timeout=5).status_code == 404
+        pending = tmp_path / "results" / "pending"
+        assert [p.name for p in pending.rglob("*") if p.is_file()] == [".owner"]  # the live server's lock
+        assert list((tmp_path / "results" / "spool").iterdir()) == []
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_sigterm_drains_accepted_work_then_exits(tmp_path: Path, tiny_checkpoint: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
