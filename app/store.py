@@ -82,16 +82,29 @@ class ResultStore:
     ) -> None:
         """Write the mask, then ``result.json`` (after ``finalize`` may add to it), then rename the
         folder into place: a result is either complete or absent."""
+
+        def fill(tmp: Path) -> None:
+            atomic_write(tmp / "mask.nii.gz", mask_gz)
+            if finalize is not None:
+                finalize(result)
+            atomic_write(tmp / "result.json", json.dumps(result).encode())
+
+        self._publish(rid, fill)
+
+    def write_failure(self, rid: str, failure: dict[str, Any]) -> None:
+        """Keep a failed job's error (``error.json``: status, code, message, request id) in the
+        result's place, for the same time-to-live, so that its status URL answers it after a
+        restart too; :meth:`get` and :meth:`mask_path` don't see it, :meth:`delete` removes it."""
+        self._publish(rid, lambda tmp: atomic_write(tmp / "error.json", json.dumps(failure).encode()))
+
+    def _publish(self, rid: str, fill: Callable[[Path], None]) -> None:
         d = self._dir(rid)
         assert d is not None
         tmp = self.results / f".{rid}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            atomic_write(tmp / "mask.nii.gz", mask_gz)
-            if finalize is not None:
-                finalize(result)
-            atomic_write(tmp / "result.json", json.dumps(result).encode())
+            fill(tmp)
             with self._lock:
                 if self._closed:
                     raise StoreClosed(CLOSED)
@@ -116,6 +129,20 @@ class ResultStore:
             self.delete(rid)
             return None
         data: dict[str, Any] = json.loads((d / "result.json").read_text())
+        return data
+
+    def failure(self, rid: str) -> dict[str, Any] | None:
+        """What :meth:`write_failure` kept for ``rid``, until the time-to-live has passed."""
+        d = self._dir(rid)
+        if d is None or not (d / "error.json").is_file():
+            return None
+        if self._expired(d):
+            self.delete(rid)
+            return None
+        try:
+            data: dict[str, Any] = json.loads((d / "error.json").read_text())
+        except (OSError, ValueError):
+            return None
         return data
 
     def mask_path(self, rid: str) -> Path | None:

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -62,13 +62,14 @@ class Job:
 
 @dataclass(frozen=True)
 class Failure:
-    """What a job whose client didn't wait failed with, answered by ``GET /segmentations/{id}``."""
+    """What a job whose client didn't wait failed with, answered by ``GET /segmentations/{id}``
+    for the results' time-to-live. Kept in the result folder (:meth:`ResultStore.write_failure`),
+    so that it outlives a restart as a result does; in memory only where that write failed."""
 
     status: int
     code: str
     message: str
     request_id: str
-    expires: float  # time.monotonic()
 
 
 def _release_frames(exc: BaseException) -> None:
@@ -118,7 +119,8 @@ class JobCancelled(Exception):
     """The request's deadline passed or its client disconnected; stop between batches."""
 
 
-#: failures of jobs nobody waited for, kept at most (each is a few hundred bytes)
+#: failures of jobs nobody waited for that could not be written to disk, kept in memory at most
+#: (each is a few hundred bytes)
 MAX_FAILURES = 10_000
 
 
@@ -152,7 +154,7 @@ class InferenceWorker:
         # Accepted jobs not finished yet, and failures of jobs nobody waited for, by result id.
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
-        self._failures: dict[str, Failure] = {}
+        self._failures: dict[str, tuple[Failure, float]] = {}  # -> expiry, time.monotonic()
         self._warmed = threading.Event()
         self._warm_error: BaseException | None = None
 
@@ -198,7 +200,9 @@ class InferenceWorker:
         n = 0
         for record, upload in adopted:
             rid = str(record["id"])
-            if self.store.get(rid) is not None:  # it finished just before its process ended
+            if (
+                self.store.get(rid) is not None or self.store.failure(rid) is not None
+            ):  # it ended just before its process did
                 self.store.unpend(rid)
                 continue
             job = Job(
@@ -236,11 +240,13 @@ class InferenceWorker:
         """How the job with this result id failed, if nobody waited for it and it did, until the
         results' time-to-live has passed."""
         with self._lock:
-            f = self._failures.get(rid)
-            if f is not None and f.expires < time.monotonic():
+            kept = self._failures.get(rid)
+            if kept is not None:
+                if kept[1] >= time.monotonic():
+                    return kept[0]
                 del self._failures[rid]
-                return None
-            return f
+        stored = self.store.failure(rid)
+        return Failure(**stored) if stored is not None else None
 
     def cancel(self, rid: str) -> bool:
         """Cancel a queued or running job (it is dropped between batches and leaves nothing), or
@@ -260,14 +266,22 @@ class InferenceWorker:
 
     def _record_failure(self, job: Job, error: BaseException) -> None:
         status, code, message, _ = describe(error)
+        failure = Failure(status, code, message, job.request_id)
+        log.info("job failed", extra={"request_id": job.request_id, "result_id": job.rid, "code": code})
+        try:
+            self.store.write_failure(job.rid, asdict(failure))
+            return
+        except StoreClosed:
+            return  # purged at shutdown: nothing is kept
+        except OSError as e:  # a full disk, often the failure itself (507): kept in memory instead
+            log.warning("could not write a failure record: %s", e.strerror or e)
         now = time.monotonic()
         with self._lock:
-            for rid in [r for r, f in self._failures.items() if f.expires < now]:
+            for rid in [r for r, (_, expires) in self._failures.items() if expires < now]:
                 del self._failures[rid]
             while len(self._failures) >= MAX_FAILURES:  # the oldest go first
                 del self._failures[next(iter(self._failures))]
-            self._failures[job.rid] = Failure(status, code, message, job.request_id, now + self.settings.result_ttl_s)
-        log.info("job failed", extra={"request_id": job.request_id, "result_id": job.rid, "code": code})
+            self._failures[job.rid] = (failure, now + self.settings.result_ttl_s)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let queued work finish, then end the thread."""

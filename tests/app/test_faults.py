@@ -593,15 +593,26 @@ def test_wait_false_failures_answer_the_status_url_with_their_own_error(
         late = c.post("/segment?wait=false", files={"file": ("v", payload)}).json()["id"]
         assert_error(_poll(c, late), 504, "deadline_exceeded")
         w.engine.predict = real
-        assert not (tmp_path / "results" / "results" / late).exists()
+        assert sorted(f.name for f in (tmp_path / "results" / "results" / late).iterdir()) == ["error.json"]  # no mask
         # A failure is forgotten when deleted, and after the results' time-to-live.
         assert c.delete(f"/segmentations/{bad}").status_code == 204
         assert_error(c.get(f"/segmentations/{bad}"), 404)
         assert_error(c.delete(f"/segmentations/{bad}"), 404)
-        w.settings = w.settings.model_copy(update={"result_ttl_s": 0})
+        kept = c.post("/segment?wait=false", files={"file": ("v", flat.read_bytes())}).json()["id"]
+        assert_error(_poll(c, kept), 422, "invalid_volume")
+        ttl = c.app.state.store.ttl_s  # type: ignore[attr-defined]
+        c.app.state.store.ttl_s = 0  # type: ignore[attr-defined]
         ok = c.post("/segment?wait=false", files={"file": ("v", flat.read_bytes())}).json()["id"]
         assert_error(_poll(c, ok), 404)  # failed, and already expired
+        assert not (tmp_path / "results" / "results" / ok).exists()
+        c.app.state.store.ttl_s = ttl  # type: ignore[attr-defined]
         _clean(tmp_path)
+    # A failure is kept like a result: a restarted service still answers it.
+    with _client(tmp_path, tiny_checkpoint) as c:
+        assert_error(c.get(f"/segmentations/{kept}"), 422, "invalid_volume")
+        assert c.get(f"/segmentations/{kept}/mask").status_code == 404
+        assert c.delete(f"/segmentations/{kept}").status_code == 204
+        assert_error(c.get(f"/segmentations/{kept}"), 404)
 
 
 def _left_by(folder: Path, payload: bytes, deadline_in_s: float, owner: bool = False) -> str:
@@ -650,6 +661,7 @@ def test_jobs_an_ended_process_accepted_are_run_by_the_next_one(
             body = assert_error(c.get(f"/segmentations/{late}"), 504, "deadline_exceeded")
             assert "restarted" in body["message"]
             assert_error(c.get(f"/segmentations/{theirs}"), 404)  # not ours to run
+            assert (tmp_path / "results" / "results" / late / "error.json").is_file()
             assert not dead.exists() and (live / f"{theirs}.json").exists()
             assert list((tmp_path / "results" / "spool").iterdir()) == []
     assert sorted(p.name for p in pending.iterdir()) == [live.name]  # ours went at shutdown
@@ -686,4 +698,23 @@ def test_a_wait_false_job_is_on_disk_until_it_ends_and_cancelling_it_removes_it(
         while sorted(p.name for p in pending.iterdir()) != [".owner"]:
             assert time.time() < deadline, list(pending.iterdir())
             time.sleep(0.05)
+        _clean(tmp_path)
+
+
+def test_a_failure_that_cannot_be_written_is_answered_from_memory(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flat = tmp_path / "flat.nii"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 1, 2), np.int16), np.eye(4)), str(flat))  # 4D, t = 2
+    with _client(tmp_path, tiny_checkpoint) as c:
+
+        def full(*a: object, **k: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(c.app.state.store, "write_failure", full)  # type: ignore[attr-defined]
+        rid = c.post("/segment?wait=false", files={"file": ("v", flat.read_bytes())}).json()["id"]
+        assert_error(_poll(c, rid), 422, "invalid_volume")
+        assert not (tmp_path / "results" / "results" / rid).exists()
+        assert c.delete(f"/segmentations/{rid}").status_code == 204
+        assert_error(c.get(f"/segmentations/{rid}"), 404)
         _clean(tmp_path)
