@@ -243,6 +243,25 @@ class Remote:
             raise ServiceUnavailable(f"{self.base}: missing or wrong API key (--api-key, or KITSEG_API_KEY)")
         return r
 
+    def _accepted_call(self, method: str, path: str, deadline: float) -> Any:
+        """:meth:`_call` for an accepted job's URLs, which outlive the service's process (the next
+        start runs an accepted job, README "Reliability"): a restart's refused connections and
+        its 503s are waited out until ``deadline``."""
+        said = False
+        while True:
+            try:
+                r = self._call(method, path)
+            except ServiceUnavailable as e:
+                if not isinstance(e.__cause__, self.httpx.TransportError) or time.monotonic() > deadline:
+                    raise
+                r = None
+            if r is not None and (r.status_code != 503 or time.monotonic() > deadline):
+                return r
+            if not said:
+                print(f"{self.base}: not answering; waiting for it (the job stays accepted)", file=sys.stderr)
+                said = True
+            time.sleep(2.0 if r is None else min(30.0, float(r.headers.get("retry-after", "2"))))
+
     @staticmethod
     def _json(r: Any, what: str) -> Any:
         try:
@@ -270,7 +289,7 @@ class Remote:
             raise self._refused(r)
         status_url = self._json(r, "POST /segment")["status_url"]
         while True:
-            r = self._call("GET", status_url)
+            r = self._accepted_call("GET", status_url, deadline)
             if r.status_code != 202:
                 break
             if time.monotonic() > deadline:
@@ -280,7 +299,7 @@ class Remote:
         if r.status_code != 200:
             raise self._refused(r)
         result = self._json(r, "GET " + status_url)
-        m = self._call("GET", result["mask_url"])
+        m = self._accepted_call("GET", result["mask_url"], deadline)
         if m.status_code != 200:
             raise self._refused(m)
         mask_path.parent.mkdir(parents=True, exist_ok=True)

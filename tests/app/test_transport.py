@@ -334,6 +334,52 @@ def test_accepted_jobs_survive_a_killed_server(tmp_path: Path, tiny_checkpoint: 
                 proc.wait()
 
 
+def test_predict_cli_rides_out_a_server_restart(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kitseg-predict --server keeps polling an accepted job while the service is killed and
+    started again, and gets the mask the next server made."""
+    from app.predict_cli import main as predict
+    from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+    (tmp_path / "in").mkdir()
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    write_nifti(tmp_path / "in" / "a.nii.gz", hu, aff)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "KITSEG_CHECKPOINT": str(tiny_checkpoint),
+        "KITSEG_RESULT_DIR": str(tmp_path / "results"),
+        "KITSEG_DEVICE": "cpu",
+        "KITSEG_WARMUP": "false",
+        "KITSEG_LOG_LEVEL": "WARNING",
+    }
+    procs = [_start_server(port, env, 30.0)]
+    try:
+        with cf.ThreadPoolExecutor(1) as pool:
+            args = [str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--server", f"http://127.0.0.1:{port}"]
+            run = pool.submit(predict, [*args, "--timeout", "120"])
+            deadline = time.time() + 30
+            while not list((tmp_path / "results" / "pending").glob("*/*.json")):  # accepted
+                assert time.time() < deadline and not run.done()
+                time.sleep(0.1)
+            procs[0].kill()
+            procs[0].wait(timeout=30)
+            time.sleep(3)  # the client meets a closed port for a while
+            procs.append(_start_server(port, env, 0.0))
+            assert run.result(timeout=120) == 0
+        assert "not answering; waiting for it" in capsys.readouterr().err
+        mask = nib.load(tmp_path / "out" / "a_mask.nii.gz")
+        assert mask.shape == hu.shape and np.allclose(mask.affine, aff)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_sigterm_drains_accepted_work_then_exits(tmp_path: Path, tiny_checkpoint: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
