@@ -2,8 +2,8 @@
 
 Ids are 32 lowercase hex characters (uuid4) and are checked against that pattern before any
 path is built, so an id can never reach outside the result folder. Writes go to a temp file and
-are renamed into place. Uploads are spooled in ``<result_dir>/spool`` under random names: an
-uploaded filename is never used in a path.
+are renamed into place. Uploads are spooled in ``<result_dir>/spool`` under random names that
+start with the process's instance id: an uploaded filename is never used in a path.
 
 Accepted jobs whose client doesn't wait (``POST /segment?wait=false``) are also kept on disk
 until they finish, in ``<result_dir>/pending/<instance>/`` (the upload and a small record), so
@@ -56,21 +56,41 @@ class ResultStore:
         # result behind the purge.
         self._lock = threading.Lock()
         self._closed = False
-        # Uploads spooled by a previous process that died are never going to be processed.
-        for f in self.spool.iterdir():
-            f.unlink(missing_ok=True)
+        self.instance = uuid.uuid4().hex
         self.pending_root = self.root / "pending"
-        self.pending = self.pending_root / uuid.uuid4().hex
+        self.pending = self.pending_root / self.instance
         self.pending.mkdir(parents=True)
         self._owner = open(self.pending / ".owner", "wb")  # noqa: SIM115 - held for the process's life
         fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Uploads spooled by a process that has ended are never going to be processed; a live
+        # replica's (one sharing this result_dir) are still being received or segmented.
+        for f in self.spool.iterdir():
+            if not self._alive(f.name.split("-", 1)[0]):
+                f.unlink(missing_ok=True)
 
     @staticmethod
     def new_id() -> str:
         return uuid.uuid4().hex
 
     def spool_path(self) -> Path:
-        return self.spool / f"{uuid.uuid4().hex}.upload"
+        """A new spool file, named after this process (whose lock says whether it still runs)."""
+        return self.spool / f"{self.instance}-{uuid.uuid4().hex}.upload"
+
+    def _alive(self, instance: str) -> bool:
+        """Whether the process with this instance id still runs: it holds the lock on its
+        pending folder's ``.owner`` for its life."""
+        if instance == self.instance:
+            return True
+        if not ID_RE.fullmatch(instance):
+            return False
+        try:
+            with open(self.pending_root / instance / ".owner", "rb") as owner:
+                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except FileNotFoundError:
+            return False
+        return False
 
     def _dir(self, rid: str) -> Path | None:
         if not ID_RE.fullmatch(rid):

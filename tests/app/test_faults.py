@@ -718,3 +718,28 @@ def test_a_failure_that_cannot_be_written_is_answered_from_memory(
         assert c.delete(f"/segmentations/{rid}").status_code == 204
         assert_error(c.get(f"/segmentations/{rid}"), 404)
         _clean(tmp_path)
+
+
+def test_a_start_removes_the_spool_of_ended_processes_only(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    import fcntl
+
+    root = tmp_path / "results"
+    live = "b" * 32  # a replica sharing the result folder, receiving an upload right now
+    (root / "pending" / live).mkdir(parents=True)
+    (root / "pending" / live / ".owner").touch()
+    (root / "spool").mkdir()
+    theirs = root / "spool" / f"{live}-{'1' * 32}.upload"
+    ended = root / "spool" / f"{'a' * 32}-{'2' * 32}.upload"
+    unnamed = root / "spool" / f"{'3' * 32}.upload"  # as versions before the instance ids named them
+    for f in (theirs, ended, unnamed):
+        f.write_bytes(payload)
+    with open(root / "pending" / live / ".owner", "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with _client(tmp_path, tiny_checkpoint) as c:
+            assert theirs.exists() and not ended.exists() and not unnamed.exists()
+            store = c.app.state.store  # type: ignore[attr-defined]
+            assert store.spool_path().name.startswith(f"{store.instance}-")
+            assert c.post("/segment", files={"file": ("v", payload)}).status_code == 200
+            assert list((root / "spool").iterdir()) == [theirs]
