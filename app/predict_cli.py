@@ -279,12 +279,24 @@ class Remote:
 
     def segment(self, f: Path, mask_path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         deadline = time.monotonic() + self.timeout_s
+        said = False
         while True:
-            with open(f, "rb") as fh:
-                r = self._call("POST", "segment", params={"wait": "false"}, files={"file": ("volume", fh)})
+            try:
+                with open(f, "rb") as fh:
+                    r = self._call("POST", "segment", params={"wait": "false"}, files={"file": ("volume", fh)})
+            except ServiceUnavailable as e:
+                # Refused before anything was sent (the service restarting): sending again can't
+                # make a second job. Other transport errors are left to the caller.
+                if not isinstance(e.__cause__, self.httpx.ConnectError) or time.monotonic() > deadline:
+                    raise
+                if not said:
+                    print(f"{self.base}: not answering; waiting for it to send {f.name}", file=sys.stderr)
+                    said = True
+                time.sleep(2.0)
+                continue
             if r.status_code != 503 or time.monotonic() > deadline:
                 break
-            time.sleep(min(30.0, float(r.headers.get("retry-after", "5"))))  # the queue is full
+            time.sleep(min(30.0, float(r.headers.get("retry-after", "5"))))  # the queue is full, or starting
         if r.status_code != 202:
             raise self._refused(r)
         status_url = self._json(r, "POST /segment")["status_url"]

@@ -370,9 +370,21 @@ def test_predict_cli_rides_out_a_server_restart(
             time.sleep(3)  # the client meets a closed port for a while
             procs.append(_start_server(port, env, 0.0))
             assert run.result(timeout=120) == 0
-        assert "not answering; waiting for it" in capsys.readouterr().err
+        assert "not answering; waiting for it (the job stays accepted)" in capsys.readouterr().err
         mask = nib.load(tmp_path / "out" / "a_mask.nii.gz")
         assert mask.shape == hu.shape and np.allclose(mask.affine, aff)
+        # Down before a volume is sent: the upload waits for the service to come back.
+        from app.predict_cli import Remote
+
+        remote = Remote(f"http://127.0.0.1:{port}", None, 120)
+        procs[1].kill()
+        procs[1].wait(timeout=30)
+        with cf.ThreadPoolExecutor(1) as pool:
+            later = pool.submit(lambda: (time.sleep(3), procs.append(_start_server(port, env, 0.0))))
+            classes, _ = remote.segment(tmp_path / "in" / "a.nii.gz", tmp_path / "out2" / "a_mask.nii.gz")
+            later.result(timeout=60)
+        assert "waiting for it to send a.nii.gz" in capsys.readouterr().err
+        assert [c["label"] for c in classes] == [1, 2] and (tmp_path / "out2" / "a_mask.nii.gz").exists()
     finally:
         for proc in procs:
             if proc.poll() is None:
