@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import fastapi_offline
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -111,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             worker.start()
             await run_in_threadpool(worker.wait_warm)
             # Accepted jobs a process that died left behind (wait=false), before anything new.
-            worker.restore(await run_in_threadpool(store.adopt_pending))
+            resumed = worker.restore(await run_in_threadpool(store.adopt_pending))
         except (CheckpointError, RuntimeError, OSError, ValueError) as e:
             log.error("startup failed: %s", e)
             store.close()
@@ -123,6 +124,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 busy=lambda: float(worker.busy.is_set()),
                 ready=lambda: float(app.state.ready and not getattr(app.state, "draining", False)),
             )
+            app.state.metrics.resumed.inc(resumed)
+            if engine.device.type == "cuda":
+                dev = engine.device
+                app.state.metrics.watch_gpu(
+                    allocated=lambda: float(torch.cuda.memory_allocated(dev)),
+                    reserved=lambda: float(torch.cuda.memory_reserved(dev)),
+                    peak=lambda: float(torch.cuda.max_memory_allocated(dev)),
+                )
         sweeper = asyncio.create_task(_sweeper(store, max(5.0, min(60.0, s.result_ttl_s / 4))))
         app.state.ready = True
         log.info(

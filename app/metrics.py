@@ -1,8 +1,8 @@
 """Prometheus metrics, served at ``GET /metrics`` (prometheus-client's text format).
 
 What a deployment watches: requests by route and status and their durations, every job's stages
-(the breakdown of ``timings_ms``) and outcome, the queue, readiness, and the process (memory, CPU,
-open files). Labels are route templates (``/segmentations/{rid}``), methods, statuses, stage
+(the breakdown of ``timings_ms``) and outcome, the queue, readiness, jobs taken over from a
+process that died, the process (memory, CPU, open files) and, on a CUDA worker, GPU memory. Labels are route templates (``/segmentations/{rid}``), methods, statuses, stage
 names and error codes: never a result id, a file name or anything from a volume.
 
 Each app has its own registry, so several apps in one process (the tests) don't share counts.
@@ -73,6 +73,11 @@ class Metrics:
         self.ready = Gauge(
             "kitseg_ready", "1 when the model is loaded and warm and the service accepts work", registry=r
         )
+        self.resumed = Counter(
+            "kitseg_jobs_resumed",
+            "accepted wait=false jobs that an ended process (killed, crashed) left and this one took over at start",
+            registry=r,
+        )
 
     def observe_request(self, scope: Scope, status: int, seconds: float) -> None:
         method, route = str(scope.get("method", "")), route_template(scope)
@@ -90,6 +95,19 @@ class Metrics:
         self.queued.set_function(queued)
         self.busy.set_function(busy)
         self.ready.set_function(ready)
+
+    def watch_gpu(
+        self, allocated: Callable[[], float], reserved: Callable[[], float], peak: Callable[[], float]
+    ) -> None:
+        """On a CUDA worker: the device memory torch's caching allocator holds, read at each
+        scrape (``torch.cuda.memory_allocated``, ``memory_reserved``, ``max_memory_allocated``)."""
+        r = self.registry
+        for name, doc, read in (
+            ("allocated", "GPU memory in tensors now", allocated),
+            ("reserved", "GPU memory torch's caching allocator holds (what nvidia-smi counts for it)", reserved),
+            ("peak", "the most GPU memory in tensors at once since the start", peak),
+        ):
+            Gauge(f"kitseg_gpu_memory_{name}_bytes", doc, registry=r).set_function(read)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -500,6 +500,20 @@ def test_metrics_count_requests_by_route_and_jobs_by_outcome_without_ids_or_name
             assert m[f'kitseg_job_stage_seconds_count{{stage="{stage}"}}'] == 1, stage
         assert m["kitseg_ready"] == 1 and m["kitseg_queue_jobs"] == 0 and m["kitseg_worker_busy"] == 0
         assert m["process_resident_memory_bytes"] > 0
+        assert m["kitseg_jobs_resumed_total"] == 0 and "kitseg_gpu_memory" not in r.text  # a CPU worker
         assert ok not in r.text and "patient-name" not in r.text  # no result ids, no file names
     with TestClient(create_app(make_settings(tmp_path / "off", checkpoint=tiny_checkpoint, metrics=False))) as c:
         assert_error(c.get("/metrics"), 404, "not_found")
+
+
+def test_gpu_memory_gauges_read_their_sources_at_each_scrape() -> None:
+    from app.metrics import Metrics
+
+    used = {"allocated": 1.0, "reserved": 4.0, "peak": 2.0}
+    m = Metrics()
+    m.watch_gpu(*(lambda k=k: used[k] for k in ("allocated", "reserved", "peak")))
+    first = _samples(m.render().decode())
+    used.update(allocated=3.0, peak=5.0)
+    second = _samples(m.render().decode())
+    assert [first[f"kitseg_gpu_memory_{k}_bytes"] for k in ("allocated", "reserved", "peak")] == [1, 4, 2]
+    assert [second[f"kitseg_gpu_memory_{k}_bytes"] for k in ("allocated", "reserved", "peak")] == [3, 4, 5]

@@ -663,6 +663,7 @@ def test_jobs_an_ended_process_accepted_are_run_by_the_next_one(
             assert_error(c.get(f"/segmentations/{theirs}"), 404)  # not ours to run
             assert (tmp_path / "results" / "results" / late / "error.json").is_file()
             assert not dead.exists() and (live / f"{theirs}.json").exists()
+            assert "kitseg_jobs_resumed_total 1.0" in c.get("/metrics").text  # the late one was not resumed
             assert list((tmp_path / "results" / "spool").iterdir()) == []
     assert sorted(p.name for p in pending.iterdir()) == [live.name]  # ours went at shutdown
 

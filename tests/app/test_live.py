@@ -114,6 +114,9 @@ def test_cuda_service_mask_aligns_and_matches_the_cpu_service(phantom_case: Path
             assert r.status_code == 200, r.text
             m = c.get(r.json()["mask_url"])
             assert m.status_code == 200
+            if device == "cuda":  # what the job used, at the next scrape
+                peak = [ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("kitseg_gpu_memory_peak")]
+                assert peak and float(peak[0].split()[-1]) > 0, peak
         mask = nib.Nifti1Image.from_bytes(gzip.decompress(m.content))
         np.testing.assert_allclose(mask.affine, img.affine, atol=1e-4)
         masks[device] = np.asanyarray(mask.dataobj)
