@@ -196,7 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=app.state.metrics,
     )
     if s0.cors_origins:  # outermost: every response, errors included, carries the CORS headers
-        app.add_middleware(JsonCORSMiddleware, origins=s0.cors_origins)
+        app.add_middleware(JsonCORSMiddleware, origins=s0.cors_origins, private_network=s0.cors_private_network)
     app.include_router(health.router)
     app.include_router(segment.router, dependencies=[Depends(require_api_key)])
     return app

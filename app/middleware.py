@@ -166,13 +166,14 @@ class JsonCORSMiddleware(CORSMiddleware):
     its headers too and a page can read them; a refused preflight answers in the API's error
     shape instead of Starlette's plain text."""
 
-    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+    def __init__(self, app: ASGIApp, origins: list[str], private_network: bool = False) -> None:
         super().__init__(
             app,
             allow_origins=origins,
             allow_methods=("GET", "POST", "DELETE"),
             allow_headers=CORS_ALLOW_HEADERS,
             expose_headers=CORS_EXPOSE_HEADERS,
+            allow_private_network=private_network,
         )
 
     def preflight_response(self, request_headers: Headers) -> Response:

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         description="the browser origins (scheme://host[:port], comma-separated, or *) whose pages may call the API "
         "(a web viewer on another host); empty = no CORS headers, so browsers allow only the service's own pages",
     )
+    cors_private_network: bool = Field(
+        False,
+        description="also answer Chrome's Private Network Access preflight, so that a page served from a public "
+        "origin (one of cors_origins) may call this service on a private address",
+    )
     root_path: str = Field(
         "",
         description="the path prefix a reverse proxy serves the API under (for example /kitseg), which the proxy "

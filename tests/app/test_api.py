@@ -453,6 +453,15 @@ def test_cors_lets_the_configured_origins_pages_call_the_api_and_read_its_answer
         body = assert_error(c.options("/segment", headers={**pre, "Origin": other}), 400, "bad_request")
         assert "origin" in body["message"] and "KITSEG_CORS_ORIGINS" in body["message"]
         assert assert_error(c.options("/segment", headers={**pre, "Access-Control-Request-Headers": "x-evil"}), 400)
+        # Chrome's Private Network Access preflight (a public page, a private address): off by default.
+        pna = {**pre, "Access-Control-Request-Private-Network": "true"}
+        r = c.options("/segment", headers=pna)
+        assert "access-control-allow-private-network" not in r.headers
+    settings = settings.model_copy(update={"cors_private_network": True, "result_dir": tmp_path / "c"})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        r = c.options("/segment", headers=pna)
+        assert r.status_code == 200 and r.headers["access-control-allow-private-network"] == "true"
+        assert "access-control-allow-private-network" not in c.options("/segment", headers=pre).headers
     for bad in ("viewer.example.org", "https://viewer.example.org/app", "ftp://x", "https://a b"):
         with pytest.raises(ValueError, match="CORS origin"):
             make_settings(tmp_path, cors_origins=bad)
