@@ -61,7 +61,15 @@ class ResultStore:
         self.pending = self.pending_root / self.instance
         self.pending.mkdir(parents=True)
         self._owner = open(self.pending / ".owner", "wb")  # noqa: SIM115 - held for the process's life
-        fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:  # a file system without locks (some network ones): one process per folder
+            log.warning(
+                "%s does not support file locks (%s): replicas must not share it, since each would take the "
+                "others' accepted jobs and spooled uploads for an ended process's",
+                self.root,
+                e.strerror or e,
+            )
         # Uploads spooled by a process that has ended are never going to be processed; a live
         # replica's (one sharing this result_dir) are still being received or segmented.
         for f in self.spool.iterdir():
@@ -88,7 +96,7 @@ class ResultStore:
                 fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
-        except FileNotFoundError:
+        except OSError:  # no such folder, or no locks on this file system (see __init__)
             return False
         return False
 
@@ -232,12 +240,16 @@ class ResultStore:
             if d == self.pending or not d.is_dir():
                 continue
             try:
-                with open(d / ".owner", "ab") as owner:
+                owner = open(d / ".owner", "ab")  # noqa: SIM115 - made if its process died before making it
+            except OSError:
+                continue  # removed meanwhile: another process adopted it
+            with owner:
+                try:
                     fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its process has ended
-                    adopted += self._adopt(d)
-            except BlockingIOError:
-                continue  # a live replica's
-            except FileNotFoundError:  # its process died before taking its lock: nothing of it ran
+                except BlockingIOError:
+                    continue  # a live replica's
+                except OSError:
+                    pass  # no locks on this file system (see __init__)
                 adopted += self._adopt(d)
         adopted.sort(key=lambda a: float(a[0].get("accepted_at", 0.0)))
         if adopted:
@@ -254,8 +266,12 @@ class ResultStore:
                 continue
             if self._dir(rid) is None or not upload.is_file() or record.get("id") != rid:
                 continue
-            os.replace(upload, self.pending / upload.name)
-            os.replace(rec, self.pending / rec.name)
+            try:
+                os.replace(upload, self.pending / upload.name)
+                os.replace(rec, self.pending / rec.name)
+            except OSError as e:
+                log.warning("could not take over an accepted job: %s", e.strerror or e)
+                continue
             out.append((record, self.pending / upload.name))
         shutil.rmtree(d, ignore_errors=True)
         return out

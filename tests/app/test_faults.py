@@ -744,3 +744,29 @@ def test_a_start_removes_the_spool_of_ended_processes_only(
             assert store.spool_path().name.startswith(f"{store.instance}-")
             assert c.post("/segment", files={"file": ("v", payload)}).status_code == 200
             assert list((root / "spool").iterdir()) == [theirs]
+
+
+def test_a_result_folder_without_file_locks_still_serves_and_takes_over_jobs(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    payload: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import app.store
+
+    def no_locks(*a: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(app.store.fcntl, "flock", no_locks)  # as on some network file systems
+    left = _left_by(tmp_path / "results" / "pending" / ("a" * 32), payload, 600, owner=True)
+    store_log = logging.getLogger("kitseg.store")  # "kitseg" logs through its own handler, not the root's
+    store_log.addHandler(caplog.handler)
+    try:
+        with _client(tmp_path, tiny_checkpoint) as c:
+            assert c.get(f"/segmentations/{left}").status_code in (200, 202)
+            assert _poll(c, left).status_code == 200
+            assert c.post("/segment?wait=false", files={"file": ("v", payload)}).status_code == 202
+    finally:
+        store_log.removeHandler(caplog.handler)
+    assert any("does not support file locks" in r.getMessage() for r in caplog.records)
