@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves the deployment on a machine without a registry: Debian's docker.io, a debootstrap base
 # image, the project image built with CPU torch, the compose stack on 127.0.0.1, one real
-# POST /segment with a phantom from the host, then teardown.
+# POST /segment with a phantom from the host, four wait=false jobs across a SIGKILL of the
+# container and its restart, then teardown.
 #
 #   sudo scripts/docker-smoke.sh            (root: it installs packages and starts dockerd)
 #
@@ -114,5 +115,38 @@ metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text  # prom
 assert 'kitseg_jobs_total{outcome="ok"} 1.0' in metrics, metrics[-2000:]
 print(f"smoke OK: backend {card['backend']} ({card['precision']}, compiled {card['compiled']}), kidney {res['classes'][0]['volume_ml']:.1f} mL, kidney Dice vs truth {dice:.3f}")
 assert dice > 0.8
+EOF
+log "wait=false jobs, then the container killed (SIGKILL) and started again: the restarted service runs them"
+API=$(KITSEG_SMOKE_PORT=$PORT docker-compose -p kitseg-smoke -f scripts/docker-compose.smoke.yml ps -q api)
+"$PY" - "$PORT" "$WORK/phantom/case_00000" "$WORK/accepted.txt" <<'EOF'
+import sys
+import httpx
+port, case, out = sys.argv[1], sys.argv[2], sys.argv[3]
+ids = []
+for _ in range(4):  # one running and three queued (the queue holds 4)
+    with open(f"{case}/imaging.nii.gz", "rb") as f:
+        r = httpx.post(f"http://127.0.0.1:{port}/segment?wait=false", files={"file": f}, timeout=60)
+    assert r.status_code == 202, r.text
+    ids.append(r.json()["id"])
+open(out, "w").write("\n".join(ids))
+EOF
+docker kill "$API" >/dev/null
+docker start "$API" >/dev/null
+for _ in $(seq 180); do curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null && break; sleep 1; done
+"$PY" - "$PORT" "$WORK/accepted.txt" <<'EOF'
+import sys, time
+import httpx
+port, ids = sys.argv[1], open(sys.argv[2]).read().split()
+for rid in ids:
+    deadline = time.time() + 300
+    while (r := httpx.get(f"http://127.0.0.1:{port}/segmentations/{rid}", timeout=60)).status_code == 202:
+        assert time.time() < deadline, r.text
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
+    assert httpx.get(f"http://127.0.0.1:{port}/segmentations/{rid}/mask", timeout=60).status_code == 200
+metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text
+resumed = [float(ln.split()[-1]) for ln in metrics.splitlines() if ln.startswith("kitseg_jobs_resumed_total")]
+print(f"smoke OK: {len(ids)} accepted jobs answered 200 after the kill, {resumed[0]:.0f} of them run by the restarted service")
+assert resumed[0] >= 1, "every job had finished before the kill: nothing was taken over"
 EOF
 log "passed"

@@ -269,7 +269,25 @@ main(["--port", sys.argv[1]])
 """
 
 
+def _server_env(tmp_path: Path, checkpoint: Path, **extra: str) -> tuple[int, dict[str, str]]:
+    """A free port, and the environment of a kitseg-serve process on it (results under tmp_path)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "KITSEG_CHECKPOINT": str(checkpoint),
+        "KITSEG_RESULT_DIR": str(tmp_path / "results"),
+        "KITSEG_DEVICE": "cpu",
+        "KITSEG_WARMUP": "false",
+        "KITSEG_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+    return port, env
+
+
 def _start_server(port: int, env: dict[str, str], delay_s: float) -> subprocess.Popen[bytes]:
+    """kitseg-serve (SERVE: each prediction delayed by ``delay_s``), once it is ready."""
     proc = subprocess.Popen([sys.executable, "-c", SERVE, str(port), str(delay_s)], cwd=ROOT, env=env)
     deadline = time.time() + 60
     while True:
@@ -287,17 +305,7 @@ def _start_server(port: int, env: dict[str, str], delay_s: float) -> subprocess.
 def test_accepted_jobs_survive_a_killed_server(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """SIGKILL (an OOM kill, a crash, a host reset) while wait=false jobs run and wait: the next
     server on the same result folder finishes them; a job deleted before the kill stays gone."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "KITSEG_CHECKPOINT": str(tiny_checkpoint),
-        "KITSEG_RESULT_DIR": str(tmp_path / "results"),
-        "KITSEG_DEVICE": "cpu",
-        "KITSEG_WARMUP": "false",
-        "KITSEG_LOG_LEVEL": "WARNING",
-    }
+    port, env = _server_env(tmp_path, tiny_checkpoint)
     url = f"http://127.0.0.1:{port}"
     procs = [_start_server(port, env, 30.0)]  # every job outlives this server
     try:
@@ -345,17 +353,7 @@ def test_predict_cli_rides_out_a_server_restart(
     (tmp_path / "in").mkdir()
     hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
     write_nifti(tmp_path / "in" / "a.nii.gz", hu, aff)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "KITSEG_CHECKPOINT": str(tiny_checkpoint),
-        "KITSEG_RESULT_DIR": str(tmp_path / "results"),
-        "KITSEG_DEVICE": "cpu",
-        "KITSEG_WARMUP": "false",
-        "KITSEG_LOG_LEVEL": "WARNING",
-    }
+    port, env = _server_env(tmp_path, tiny_checkpoint)
     procs = [_start_server(port, env, 30.0)]
     try:
         with cf.ThreadPoolExecutor(1) as pool:
@@ -393,30 +391,10 @@ def test_predict_cli_rides_out_a_server_restart(
 
 
 def test_sigterm_drains_accepted_work_then_exits(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "KITSEG_CHECKPOINT": str(tiny_checkpoint),
-        "KITSEG_RESULT_DIR": str(tmp_path / "results"),
-        "KITSEG_DEVICE": "cpu",
-        "KITSEG_WARMUP": "false",
-        "KITSEG_LOG_LEVEL": "WARNING",
-        "KITSEG_DRAIN_TIMEOUT_S": "30",
-    }
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(port), "1.5"], cwd=ROOT, env=env)
+    port, env = _server_env(tmp_path, tiny_checkpoint, KITSEG_DRAIN_TIMEOUT_S="30")
+    proc = _start_server(port, env, 1.5)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, "server did not become ready"
-            time.sleep(0.2)
         with cf.ThreadPoolExecutor(3) as pool:
             # One request on the model, one queued behind it.
             futs = [pool.submit(httpx.post, f"{url}/segment", files={"file": ("a.nii", _nii())}, timeout=60)]
