@@ -199,20 +199,23 @@ class InferenceWorker:
         only forgotten. Returns how many were queued."""
         n = 0
         for record, upload in adopted:
-            rid = str(record["id"])
-            if (
-                self.store.get(rid) is not None or self.store.failure(rid) is not None
-            ):  # it ended just before its process did
+            rid = str(record.get("id", ""))
+            if self.store.get(rid) is not None or self.store.failure(rid) is not None:
+                self.store.unpend(rid)  # it ended just before its process did
+                continue
+            try:
+                job = Job(
+                    rid=rid,
+                    upload=upload,
+                    received_ms=float(record.get("received_ms", 0.0)),
+                    request_id=str(record.get("request_id", "")),
+                    deadline=time.monotonic() + (float(record["deadline_at"]) - time.time()),
+                    persisted=True,
+                )
+            except (KeyError, TypeError, ValueError):  # a record this version can't read: never fatal
+                log.warning("dropped an accepted job whose record can't be read", extra={"result_id": rid})
                 self.store.unpend(rid)
                 continue
-            job = Job(
-                rid=rid,
-                upload=upload,
-                received_ms=float(record.get("received_ms", 0.0)),
-                request_id=str(record.get("request_id", "")),
-                deadline=time.monotonic() + (float(record["deadline_at"]) - time.time()),
-                persisted=True,
-            )
             if job.deadline is not None and job.deadline <= time.monotonic():
                 self._record_failure(
                     job,

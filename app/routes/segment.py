@@ -23,6 +23,7 @@ from app.errors import (
     error_response,
 )
 from app.schemas import ErrorBody, JobStatus, SegmentationResult
+from app.store import ResultStore
 from app.upload import UploadDecoder
 from app.worker import InferenceWorker, Job
 
@@ -102,6 +103,20 @@ async def _wait_for_result(request: Request, job: Job, timeout_s: float) -> dict
             return None
 
 
+async def _persist(store: ResultStore, rid: str, upload: Path, record: dict[str, Any]) -> Path:
+    """:meth:`ResultStore.persist` on a thread. Should the request be cancelled meanwhile (the
+    server stopping), the move still finishes on its thread and is then undone, so that no
+    restart runs a job whose client never heard of it."""
+    moved = asyncio.ensure_future(run_in_threadpool(store.persist, rid, upload, record))
+    try:
+        return await asyncio.shield(moved)
+    except asyncio.CancelledError:
+        moved.add_done_callback(lambda _: store.unpend(rid))
+        raise
+    except OSError as e:
+        raise InsufficientStorage(f"could not keep the upload: {e.strerror or e}") from e
+
+
 def _linked(result: dict[str, Any], request: Request) -> dict[str, Any]:
     """``result`` with its ``mask_url`` under the proxy's prefix (results are stored without it)."""
     root = root_path(request)
@@ -176,10 +191,7 @@ async def segment(
                 "accepted_at": time.time(),
                 "deadline_at": time.time() + settings.request_timeout_s,
             }
-            try:
-                job.upload = await run_in_threadpool(store.persist, rid, dst, record)
-            except OSError as e:
-                raise InsufficientStorage(f"could not keep the upload: {e.strerror or e}") from e
+            job.upload = await _persist(store, rid, dst, record)
             job.persisted = True
         worker.submit(job)
     except BaseException:

@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -770,3 +771,52 @@ def test_a_result_folder_without_file_locks_still_serves_and_takes_over_jobs(
     finally:
         store_log.removeHandler(caplog.handler)
     assert any("does not support file locks" in r.getMessage() for r in caplog.records)
+
+
+def test_a_keep_that_its_cancelled_request_leaves_behind_is_undone(tmp_path: Path) -> None:
+    """The server stopping cancels a request between its upload and its 202: the move of the
+    upload, on its thread, still finishes, and is then undone, so no restart runs a job that
+    nobody was told about."""
+    import asyncio
+
+    from app.routes.segment import _persist
+    from app.store import ResultStore
+
+    store = ResultStore(tmp_path / "r", ttl_s=60)
+    gate, real = threading.Event(), store.persist
+
+    def slow(*a: Any) -> Path:
+        assert gate.wait(10)
+        return real(*a)
+
+    store.persist = slow  # type: ignore[method-assign]
+    upload, rid = store.spool_path(), store.new_id()
+    upload.write_bytes(b"volume")
+
+    async def cancelled_request() -> None:
+        task = asyncio.create_task(_persist(store, rid, upload, {"id": rid}))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()  # the move goes on, on its thread
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not upload.exists() and not list(store.pending.glob(f"{rid}*")):
+                return
+
+    asyncio.run(cancelled_request())
+    assert not upload.exists() and sorted(p.name for p in store.pending.iterdir()) == [".owner"]
+    store.close()
+
+
+def test_an_unreadable_record_of_an_ended_process_never_stops_a_start(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    dead = tmp_path / "results" / "pending" / ("a" * 32)
+    rid = _left_by(dead, payload, 600)
+    (dead / f"{rid}.json").write_text(json.dumps({"id": rid, "deadline_at": "soon"}))  # another version's
+    with _client(tmp_path, tiny_checkpoint) as c:
+        assert c.get("/ready").status_code == 200
+        assert_error(c.get(f"/segmentations/{rid}"), 404)
+        _clean(tmp_path)
