@@ -251,7 +251,7 @@ class ResultStore:
                 except OSError:
                     pass  # no locks on this file system (see __init__)
                 adopted += self._adopt(d)
-        adopted.sort(key=lambda a: float(a[0].get("accepted_at", 0.0)))
+        adopted.sort(key=lambda a: _number(a[0].get("accepted_at")))
         if adopted:
             log.info("adopted %d accepted jobs of an ended process", len(adopted))
         return adopted
@@ -264,7 +264,12 @@ class ResultStore:
                 record = json.loads(rec.read_text())
             except (OSError, ValueError):
                 continue
-            if self._dir(rid) is None or not upload.is_file() or record.get("id") != rid:
+            if (
+                not isinstance(record, dict)
+                or record.get("id") != rid
+                or self._dir(rid) is None
+                or not upload.is_file()
+            ):
                 continue
             try:
                 os.replace(upload, self.pending / upload.name)
@@ -296,3 +301,11 @@ class ResultStore:
         if n:
             log.info("retention sweep removed %d expired results", n)
         return n
+
+
+def _number(v: object) -> float:
+    """A record's time, or 0 where another version wrote something else."""
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0

@@ -719,6 +719,7 @@ def test_a_failure_that_cannot_be_written_is_answered_from_memory(
         assert not (tmp_path / "results" / "results" / rid).exists()
         assert c.delete(f"/segmentations/{rid}").status_code == 204
         assert_error(c.get(f"/segmentations/{rid}"), 404)
+        assert_error(c.get(f"/segmentations/{other}"), 404)
         _clean(tmp_path)
 
 
@@ -815,8 +816,11 @@ def test_an_unreadable_record_of_an_ended_process_never_stops_a_start(
 ) -> None:
     dead = tmp_path / "results" / "pending" / ("a" * 32)
     rid = _left_by(dead, payload, 600)
-    (dead / f"{rid}.json").write_text(json.dumps({"id": rid, "deadline_at": "soon"}))  # another version's
+    (dead / f"{rid}.json").write_text(json.dumps({"id": rid, "deadline_at": "soon", "accepted_at": "today"}))
+    other = _left_by(dead, payload, 600)
+    (dead / f"{other}.json").write_text(json.dumps([other]))  # not even an object
     with _client(tmp_path, tiny_checkpoint) as c:
         assert c.get("/ready").status_code == 200
         assert_error(c.get(f"/segmentations/{rid}"), 404)
+        assert_error(c.get(f"/segmentations/{other}"), 404)
         _clean(tmp_path)
