@@ -48,14 +48,20 @@ def get_store(request: Request) -> ResultStore:
 StoreDep = Annotated[ResultStore, Depends(get_store)]
 
 
-def api_key_ok(headers: Mapping[str, str], settings: Settings) -> bool:
-    """Whether ``headers`` (lower-case names) carry one of ``KITSEG_API_KEYS``, or none is required."""
-    if not settings.api_keys:
-        return True
+def presented_api_key(headers: Mapping[str, str]) -> str:
+    """The API key ``headers`` (lower-case names) carry, in ``X-API-Key`` or as a bearer token."""
     key = headers.get("x-api-key", "")
     auth = headers.get("authorization", "")
     if not key and auth.lower().startswith("bearer "):
         key = auth[7:].strip()
+    return key
+
+
+def api_key_ok(headers: Mapping[str, str], settings: Settings) -> bool:
+    """Whether ``headers`` (lower-case names) carry one of ``KITSEG_API_KEYS``, or none is required."""
+    if not settings.api_keys:
+        return True
+    key = presented_api_key(headers)
     return bool(key) and any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys)
 
 

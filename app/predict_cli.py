@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,8 @@ class ServiceUnavailable(Exception):
 class Remote:
     """A kitseg service: each volume is uploaded with ``wait=false``, its status URL polled and
     its mask fetched, so no request stays open for the whole job (proxies cut long ones). A full
-    queue (503) is waited out. The upload's file name is not sent: a patient's name in a file
+    queue (503) and a restart are waited out; an upload is retried with its Idempotency-Key, so
+    it never runs twice. The upload's file name is not sent: a patient's name in a file
     name stays on this machine."""
 
     def __init__(self, url: str, api_key: str | None, timeout_s: float) -> None:
@@ -279,18 +281,21 @@ class Remote:
 
     def segment(self, f: Path, mask_path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         deadline = time.monotonic() + self.timeout_s
+        # One key for every try of this volume: a POST the service accepted but whose answer was
+        # lost (the connection dropped, the service restarted) is found again, not run twice.
+        key = {"Idempotency-Key": uuid.uuid4().hex}
         said = False
         while True:
             try:
                 with open(f, "rb") as fh:
-                    r = self._call("POST", "segment", params={"wait": "false"}, files={"file": ("volume", fh)})
+                    r = self._call(
+                        "POST", "segment", params={"wait": "false"}, files={"file": ("volume", fh)}, headers=key
+                    )
             except ServiceUnavailable as e:
-                # Refused before anything was sent (the service restarting): sending again can't
-                # make a second job. Other transport errors are left to the caller.
-                if not isinstance(e.__cause__, self.httpx.ConnectError) or time.monotonic() > deadline:
+                if not isinstance(e.__cause__, self.httpx.TransportError) or time.monotonic() > deadline:
                     raise
                 if not said:
-                    print(f"{self.base}: not answering; waiting for it to send {f.name}", file=sys.stderr)
+                    print(f"{self.base}: no answer; sending {f.name} again (with its Idempotency-Key)", file=sys.stderr)
                     said = True
                 time.sleep(2.0)
                 continue

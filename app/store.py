@@ -33,6 +33,7 @@ from segcore.io import atomic_write
 
 log = logging.getLogger("kitseg.store")
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 CLOSED = "the service is shutting down and has purged its results"
@@ -56,6 +57,8 @@ class ResultStore:
         # result behind the purge.
         self._lock = threading.Lock()
         self._closed = False
+        self.keys = self.root / "keys"  # idempotency keys (hashed) -> result id
+        self.keys.mkdir(exist_ok=True)
         self.instance = uuid.uuid4().hex
         self.pending_root = self.root / "pending"
         self.pending = self.pending_root / self.instance
@@ -203,6 +206,8 @@ class ResultStore:
             for f in self.pending.iterdir():
                 if f.name != ".owner":
                     f.unlink(missing_ok=True)
+            for f in self.keys.iterdir():
+                f.unlink(missing_ok=True)
         log.info("shutdown purge removed %d results", n)
         return n
 
@@ -289,8 +294,33 @@ class ResultStore:
             shutil.rmtree(self.pending, ignore_errors=True)
         self._owner.close()
 
+    # ------------------------------------------------------------ idempotency keys
+    def key_owner(self, digest: str) -> str | None:
+        """The result id an idempotency key (its hex sha256 with the client's API key, see
+        ``app.routes.segment``) was given to, until the results' time-to-live has passed."""
+        f = self.keys / digest
+        if not DIGEST_RE.fullmatch(digest) or self._expired(f):
+            return None
+        try:
+            rid = f.read_text().strip()
+        except OSError:
+            return None
+        return rid if ID_RE.fullmatch(rid) else None
+
+    def bind_key(self, digest: str, rid: str) -> None:
+        assert DIGEST_RE.fullmatch(digest) and ID_RE.fullmatch(rid)
+        atomic_write(self.keys / digest, rid.encode())
+
+    def unbind_key(self, digest: str) -> None:
+        if DIGEST_RE.fullmatch(digest):
+            (self.keys / digest).unlink(missing_ok=True)
+
     def sweep(self) -> int:
-        """Delete expired results and stale partial writes; returns how many were removed."""
+        """Delete expired results, idempotency keys and stale partial writes; returns how many
+        results were removed."""
+        for f in self.keys.iterdir():
+            if self._expired(f):
+                f.unlink(missing_ok=True)
         n = 0
         for d in self.results.iterdir():
             if d.name.startswith(".") and time.time() - d.stat().st_mtime > 3600:

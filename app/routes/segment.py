@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
-from fastapi import APIRouter, File, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Header, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
-from app.deps import SettingsDep, StoreDep, WorkerDep, root_path
+from app.deps import SettingsDep, StoreDep, WorkerDep, presented_api_key, root_path
 from app.errors import (
     BadUpload,
     DeadlineExceeded,
@@ -27,7 +30,10 @@ from app.store import ResultStore
 from app.upload import UploadDecoder
 from app.worker import InferenceWorker, Job
 
+log = logging.getLogger("kitseg.api")
 router = APIRouter(tags=["segmentation"])
+#: what an Idempotency-Key may be (the IETF draft's header): visible ASCII, at most 255 characters
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 DISCONNECT_POLL_S = 0.5
 #: longest wait for the decoder to finish once the body is in (it has at most 8 MiB left)
 DECODE_TAIL_TIMEOUT_S = 30.0
@@ -165,6 +171,15 @@ async def segment(
             "GET /segmentations/{id} say when it is done (for long jobs and proxies that cut long requests)"
         ),
     ] = True,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="with wait=false: a key of the client's choosing (a UUID, say; 1-255 visible ASCII "
+            "characters). A POST repeated with it, as a client retries after a lost connection, answers the first "
+            "one's job (Idempotent-Replayed: true) instead of starting another, for the results' time-to-live",
+        ),
+    ] = None,
 ) -> Any:
     t0 = time.perf_counter()
     if download and not wait:
@@ -172,6 +187,17 @@ async def segment(
     form = await request.form()  # already parsed for ``file``; cached by Starlette
     if len(form.getlist("file")) != 1:
         raise BadUpload("send exactly one file in the 'file' field")
+    digest = None
+    if (idem := idempotency_key) is not None:
+        if wait:
+            raise BadUpload("Idempotency-Key is for wait=false requests: a POST repeated with it finds the job again")
+        if not IDEMPOTENCY_KEY_RE.fullmatch(idem):
+            raise BadUpload("Idempotency-Key must be 1 to 255 visible ASCII characters")
+        # Scoped by the client's API key, so that two clients' keys never meet.
+        digest = hashlib.sha256(f"{presented_api_key(request.headers)}\0{idem}".encode()).hexdigest()
+        earlier = store.key_owner(digest)
+        if earlier is not None and (replay := _replayed(earlier, worker, store, request)) is not None:
+            return replay  # the upload is dropped: nothing new runs
     dst, size = await _decoded_upload(request, file)
     if dst is None:  # the plain path: copy Starlette's file; the worker decompresses it
         dst = store.spool_path()
@@ -200,6 +226,11 @@ async def segment(
         dst.unlink(missing_ok=True)
         raise
     if not wait:
+        if digest is not None:
+            try:
+                store.bind_key(digest, rid)
+            except OSError as e:  # the job runs; only a repeated POST would not find it
+                log.warning("could not keep an idempotency key: %s", e.strerror or e)
         return JSONResponse(
             _status(job, request), status_code=202, headers={"Location": f"{root_path(request)}/segmentations/{rid}"}
         )
@@ -227,6 +258,26 @@ async def segment(
             },
         )
     return JSONResponse(_linked(result, request), headers={"Location": f"{root_path(request)}/segmentations/{rid}"})
+
+
+def _replayed(rid: str, worker: InferenceWorker, store: ResultStore, request: Request) -> JSONResponse | None:
+    """The answer to a POST repeated with an Idempotency-Key given to ``rid``: 202 with the job's
+    status, as the first POST answered (``done`` or ``failed`` once it has ended; its status URL
+    has the result or the error). None when the job is gone (deleted, expired): then the key
+    starts a new one."""
+    job = worker.pending(rid)
+    if job is not None:
+        body = _status(job, request)
+    elif store.get(rid) is not None or worker.failure(rid) is not None:
+        state = "done" if store.get(rid) is not None else "failed"
+        body = {"id": rid, "status": state, "progress": 1.0, "status_url": f"{root_path(request)}/segmentations/{rid}"}
+    else:
+        return None
+    return JSONResponse(
+        body,
+        status_code=202,
+        headers={"Location": f"{root_path(request)}/segmentations/{rid}", "Idempotent-Replayed": "true"},
+    )
 
 
 def _status(job: Job, request: Request) -> dict[str, Any]:

@@ -518,11 +518,11 @@ def test_predict_cli_statistics_csv_has_a_row_per_class_and_each_kidneys_side(tm
     assert saved == {"checkpoint": "m.safetensors", "weights_sha256": ["ab"], "results": results}
 
 
-def _poll(c: TestClient, rid: str, timeout_s: float = 60.0):  # type: ignore[no-untyped-def]
+def _poll(c: TestClient, rid: str, timeout_s: float = 60.0, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     """GET the result until it is no longer 202."""
     deadline = time.monotonic() + timeout_s
     while True:
-        r = c.get(f"/segmentations/{rid}")
+        r = c.get(f"/segmentations/{rid}", headers=headers)
         if r.status_code != 202 or time.monotonic() > deadline:
             return r
         assert r.headers["retry-after"] == "1" and set(r.json()) == {"id", "status", "progress", "status_url"}
@@ -719,7 +719,6 @@ def test_a_failure_that_cannot_be_written_is_answered_from_memory(
         assert not (tmp_path / "results" / "results" / rid).exists()
         assert c.delete(f"/segmentations/{rid}").status_code == 204
         assert_error(c.get(f"/segmentations/{rid}"), 404)
-        assert_error(c.get(f"/segmentations/{other}"), 404)
         _clean(tmp_path)
 
 
@@ -824,3 +823,48 @@ def test_an_unreadable_record_of_an_ended_process_never_stops_a_start(
         assert_error(c.get(f"/segmentations/{rid}"), 404)
         assert_error(c.get(f"/segmentations/{other}"), 404)
         _clean(tmp_path)
+
+
+def test_a_post_repeated_with_its_idempotency_key_finds_the_first_job(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    keys = ("a" * 20, "b" * 20)
+
+    def post(c: TestClient, idem: str, api_key: str = keys[0], wait: str = "false") -> Any:
+        headers = {"Idempotency-Key": idem, "X-API-Key": api_key}
+        return c.post(f"/segment?wait={wait}", files={"file": ("v", payload)}, headers=headers)
+
+    with _client(tmp_path, tiny_checkpoint, api_keys=",".join(keys)) as c:
+        w = c.app.state.worker  # type: ignore[attr-defined]
+        first = post(c, "retry-me")
+        assert first.status_code == 202 and "idempotent-replayed" not in first.headers
+        rid = first.json()["id"]
+        again = post(c, "retry-me")  # the client retries: the same job, nothing new runs
+        assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+        assert again.json()["id"] == rid and again.headers["location"] == f"/segmentations/{rid}"
+        assert _poll(c, rid, headers={"X-API-Key": keys[0]}).status_code == 200
+        done = post(c, "retry-me")
+        assert done.json() == {"id": rid, "status": "done", "progress": 1.0, "status_url": f"/segmentations/{rid}"}
+        other = post(c, "retry-me", api_key=keys[1])  # another client's key never meets this one
+        assert other.status_code == 202 and other.json()["id"] != rid
+        assert post(c, "another").json()["id"] not in (rid, other.json()["id"])
+        deadline = time.monotonic() + 60
+        while w.processed < 3:  # rid, other's and "another": three jobs for five POSTs
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert w.processed == 3
+        # Mistakes: a key on a waiting request, and a key no header can carry.
+        assert_error(post(c, "k", wait="true"), 422, "bad_upload")
+        assert_error(post(c, "x" * 256), 422, "bad_upload")
+        assert_error(post(c, "with space"), 422, "bad_upload")
+        # A deleted job's key starts a new one.
+        assert c.delete(f"/segmentations/{rid}", headers={"X-API-Key": keys[0]}).status_code == 204
+        fresh = post(c, "retry-me")
+        assert "idempotent-replayed" not in fresh.headers and fresh.json()["id"] != rid
+        _poll(c, fresh.json()["id"], headers={"X-API-Key": keys[0]})
+        _clean(tmp_path)
+    # The keys outlive a restart, as the results do.
+    with _client(tmp_path, tiny_checkpoint, api_keys=",".join(keys)) as c:
+        replay = post(c, "retry-me")
+        assert replay.headers["idempotent-replayed"] == "true" and replay.json()["id"] == fresh.json()["id"]

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nibabel as nib
@@ -308,6 +309,40 @@ def test_predict_cli_with_server_writes_what_the_local_engine_writes(
     csvs = [(tmp_path / d / "statistics.csv").read_text().splitlines() for d in ("local", "remote")]
     assert csvs[0][0] == csvs[1][0] and len(csvs[0]) == len(csvs[1])
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_predict_cli_with_server_sends_again_an_upload_whose_answer_was_lost(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """The connection drops after the service accepted an upload: the CLI sends it again with the
+    same Idempotency-Key, and the service answers the first job instead of running a second."""
+    import httpx
+
+    from app.predict_cli import Remote
+    from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    scan = write_nifti(tmp_path / "a.nii.gz", hu, aff)
+    app = create_app(make_settings(tmp_path / "srv", checkpoint=tiny_checkpoint))
+    with LiveServer(app) as srv:
+        remote = Remote(srv.url, None, 120)
+        real, sent = remote.client.request, []
+
+        def lossy(method: str, url: Any, **kw: Any) -> Any:
+            r = real(method, url, **kw)
+            if method == "POST":
+                sent.append(kw["headers"]["Idempotency-Key"])
+                if len(sent) == 1:
+                    raise httpx.ReadError("connection reset after the upload")  # accepted, answer lost
+            return r
+
+        remote.client.request = lossy  # type: ignore[method-assign]
+        classes, _ = remote.segment(scan, tmp_path / "out" / "a_mask.nii.gz")
+        assert len(sent) == 2 and sent[0] == sent[1]  # the same key both times
+        assert [c["label"] for c in classes] == [1, 2]
+        time.sleep(0.5)
+        assert app.state.worker.processed == 1  # one job for two POSTs
+    assert nib.load(tmp_path / "out" / "a_mask.nii.gz").shape == hu.shape
 
 
 def test_predict_cli_server_links_resolve_under_a_proxy_prefix() -> None:

@@ -381,7 +381,7 @@ def test_predict_cli_rides_out_a_server_restart(
             later = pool.submit(lambda: (time.sleep(3), procs.append(_start_server(port, env, 0.0))))
             classes, _ = remote.segment(tmp_path / "in" / "a.nii.gz", tmp_path / "out2" / "a_mask.nii.gz")
             later.result(timeout=60)
-        assert "waiting for it to send a.nii.gz" in capsys.readouterr().err
+        assert "sending a.nii.gz again" in capsys.readouterr().err
         assert [c["label"] for c in classes] == [1, 2] and (tmp_path / "out2" / "a_mask.nii.gz").exists()
     finally:
         for proc in procs:
