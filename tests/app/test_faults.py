@@ -864,7 +864,12 @@ def test_a_post_repeated_with_its_idempotency_key_finds_the_first_job(
         assert "idempotent-replayed" not in fresh.headers and fresh.json()["id"] != rid
         _poll(c, fresh.json()["id"], headers={"X-API-Key": keys[0]})
         _clean(tmp_path)
-    # The keys outlive a restart, as the results do.
+    # The keys outlive a restart, as the results do, and expire with them.
     with _client(tmp_path, tiny_checkpoint, api_keys=",".join(keys)) as c:
         replay = post(c, "retry-me")
         assert replay.headers["idempotent-replayed"] == "true" and replay.json()["id"] == fresh.json()["id"]
+        store = c.app.state.store  # type: ignore[attr-defined]
+        store.ttl_s = 0
+        assert "idempotent-replayed" not in post(c, "retry-me").headers
+        store.sweep()
+        assert list(store.keys.iterdir()) == []
