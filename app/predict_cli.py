@@ -15,6 +15,7 @@ the same files.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import csv
 import io
 import json
@@ -22,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 from fnmatch import fnmatch
@@ -34,7 +36,7 @@ from app.settings import DEMO_CHECKPOINT
 from segcore.errors import KitsegError
 from segcore.inference import Engine
 from segcore.io import atomic_write, load_volume, save_mask
-from segcore.options import ENGINE_FLAGS, add_engine_arguments, engine_options
+from segcore.options import ENGINE_FLAGS, add_engine_arguments, engine_options, int_from
 from segcore.stats import compute_statistics
 
 #: file names in a folder that are not CT: the KiTS layouts' label maps (KiTS19/23's, KiTS21's
@@ -223,6 +225,7 @@ class Remote:
         self.base = httpx.URL(url.rstrip("/") + "/")
         self.timeout_s = timeout_s
         self.client = httpx.Client(headers={"X-API-Key": api_key} if api_key else {}, timeout=60.0)
+        self._stopped = threading.Event()
         card = self._json(self._call("GET", "model"), "GET /model")
         try:
             # The weights' hash, as a local run records it; an ensemble's files' hashes (its card's).
@@ -230,6 +233,14 @@ class Remote:
         except (KeyError, TypeError):
             raise ServiceUnavailable(f"{url} does not answer GET /model as a kitseg service") from None
         self.source = {"server": url, "model": card.get("name"), "demo": card.get("demo")}
+
+    def stop(self) -> None:
+        """Make the volumes in flight on other threads give up at their next wait."""
+        self._stopped.set()
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stopped.wait(seconds):
+            raise ServiceUnavailable("stopped")
 
     def _url(self, path: str) -> Any:
         # Links from the service are absolute paths (under its root path, behind a proxy), so they
@@ -262,7 +273,7 @@ class Remote:
             if not said:
                 print(f"{self.base}: not answering; waiting for it (the job stays accepted)", file=sys.stderr)
                 said = True
-            time.sleep(2.0 if r is None else min(30.0, float(r.headers.get("retry-after", "2"))))
+            self._sleep(2.0 if r is None else min(30.0, float(r.headers.get("retry-after", "2"))))
 
     @staticmethod
     def _json(r: Any, what: str) -> Any:
@@ -297,11 +308,11 @@ class Remote:
                 if not said:
                     print(f"{self.base}: no answer; sending {f.name} again (with its Idempotency-Key)", file=sys.stderr)
                     said = True
-                time.sleep(2.0)
+                self._sleep(2.0)
                 continue
             if r.status_code != 503 or time.monotonic() > deadline:
                 break
-            time.sleep(min(30.0, float(r.headers.get("retry-after", "5"))))  # the queue is full, or starting
+            self._sleep(min(30.0, float(r.headers.get("retry-after", "5"))))  # the queue is full, or starting
         if r.status_code != 202:
             raise self._refused(r)
         status_url = self._json(r, "POST /segment")["status_url"]
@@ -312,7 +323,7 @@ class Remote:
             if time.monotonic() > deadline:
                 self._call("DELETE", status_url)
                 raise ServiceError(f"not finished within {self.timeout_s:.0f} s (--timeout); cancelled")
-            time.sleep(min(1.0, float(r.headers.get("retry-after", "1"))))
+            self._sleep(min(1.0, float(r.headers.get("retry-after", "1"))))
         if r.status_code != 200:
             raise self._refused(r)
         result = self._json(r, "GET " + status_url)
@@ -377,9 +388,20 @@ def main(argv: list[str] | None = None) -> int:
         default=3600.0,
         help="with --server: seconds one volume may take, queue and upload included (default 3600)",
     )
+    ap.add_argument(
+        "--jobs",
+        type=int_from(1),
+        default=None,
+        metavar="N",
+        help="with --server: volumes in flight at once (default 2), so that the next one uploads while the "
+        "service segments one; the outputs are the same, in the same order",
+    )
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     segmenter: Local | Remote
+    if a.jobs is not None and not a.server:
+        print("kitseg-predict: --jobs is for --server (locally one engine runs one volume at a time)", file=sys.stderr)
+        return 2
     if a.server:
         changed = [f"--{k.replace('_', '-')}" for k in ENGINE_FLAGS if getattr(a, k) != ap.get_default(k)]
         if a.checkpoint or changed:
@@ -431,44 +453,72 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    results: list[dict[str, Any]] = []
+    rows: dict[Path, dict[str, Any]] = {}  # the statistics' rows, written in the inputs' order
+
+    def write() -> None:
+        _write_statistics(a.out, model, [rows[f] for f in files if f in rows])
+
     failures = kept = 0
-    for f in tqdm(files, desc="segment", unit="vol"):
-        mask_path = mask_paths[f]
+    todo = []
+    for f in files:
         earlier = done.get(str(f.resolve()))
-        if earlier and Path(earlier["mask"]).resolve() == mask_path.resolve() and mask_path.is_file():
-            results.append(earlier)
+        if earlier and Path(earlier["mask"]).resolve() == mask_paths[f].resolve() and mask_paths[f].is_file():
+            rows[f] = earlier
             kept += 1
-            continue
+        else:
+            todo.append(f)
+
+    def timed(f: Path) -> tuple[list[dict[str, Any]], list[str], float]:
         t0 = time.perf_counter()
-        try:
-            classes, warnings = segmenter.segment(f, mask_path)
-        except (KitsegError, ServiceError) as e:
-            failures += 1
-            tqdm.write(f"skip {f}: {e}")
-            results.append({"input": str(f), "error": str(e)})
-            _write_statistics(a.out, model, results)
-            continue
-        except ServiceUnavailable as e:  # every later volume would fail the same way
-            print(f"kitseg-predict: {e}", file=sys.stderr)
-            return 2
-        for message in warnings:
-            tqdm.write(f"warning: {f}: {message}")
-        results.append(
-            {
+        classes, warnings = segmenter.segment(f, mask_paths[f])
+        return classes, warnings, time.perf_counter() - t0
+
+    # With --server, up to --jobs volumes are in flight (uploaded, queued or segmented) while the
+    # results are taken in the inputs' order; locally one at a time, on this thread.
+    jobs = (a.jobs or 2) if a.server else 1
+    pool = cf.ThreadPoolExecutor(jobs) if jobs > 1 else None
+    ahead: dict[Path, cf.Future[tuple[list[dict[str, Any]], list[str], float]]] = {}
+
+    def start(i: int) -> None:
+        if pool is not None and i < len(todo):
+            ahead[todo[i]] = pool.submit(timed, todo[i])
+
+    try:
+        for i in range(jobs):
+            start(i)
+        for i, f in enumerate(tqdm(todo, desc="segment", unit="vol", initial=kept, total=len(files))):
+            try:
+                classes, warnings, seconds = ahead.pop(f).result() if pool is not None else timed(f)
+            except (KitsegError, ServiceError) as e:
+                failures += 1
+                tqdm.write(f"skip {f}: {e}")
+                rows[f] = {"input": str(f), "error": str(e)}
+                write()
+                start(i + jobs)
+                continue
+            except ServiceUnavailable as e:  # every later volume would fail the same way
+                print(f"kitseg-predict: {e}", file=sys.stderr)
+                return 2
+            start(i + jobs)
+            for message in warnings:
+                tqdm.write(f"warning: {f}: {message}")
+            rows[f] = {
                 "input": str(f),
-                "mask": str(mask_path),
-                "seconds": time.perf_counter() - t0,
+                "mask": str(mask_paths[f]),
+                "seconds": seconds,
                 "warnings": warnings,
                 "classes": classes,
             }
-        )
-        # After every volume, so that an interrupted run keeps what it did (--continue goes on).
-        _write_statistics(a.out, model, results)
+            write()  # after every volume, so that an interrupted run keeps what it did (--continue)
+    finally:
+        if pool is not None:
+            if isinstance(segmenter, Remote):
+                segmenter.stop()  # the volumes still in flight give up at once
+            pool.shutdown(wait=True, cancel_futures=True)
     if kept:
         # Every volume this run segmented was followed by a write; kept ones were not, and the file
         # must hold this run's inputs only (an earlier run's extra inputs drop out).
-        _write_statistics(a.out, model, results)
+        write()
     print(
         f"segmented {len(files) - failures}/{len(files)} volumes into {a.out}"
         + (f" ({kept} kept from the earlier run)" if kept else "")

@@ -391,3 +391,53 @@ def test_predict_cli_with_server_waits_out_a_full_queue(tmp_path: Path, tiny_che
         assert predict([str(scan), "--out", str(tmp_path / "out"), "--server", srv.url]) == 0
         assert time.monotonic() - t0 >= 1.0 and (tmp_path / "out" / "a_mask.nii.gz").is_file()
         worker.engine.predict = real
+
+
+def test_predict_cli_with_server_keeps_jobs_volumes_in_flight_and_writes_them_in_order(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """--jobs 2: the next volume is uploaded and queued while the service segments one; the
+    outputs are those of one volume at a time, in the inputs' order."""
+    import threading
+
+    from app.predict_cli import main as predict
+    from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name, codes in (("a", "IPL"), ("b", "LPS"), ("c", "RAS")):
+        hu, aff, _ = make_volume(ORIENTATIONS[codes])
+        write_nifti(scans / f"{name}.nii.gz", hu, aff)
+    app = create_app(make_settings(tmp_path / "srv", checkpoint=tiny_checkpoint))
+    with LiveServer(app) as srv:
+        worker = app.state.worker
+        real, go = worker.engine.predict, threading.Event()
+
+        def gated(*a, **k):  # type: ignore[no-untyped-def]
+            assert go.wait(60)
+            return real(*a, **k)
+
+        worker.engine.predict = gated
+        out = tmp_path / "two"
+        with cf.ThreadPoolExecutor(1) as pool:
+            run = pool.submit(predict, [str(scans), "--out", str(out), "--server", srv.url, "--jobs", "2"])
+            deadline = time.monotonic() + 60
+            while not (worker.busy.is_set() and worker.queue.qsize() == 1):  # two volumes in flight at once
+                assert time.monotonic() < deadline and not run.done()
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert worker.queue.qsize() == 1  # and no third before one of them is done
+            go.set()
+            assert run.result(timeout=120) == 0
+        worker.engine.predict = real
+        assert predict([str(scans), "--out", str(tmp_path / "one"), "--server", srv.url, "--jobs", "1"]) == 0
+    stats = {d: json.loads((tmp_path / d / "statistics.json").read_text())["results"] for d in ("one", "two")}
+    assert [r["input"] for r in stats["two"]] == [str(scans / f"{n}.nii.gz") for n in "abc"]
+    for r1, r2 in zip(stats["one"], stats["two"], strict=True):
+        assert r1["classes"] == r2["classes"]
+    for n in "abc":
+        np.testing.assert_array_equal(
+            np.asanyarray(nib.load(tmp_path / "one" / f"{n}_mask.nii.gz").dataobj),
+            np.asanyarray(nib.load(tmp_path / "two" / f"{n}_mask.nii.gz").dataobj),
+        )
+    assert predict([str(scans), "--out", str(tmp_path / "x"), "--jobs", "2"]) == 2  # not without --server
