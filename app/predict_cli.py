@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -260,20 +261,29 @@ class Remote:
         """:meth:`_call` for an accepted job's URLs, which outlive the service's process (the next
         start runs an accepted job, README "Reliability"): a restart's refused connections and
         its 503s are waited out until ``deadline``."""
+        waiting = f"{self.base}: not answering; waiting for it (the job stays accepted)"
+        return self._retrying(lambda: self._call(method, path), deadline, lost=waiting, busy=waiting, busy_wait="2")
+
+    def _retrying(self, send: Callable[[], Any], deadline: float, lost: str, busy: str | None, busy_wait: str) -> Any:
+        """``send()`` again until it answers other than 503, or ``deadline`` passes: refused or
+        dropped connections (a restart) wait 2 s, a 503 (a full queue, a start) its Retry-After
+        (``busy_wait`` without one), at most 30 s. ``lost`` (for a connection) or ``busy`` (for a
+        503) is said once on stderr."""
         said = False
         while True:
             try:
-                r = self._call(method, path)
+                r = send()
             except ServiceUnavailable as e:
                 if not isinstance(e.__cause__, self.httpx.TransportError) or time.monotonic() > deadline:
                     raise
                 r = None
             if r is not None and (r.status_code != 503 or time.monotonic() > deadline):
                 return r
-            if not said:
-                print(f"{self.base}: not answering; waiting for it (the job stays accepted)", file=sys.stderr)
+            message = lost if r is None else busy
+            if message and not said:
+                print(message, file=sys.stderr)
                 said = True
-            self._sleep(2.0 if r is None else min(30.0, float(r.headers.get("retry-after", "2"))))
+            self._sleep(2.0 if r is None else min(30.0, float(r.headers.get("retry-after", busy_wait))))
 
     @staticmethod
     def _json(r: Any, what: str) -> Any:
@@ -295,24 +305,15 @@ class Remote:
         # One key for every try of this volume: a POST the service accepted but whose answer was
         # lost (the connection dropped, the service restarted) is found again, not run twice.
         key = {"Idempotency-Key": uuid.uuid4().hex}
-        said = False
-        while True:
-            try:
-                with open(f, "rb") as fh:
-                    r = self._call(
-                        "POST", "segment", params={"wait": "false"}, files={"file": ("volume", fh)}, headers=key
-                    )
-            except ServiceUnavailable as e:
-                if not isinstance(e.__cause__, self.httpx.TransportError) or time.monotonic() > deadline:
-                    raise
-                if not said:
-                    print(f"{self.base}: no answer; sending {f.name} again (with its Idempotency-Key)", file=sys.stderr)
-                    said = True
-                self._sleep(2.0)
-                continue
-            if r.status_code != 503 or time.monotonic() > deadline:
-                break
-            self._sleep(min(30.0, float(r.headers.get("retry-after", "5"))))  # the queue is full, or starting
+
+        def post() -> Any:
+            with open(f, "rb") as fh:
+                return self._call(
+                    "POST", "segment", params={"wait": "false"}, files={"file": ("volume", fh)}, headers=key
+                )
+
+        lost = f"{self.base}: no answer; sending {f.name} again (with its Idempotency-Key)"
+        r = self._retrying(post, deadline, lost=lost, busy=None, busy_wait="5")  # busy: the queue is full
         if r.status_code != 202:
             raise self._refused(r)
         status_url = self._json(r, "POST /segment")["status_url"]
