@@ -152,26 +152,31 @@ class ResultStore:
         except FileNotFoundError:
             return True
 
-    def get(self, rid: str) -> dict[str, Any] | None:
+    def _live(self, rid: str, name: str) -> Path | None:
+        """``name`` in ``rid``'s folder, unless it has none or its time-to-live has passed (then
+        the folder is deleted)."""
         d = self._dir(rid)
-        if d is None or not (d / "result.json").is_file():
+        if d is None or not (d / name).is_file():
             return None
         if self._expired(d):
             self.delete(rid)
             return None
-        data: dict[str, Any] = json.loads((d / "result.json").read_text())
+        return d / name
+
+    def get(self, rid: str) -> dict[str, Any] | None:
+        f = self._live(rid, "result.json")
+        if f is None:
+            return None
+        data: dict[str, Any] = json.loads(f.read_text())
         return data
 
     def failure(self, rid: str) -> dict[str, Any] | None:
         """What :meth:`write_failure` kept for ``rid``, until the time-to-live has passed."""
-        d = self._dir(rid)
-        if d is None or not (d / "error.json").is_file():
-            return None
-        if self._expired(d):
-            self.delete(rid)
+        f = self._live(rid, "error.json")
+        if f is None:
             return None
         try:
-            data: dict[str, Any] = json.loads((d / "error.json").read_text())
+            data: dict[str, Any] = json.loads(f.read_text())
         except (OSError, ValueError):
             return None
         return data
@@ -310,10 +315,6 @@ class ResultStore:
     def bind_key(self, digest: str, rid: str) -> None:
         assert DIGEST_RE.fullmatch(digest) and ID_RE.fullmatch(rid)
         atomic_write(self.keys / digest, rid.encode())
-
-    def unbind_key(self, digest: str) -> None:
-        if DIGEST_RE.fullmatch(digest):
-            (self.keys / digest).unlink(missing_ok=True)
 
     def sweep(self) -> int:
         """Delete expired results, idempotency keys and stale partial writes; returns how many

@@ -268,11 +268,11 @@ def _replayed(rid: str, worker: InferenceWorker, store: ResultStore, request: Re
     job = worker.pending(rid)
     if job is not None:
         body = _status(job, request)
-    elif store.get(rid) is not None or worker.failure(rid) is not None:
-        state = "done" if store.get(rid) is not None else "failed"
-        body = {"id": rid, "status": state, "progress": 1.0, "status_url": f"{root_path(request)}/segmentations/{rid}"}
     else:
-        return None
+        state = "done" if store.get(rid) is not None else "failed" if worker.failure(rid) is not None else None
+        if state is None:
+            return None
+        body = {"id": rid, "status": state, "progress": 1.0, "status_url": f"{root_path(request)}/segmentations/{rid}"}
     return JSONResponse(
         body,
         status_code=202,
