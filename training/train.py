@@ -501,9 +501,8 @@ def sweep_postprocessing(
     raw = dataclasses.replace(meta.postprocessing, keep_largest=False, min_tumor_ml=0.0)
     engine.meta = dataclasses.replace(meta, postprocessing=raw)
     filtered = dataclasses.replace(raw, keep_largest=True)
-    rows: dict[Candidate, list[dict[str, Any]]] = {
-        (f, v): [] for f in sorted(set(filters)) for v in sorted(set(candidates))
-    }
+    fs, vs = sorted(set(filters)), sorted(set(candidates))
+    rows: dict[Candidate, list[dict[str, Any]]] = {(f, v): [] for f in fs for v in vs}
     try:
         for c in tqdm(cases, desc="sweep", disable=not progress, leave=False):
             vol, ref = _image_and_labels(c)
@@ -513,11 +512,11 @@ def sweep_postprocessing(
             # Both steps change only the box that holds the foreground (pred.box), so one copy
             # serves every candidate: its box is reset before each.
             mask, box = pred.mask.copy(), pred.box or (slice(None),) * 3
-            for f in sorted(set(filters)):
+            for f in fs:
                 part = pred.mask[box].copy()
                 if f:
                     keep_largest_components(part, filtered)
-                for v in sorted(set(candidates)):
+                for v in vs:
                     mask[box] = part
                     relabel_small_tumors(mask[box], v, vol.voxel_ml, tumor=tumor, kidney=kidney)
                     rows[f, v].append(case_metrics(c.case_id, mask, ref, vol.zooms, kits23_metrics, secs))
