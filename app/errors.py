@@ -48,6 +48,18 @@ class NotFinished(APIError):
     status, code = 409, "not_finished"
 
 
+class KeyInUse(APIError):
+    """A POST with an Idempotency-Key that another request, still being accepted, holds."""
+
+    status, code = 409, "idempotency_key_in_use"
+
+
+class KeyReused(APIError):
+    """A POST with an Idempotency-Key that was sent with another file."""
+
+    status, code = 422, "idempotency_key_reused"
+
+
 class Unauthorized(APIError):
     status, code = 401, "unauthorized"
 

@@ -265,10 +265,10 @@ class Remote:
         return self._retrying(lambda: self._call(method, path), deadline, lost=waiting, busy=waiting, busy_wait="2")
 
     def _retrying(self, send: Callable[[], Any], deadline: float, lost: str, busy: str | None, busy_wait: str) -> Any:
-        """``send()`` again until it answers other than 503, or ``deadline`` passes: refused or
-        dropped connections (a restart) wait 2 s, a 503 (a full queue, a start) its Retry-After
+        """``send()`` again until it answers other than busy (:meth:`_busy`), or ``deadline``
+        passes: refused or dropped connections (a restart) wait 2 s, a busy answer its Retry-After
         (``busy_wait`` without one), at most 30 s. ``lost`` (for a connection) or ``busy`` (for a
-        503) is said once on stderr."""
+        busy answer) is said once on stderr."""
         said = False
         while True:
             try:
@@ -277,13 +277,24 @@ class Remote:
                 if not isinstance(e.__cause__, self.httpx.TransportError) or time.monotonic() > deadline:
                     raise
                 r = None
-            if r is not None and (r.status_code != 503 or time.monotonic() > deadline):
+            if r is not None and (not self._busy(r) or time.monotonic() > deadline):
                 return r
             message = lost if r is None else busy
             if message and not said:
                 print(message, file=sys.stderr)
                 said = True
             self._sleep(2.0 if r is None else min(30.0, float(r.headers.get("retry-after", busy_wait))))
+
+    @staticmethod
+    def _busy(r: Any) -> bool:
+        """A 503 (a full queue, a start), or a 409 for an upload whose earlier try the service is
+        still accepting (its Idempotency-Key is in use): both are sent again after Retry-After."""
+        if r.status_code == 409:
+            try:
+                return bool(r.json().get("code") == "idempotency_key_in_use")
+            except (ValueError, AttributeError):
+                return False
+        return bool(r.status_code == 503)
 
     @staticmethod
     def _json(r: Any, what: str) -> Any:

@@ -25,9 +25,10 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from segcore.io import atomic_write
 
@@ -37,6 +38,16 @@ DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 CLOSED = "the service is shutting down and has purged its results"
+
+
+class KeyUse(NamedTuple):
+    """Who holds an idempotency key (:meth:`ResultStore.key_use`)."""
+
+    rid: str
+    #: the sha256 of the upload it was sent with; None in a key an earlier version kept
+    fingerprint: str | None
+    #: claimed by a request that a live process is still accepting
+    in_progress: bool
 
 
 class StoreClosed(RuntimeError):
@@ -59,6 +70,7 @@ class ResultStore:
         self._closed = False
         self.keys = self.root / "keys"  # idempotency keys (hashed) -> result id
         self.keys.mkdir(exist_ok=True)
+        self._key_lock = threading.Lock()
         self.instance = uuid.uuid4().hex
         self.pending_root = self.root / "pending"
         self.pending = self.pending_root / self.instance
@@ -300,21 +312,60 @@ class ResultStore:
         self._owner.close()
 
     # ------------------------------------------------------------ idempotency keys
-    def key_owner(self, digest: str) -> str | None:
-        """The result id an idempotency key (its hex sha256 with the client's API key, see
-        ``app.routes.segment``) was given to, until the results' time-to-live has passed."""
+    # A key's file (named by the hex sha256 of the client's API key and its Idempotency-Key, see
+    # ``app.routes.segment``) holds "<id> <fingerprint>" once its job is accepted, and
+    # "<id> <fingerprint> <instance>" while the request that claimed it is being accepted by that
+    # process. The fingerprint is the upload's sha256. Files an earlier version wrote hold the id
+    # only. Claims and changes are made under one lock (a thread lock and ``flock`` on
+    # ``keys.lock``), so two requests with one key, in one process or in replicas sharing the
+    # folder, never both start a job.
+    @contextmanager
+    def _keys_locked(self) -> Iterator[None]:
+        with self._key_lock, open(self.root / "keys.lock", "ab") as f:
+            with suppress(OSError):  # no locks on this file system: one process per folder (warned at start)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def key_use(self, digest: str) -> KeyUse | None:
+        """Who holds an idempotency key, until the results' time-to-live has passed."""
         f = self.keys / digest
         if not DIGEST_RE.fullmatch(digest) or self._expired(f):
             return None
         try:
-            rid = f.read_text().strip()
+            parts = f.read_text().split()
         except OSError:
             return None
-        return rid if ID_RE.fullmatch(rid) else None
+        if not parts or not ID_RE.fullmatch(parts[0]):
+            return None
+        fingerprint = parts[1] if len(parts) > 1 and DIGEST_RE.fullmatch(parts[1]) else None
+        return KeyUse(parts[0], fingerprint, len(parts) > 2 and self._alive(parts[2]))
 
-    def bind_key(self, digest: str, rid: str) -> None:
-        assert DIGEST_RE.fullmatch(digest) and ID_RE.fullmatch(rid)
-        atomic_write(self.keys / digest, rid.encode())
+    def claim_key(self, digest: str, rid: str, fingerprint: str, replacing: str | None) -> bool:
+        """Give the key to ``rid`` while its request is accepted (then :meth:`bind_key`, or
+        :meth:`release_key` if it isn't), if nobody holds it or it is still held by
+        ``replacing`` (whose job the caller found gone, or whose claimer has ended); False when
+        another request took it first."""
+        assert DIGEST_RE.fullmatch(digest) and ID_RE.fullmatch(rid) and DIGEST_RE.fullmatch(fingerprint)
+        with self._keys_locked():
+            use = self.key_use(digest)
+            if use is not None and use.rid != replacing:
+                return False
+            atomic_write(self.keys / digest, f"{rid} {fingerprint} {self.instance}".encode())
+            return True
+
+    def bind_key(self, digest: str, rid: str, fingerprint: str) -> None:
+        """``rid``'s job is accepted: the key answers it from now on, in any process."""
+        with self._keys_locked():
+            use = self.key_use(digest)
+            if use is None or use.rid == rid:
+                atomic_write(self.keys / digest, f"{rid} {fingerprint}".encode())
+
+    def release_key(self, digest: str, rid: str) -> None:
+        """``rid``'s request was not accepted: free its claim on the key."""
+        with self._keys_locked():
+            use = self.key_use(digest)
+            if use is not None and use.rid == rid:
+                (self.keys / digest).unlink(missing_ok=True)
 
     def sweep(self) -> int:
         """Delete expired results, idempotency keys and stale partial writes; returns how many

@@ -873,3 +873,87 @@ def test_a_post_repeated_with_its_idempotency_key_finds_the_first_job(
         assert "idempotent-replayed" not in post(c, "retry-me").headers
         store.sweep()
         assert list(store.keys.iterdir()) == []
+
+
+def _keyed(c: TestClient, idem: str, body: bytes) -> Any:
+    return c.post("/segment?wait=false", files={"file": ("v", body)}, headers={"Idempotency-Key": idem})
+
+
+def test_an_idempotency_key_sent_with_another_file_is_refused(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    """A client that reuses a key for another volume would otherwise get the first volume's
+    mask back for the second: 422 (the IETF draft's answer), and the first job is untouched. A
+    POST that is not accepted frees its key."""
+    hu, aff, _ = make_volume(ORIENTATIONS["RAS"])
+    other = write_nifti(tmp_path / "other.nii.gz", hu, aff).read_bytes()
+    with _client(tmp_path, tiny_checkpoint) as c:
+        first = _keyed(c, "volume-1", payload)
+        assert first.status_code == 202
+        body = assert_error(_keyed(c, "volume-1", other), 422, "idempotency_key_reused")
+        assert "another file" in body["message"]
+        assert _keyed(c, "volume-1", payload).headers["idempotent-replayed"] == "true"  # the same file still replays
+        assert _poll(c, first.json()["id"]).status_code == 200
+        assert c.app.state.worker.processed == 1  # type: ignore[attr-defined]
+        # Not accepted (an empty file): the key is free again, for any file.
+        assert_error(_keyed(c, "volume-2", b""), 422, "bad_upload")
+        assert len(list(c.app.state.store.keys.iterdir())) == 1  # type: ignore[attr-defined]
+        second = _keyed(c, "volume-2", other)
+        assert second.status_code == 202 and "idempotent-replayed" not in second.headers
+        _poll(c, second.json()["id"])
+        _clean(tmp_path)
+
+
+def test_a_post_repeated_while_the_first_is_still_being_accepted_is_409(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    """Two POSTs with one key at once (a client that timed out and sent again while the first
+    was still being kept): the second is told to retry (409, Retry-After), and one job runs."""
+    with _client(tmp_path, tiny_checkpoint) as c:
+        store = c.app.state.store  # type: ignore[attr-defined]
+        real, during, nested = store.persist, [], threading.Event()
+
+        def slow_persist(*a: Any) -> Any:  # the first request is between its claim and its 202
+            if not nested.is_set():  # once: a second POST that went on to be accepted comes here too
+                nested.set()
+                during.append(_keyed(c, "same", payload))
+            return real(*a)
+
+        store.persist = slow_persist
+        first = _keyed(c, "same", payload)
+        store.persist = real
+        assert first.status_code == 202
+        busy = assert_error(during[0], 409, "idempotency_key_in_use")
+        assert during[0].headers["retry-after"] == "1" and "still being accepted" in busy["message"]
+        again = _keyed(c, "same", payload)  # the retry, once the first is accepted
+        assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == first.json()["id"]
+        _poll(c, first.json()["id"])
+        time.sleep(0.3)
+        assert c.app.state.worker.processed == 1  # type: ignore[attr-defined]
+        _clean(tmp_path)
+
+
+def test_an_idempotency_key_claimed_by_another_process(tmp_path: Path, tiny_checkpoint: Path, payload: bytes) -> None:
+    """A replica sharing the result folder is accepting a POST with the key: 409. The process
+    that claimed it ended before accepting the job: the key goes to the next POST."""
+    import fcntl
+    import hashlib
+
+    with _client(tmp_path, tiny_checkpoint) as c:
+        store = c.app.state.store  # type: ignore[attr-defined]
+        fp = hashlib.sha256(payload).hexdigest()
+        digest = hashlib.sha256(b"\0replica").hexdigest()  # no API key configured
+        replica, gone = "b" * 32, "c" * 32
+        (store.pending_root / replica).mkdir()
+        with open(store.pending_root / replica / ".owner", "wb") as owner:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the replica runs
+            (store.keys / digest).write_text(f"{'d' * 32} {fp} {replica}")
+            assert_error(_keyed(c, "replica", payload), 409, "idempotency_key_in_use")
+        # The replica ended without accepting it: no job of that id exists anywhere.
+        (store.keys / digest).write_text(f"{'d' * 32} {fp} {gone}")
+        taken = _keyed(c, "replica", payload)
+        assert taken.status_code == 202 and "idempotent-replayed" not in taken.headers
+        assert (store.keys / digest).read_text() == f"{taken.json()['id']} {fp}"  # bound once accepted
+        _poll(c, taken.json()["id"])
+        shutil.rmtree(store.pending_root / replica)
+        _clean(tmp_path)

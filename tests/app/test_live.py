@@ -345,6 +345,48 @@ def test_predict_cli_with_server_sends_again_an_upload_whose_answer_was_lost(
     assert nib.load(tmp_path / "out" / "a_mask.nii.gz").shape == hu.shape
 
 
+def test_predict_cli_with_server_waits_while_its_earlier_try_is_being_accepted(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A 409 idempotency_key_in_use (the service is still keeping an earlier try of this upload)
+    is sent again after its Retry-After; other refusals are not."""
+    import httpx
+
+    from app.predict_cli import Remote, ServiceError
+    from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    scan = write_nifti(tmp_path / "a.nii.gz", hu, aff)
+    app = create_app(make_settings(tmp_path / "srv", checkpoint=tiny_checkpoint))
+    with LiveServer(app) as srv:
+        remote = Remote(srv.url, None, 120)
+        real, sent = remote.client.request, []
+
+        def busy_once(method: str, url: Any, **kw: Any) -> Any:
+            if method == "POST":
+                sent.append(kw["headers"]["Idempotency-Key"])
+                if len(sent) == 1:
+                    body = {"code": "idempotency_key_in_use", "message": "m", "request_id": "r"}
+                    return httpx.Response(409, json=body, headers={"Retry-After": "1"})
+            return real(method, url, **kw)
+
+        remote.client.request = busy_once  # type: ignore[method-assign]
+        t0 = time.monotonic()
+        classes, _ = remote.segment(scan, tmp_path / "out" / "a_mask.nii.gz")
+        assert len(sent) == 2 and sent[0] == sent[1] and time.monotonic() - t0 >= 1.0
+        assert [c["label"] for c in classes] == [1, 2]
+
+        def reused(method: str, url: Any, **kw: Any) -> Any:
+            body = {"code": "idempotency_key_reused", "message": "another file", "request_id": "r"}
+            return httpx.Response(422, json=body) if method == "POST" else real(method, url, **kw)
+
+        remote.client.request = reused  # type: ignore[method-assign]
+        with pytest.raises(ServiceError, match="idempotency_key_reused"):
+            remote.segment(scan, tmp_path / "out" / "b_mask.nii.gz")
+        conflict = httpx.Response(409, json={"code": "not_finished", "message": "m", "request_id": "r"})
+        assert not Remote._busy(conflict) and Remote._busy(httpx.Response(503))
+
+
 def test_predict_cli_server_links_resolve_under_a_proxy_prefix() -> None:
     """The service's links are absolute paths that carry its root path (/kitseg/segmentations/...):
     they replace the base URL's path, which a proxy then strips; "segment" is under the base."""
