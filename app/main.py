@@ -61,11 +61,27 @@ def _load(settings: Settings) -> Engine:
     return engine
 
 
-async def _sweeper(store: ResultStore, every_s: float) -> None:
+async def sweep_once(app: FastAPI) -> None:
+    """The periodic housekeeping: expired results go, and the accepted jobs and spooled uploads of
+    a replica that has ended (one sharing the result folder: crashed, killed, scaled down) are
+    taken over now, not at this process's next start."""
+    store: ResultStore = app.state.store
+    worker: InferenceWorker = app.state.worker
+    with suppress(Exception):
+        await run_in_threadpool(store.sweep)
+    if not worker.accepting:  # draining: what an ended replica left waits for the next start
+        return
+    with suppress(Exception):
+        await run_in_threadpool(store.sweep_spool)
+        resumed = worker.restore(await run_in_threadpool(store.adopt_pending))
+        if app.state.metrics is not None:
+            app.state.metrics.resumed.inc(resumed)
+
+
+async def _sweeper(app: FastAPI, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
-        with suppress(Exception):
-            await run_in_threadpool(store.sweep)
+        await sweep_once(app)
 
 
 def _mount_docs(app: FastAPI) -> None:
@@ -132,7 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     reserved=lambda: float(torch.cuda.memory_reserved(dev)),
                     peak=lambda: float(torch.cuda.max_memory_allocated(dev)),
                 )
-        sweeper = asyncio.create_task(_sweeper(store, max(5.0, min(60.0, s.result_ttl_s / 4))))
+        sweeper = asyncio.create_task(_sweeper(app, max(5.0, min(60.0, s.result_ttl_s / 4))))
         app.state.ready = True
         log.info(
             "ready: model %s on %s (%s%s, %s%s)%s",

@@ -73,9 +73,12 @@ class ResultStore:
         self._key_lock = threading.Lock()
         self.instance = uuid.uuid4().hex
         self.pending_root = self.root / "pending"
-        self.pending = self.pending_root / self.instance
-        self.pending.mkdir(parents=True)
-        self._owner = open(self.pending / ".owner", "wb")  # noqa: SIM115 - held for the process's life
+        self.pending_root.mkdir(exist_ok=True)
+        # Made under a dot name and locked before it gets its own: a replica adopting ended
+        # processes' folders (adopt_pending) must never see it unlocked.
+        making = self.pending_root / f".{self.instance}"
+        making.mkdir()
+        self._owner = open(making / ".owner", "wb")  # noqa: SIM115 - held for the process's life
         try:
             fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:  # a file system without locks (some network ones): one process per folder
@@ -85,8 +88,14 @@ class ResultStore:
                 self.root,
                 e.strerror or e,
             )
-        # Uploads spooled by a process that has ended are never going to be processed; a live
-        # replica's (one sharing this result_dir) are still being received or segmented.
+        self.pending = self.pending_root / self.instance
+        os.replace(making, self.pending)
+        self.sweep_spool()
+
+    def sweep_spool(self) -> None:
+        """Remove the uploads that processes which have ended were receiving: they are never
+        going to be processed. A live replica's (one sharing this result_dir) are still being
+        received or segmented."""
         for f in self.spool.iterdir():
             if not self._alive(f.name.split("-", 1)[0]):
                 f.unlink(missing_ok=True)
@@ -158,9 +167,9 @@ class ResultStore:
                 raise StoreClosed(CLOSED) from e
             raise
 
-    def _expired(self, d: Path) -> bool:
+    def _expired(self, d: Path, ttl_s: float | None = None) -> bool:
         try:
-            return time.time() - d.stat().st_mtime > self.ttl_s
+            return time.time() - d.stat().st_mtime > (self.ttl_s if ttl_s is None else ttl_s)
         except FileNotFoundError:
             return True
 
@@ -259,7 +268,9 @@ class ResultStore:
         no record (a job whose record was never written or already removed)."""
         adopted: list[tuple[dict[str, Any], Path]] = []
         for d in self.pending_root.iterdir():
-            if d == self.pending or not d.is_dir():
+            if d == self.pending or not d.is_dir() or not ID_RE.fullmatch(d.name):
+                if d.name.startswith(".") and self._expired(d, 3600):  # a start that died in __init__
+                    shutil.rmtree(d, ignore_errors=True)
                 continue
             try:
                 owner = open(d / ".owner", "ab")  # noqa: SIM115 - made if its process died before making it

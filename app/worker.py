@@ -220,8 +220,8 @@ class InferenceWorker:
                 self._record_failure(
                     job,
                     DeadlineExceeded(
-                        f"segmentation did not finish within {self.settings.request_timeout_s:.0f} s: the service "
-                        "was restarted meanwhile"
+                        f"segmentation did not finish within {self.settings.request_timeout_s:.0f} s: the process "
+                        "that accepted it stopped before running it"
                     ),
                 )
                 self.store.unpend(rid)

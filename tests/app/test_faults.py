@@ -660,13 +660,47 @@ def test_jobs_an_ended_process_accepted_are_run_by_the_next_one(
             assert r.json()["classes"] == direct["classes"]
             # Its deadline passed while no process ran: its own error, as for any late job.
             body = assert_error(c.get(f"/segmentations/{late}"), 504, "deadline_exceeded")
-            assert "restarted" in body["message"]
+            assert "stopped before running it" in body["message"]
             assert_error(c.get(f"/segmentations/{theirs}"), 404)  # not ours to run
             assert (tmp_path / "results" / "results" / late / "error.json").is_file()
             assert not dead.exists() and (live / f"{theirs}.json").exists()
             assert "kitseg_jobs_resumed_total 1.0" in c.get("/metrics").text  # the late one was not resumed
             assert list((tmp_path / "results" / "spool").iterdir()) == []
     assert sorted(p.name for p in pending.iterdir()) == [live.name]  # ours went at shutdown
+
+
+def test_a_live_replica_takes_over_the_jobs_of_one_that_ended(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes
+) -> None:
+    """Replicas share a result folder and one of them dies (and is not started again: scaled
+    down, say). The next sweep of a live one runs its accepted jobs and removes its spooled
+    uploads; a replica that still runs keeps both."""
+    import fcntl
+
+    from app.main import sweep_once
+
+    with _client(tmp_path, tiny_checkpoint) as c:
+        store = c.app.state.store  # type: ignore[attr-defined]
+        dead, live = store.pending_root / ("a" * 32), store.pending_root / ("b" * 32)
+        ok, theirs = _left_by(dead, payload, 600), _left_by(live, payload, 600, owner=True)
+        dead_spool, live_spool = store.spool / f"{'a' * 32}-x.upload", store.spool / f"{'b' * 32}-y.upload"
+        dead_spool.write_bytes(payload)
+        live_spool.write_bytes(payload)
+        starting = store.pending_root / f".{'d' * 32}"  # a replica between its mkdir and its lock
+        starting.mkdir()
+        with open(live / ".owner", "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the replica that still runs
+            assert_error(c.get(f"/segmentations/{ok}"), 404)  # not known here until the sweep
+            c.portal.call(sweep_once, c.app)  # type: ignore[union-attr]
+            assert _poll(c, ok).status_code == 200
+            assert_error(c.get(f"/segmentations/{theirs}"), 404)
+            assert not dead.exists() and not dead_spool.exists()
+            assert (live / f"{theirs}.json").exists() and live_spool.exists() and starting.exists()
+            assert "kitseg_jobs_resumed_total 1.0" in c.get("/metrics").text
+        shutil.rmtree(live)
+        live_spool.unlink()
+        starting.rmdir()
+        _clean(tmp_path)
 
 
 def test_a_wait_false_job_is_on_disk_until_it_ends_and_cancelling_it_removes_it(
