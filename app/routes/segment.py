@@ -28,6 +28,7 @@ from app.errors import (
     error_response,
 )
 from app.schemas import ErrorBody, JobStatus, SegmentationResult
+from app.settings import Settings
 from app.store import ResultStore
 from app.upload import UploadDecoder
 from app.worker import InferenceWorker, Job
@@ -204,34 +205,7 @@ async def segment(
             return replay  # the upload is dropped: nothing new runs
         key = (digest, fingerprint)
     try:
-        dst, size = await _decoded_upload(request, file)
-        if dst is None:  # the plain path: copy Starlette's file; the worker decompresses it
-            dst = store.spool_path()
-            size = await run_in_threadpool(_spool, file.file, dst, settings.max_upload_bytes)
-        if size == 0:
-            dst.unlink(missing_ok=True)
-            raise BadUpload("the uploaded file is empty")
-        job = Job(
-            rid=rid, upload=dst, received_ms=1000 * (time.perf_counter() - t0), request_id=request.state.request_id
-        )
-        try:
-            if not wait:  # nobody holds a request open for it: kept on disk until it ends (app.store)
-                job.deadline = time.monotonic() + settings.request_timeout_s
-                record = {
-                    "id": rid,
-                    "request_id": job.request_id,
-                    "received_ms": job.received_ms,
-                    "accepted_at": time.time(),
-                    "deadline_at": time.time() + settings.request_timeout_s,
-                }
-                job.upload = await _persist(store, rid, dst, record)
-                job.persisted = True
-            worker.submit(job)
-        except BaseException:
-            if job.persisted:
-                store.unpend(rid)
-            dst.unlink(missing_ok=True)
-            raise
+        job = await _accept(request, file, rid, wait, t0, worker, store, settings)
     except BaseException:
         if key is not None:
             store.release_key(key[0], rid)
@@ -271,6 +245,47 @@ async def segment(
     return JSONResponse(_linked(result, request), headers={"Location": f"{root_path(request)}/segmentations/{rid}"})
 
 
+async def _accept(
+    request: Request,
+    file: UploadFile,
+    rid: str,
+    wait: bool,
+    t0: float,
+    worker: InferenceWorker,
+    store: ResultStore,
+    settings: Settings,
+) -> Job:
+    """Spool the upload (or take the one decoded while it arrived) and queue its job; with
+    ``wait=false`` the job is kept on disk first (app.store). Nothing is left behind on failure."""
+    dst, size = await _decoded_upload(request, file)
+    if dst is None:  # the plain path: copy Starlette's file; the worker decompresses it
+        dst = store.spool_path()
+        size = await run_in_threadpool(_spool, file.file, dst, settings.max_upload_bytes)
+    if size == 0:
+        dst.unlink(missing_ok=True)
+        raise BadUpload("the uploaded file is empty")
+    job = Job(rid=rid, upload=dst, received_ms=1000 * (time.perf_counter() - t0), request_id=request.state.request_id)
+    try:
+        if not wait:  # nobody holds a request open for it: kept on disk until it ends
+            job.deadline = time.monotonic() + settings.request_timeout_s
+            record = {
+                "id": rid,
+                "request_id": job.request_id,
+                "received_ms": job.received_ms,
+                "accepted_at": time.time(),
+                "deadline_at": time.time() + settings.request_timeout_s,
+            }
+            job.upload = await _persist(store, rid, dst, record)
+            job.persisted = True
+        worker.submit(job)
+    except BaseException:
+        if job.persisted:
+            store.unpend(rid)
+        dst.unlink(missing_ok=True)
+        raise
+    return job
+
+
 def _fingerprint(f: BinaryIO) -> str:
     """The upload's sha256 (about 50 ms for a 57 MB upload on the development CPU)."""
     f.seek(0)
@@ -301,8 +316,11 @@ def _claim(
                 return replay
             if use.in_progress:
                 break
-        if store.claim_key(digest, rid, fingerprint, replacing=use.rid if use is not None else None):
-            return None
+        try:
+            if store.claim_key(digest, rid, fingerprint, replacing=use.rid if use is not None else None):
+                return None
+        except OSError as e:
+            raise InsufficientStorage(f"could not keep the Idempotency-Key: {e.strerror or e}") from e
     raise KeyInUse(
         "a request with this Idempotency-Key is still being accepted; send it again in a moment",
         headers={"Retry-After": "1"},

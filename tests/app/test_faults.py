@@ -931,7 +931,13 @@ def test_an_idempotency_key_sent_with_another_file_is_refused(
         assert c.app.state.worker.processed == 1  # type: ignore[attr-defined]
         # Not accepted (an empty file): the key is free again, for any file.
         assert_error(_keyed(c, "volume-2", b""), 422, "bad_upload")
-        assert len(list(c.app.state.store.keys.iterdir())) == 1  # type: ignore[attr-defined]
+        store = c.app.state.store  # type: ignore[attr-defined]
+        assert len(list(store.keys.iterdir())) == 1
+        # A key that can't be kept (a full disk) is 507, as an upload that can't be, and nothing runs.
+        real = store.claim_key
+        store.claim_key = lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        assert_error(_keyed(c, "volume-3", payload), 507, "insufficient_storage")
+        store.claim_key = real
         second = _keyed(c, "volume-2", other)
         assert second.status_code == 202 and "idempotent-replayed" not in second.headers
         _poll(c, second.json()["id"])
