@@ -81,5 +81,8 @@ class JobStatus(BaseModel):
         description="queued or running; done or failed only in the answer to a POST repeated with the same "
         "Idempotency-Key (GET status_url for the result or the error)"
     )
-    progress: float = Field(description="share of the volume's slices segmented so far, 0 to 1")
+    progress: float = Field(
+        description="share of the volume's slices segmented so far, 0 to 1 (as of the last second, where a "
+        "replica sharing the result folder runs the job)"
+    )
     status_url: str = Field(description="GET it until it answers 200 with the result (or the job's error)")

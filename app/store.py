@@ -259,8 +259,51 @@ class ResultStore:
         if self._dir(rid) is None:
             return
         (self.pending / f"{rid}.json").unlink(missing_ok=True)
+        (self.pending / f"{rid}.progress").unlink(missing_ok=True)
         if upload:
             (self.pending / f"{rid}.upload").unlink(missing_ok=True)
+
+    def is_pending(self, rid: str) -> bool:
+        """Whether this process's persisted job still has its record: a replica's DELETE
+        (:meth:`withdraw`) removes it, and the worker then drops the job."""
+        return (self.pending / f"{rid}.json").is_file()
+
+    def note_progress(self, rid: str, progress: float) -> None:
+        """Say how far a persisted job is, for replicas asked about it (:meth:`elsewhere`)."""
+        tmp = self.pending / f".{rid}.progress"
+        tmp.write_text(f"{progress:.3f}")
+        os.replace(tmp, self.pending / f"{rid}.progress")
+
+    def _records_elsewhere(self, rid: str) -> list[Path]:
+        if self._dir(rid) is None:
+            return []
+        return [
+            d / f"{rid}.json"
+            for d in self.pending_root.iterdir()
+            if d != self.pending and ID_RE.fullmatch(d.name) and (d / f"{rid}.json").is_file()
+        ]
+
+    def elsewhere(self, rid: str) -> tuple[str, float] | None:
+        """``(status, progress)`` of a job another process sharing this result folder accepted
+        and has not finished (``queued``, or ``running`` once it has said how far it is); one
+        whose process has ended is ``queued`` until a process adopts it. None when there is none."""
+        for rec in self._records_elsewhere(rid):
+            if not self._alive(rec.parent.name):
+                return "queued", 0.0
+            try:
+                return "running", min(1.0, max(0.0, float(rec.with_suffix(".progress").read_text())))
+            except (OSError, ValueError):
+                return "queued", 0.0
+        return None
+
+    def withdraw(self, rid: str) -> bool:
+        """Cancel a job another process accepted: its record goes, so its worker drops it at its
+        next batch and no restart runs it. False when there is none."""
+        found = False
+        for rec in self._records_elsewhere(rid):
+            rec.unlink(missing_ok=True)
+            found = True
+        return found
 
     def adopt_pending(self) -> list[tuple[dict[str, Any], Path]]:
         """Move the persisted jobs of processes that have ended into this one's folder and return

@@ -54,6 +54,8 @@ class Job:
     progress: float = 0.0
     #: kept on disk until it ends (ResultStore.persist), so that a restart after a crash runs it
     persisted: bool = False
+    #: when its progress was last written for replicas (ResultStore.note_progress)
+    progress_noted: float = 0.0
 
     @property
     def waited_for(self) -> bool:
@@ -122,6 +124,8 @@ class JobCancelled(Exception):
 #: failures of jobs nobody waited for that could not be written to disk, kept in memory at most
 #: (each is a few hundred bytes)
 MAX_FAILURES = 10_000
+#: how often a persisted job's progress is written for replicas that share the result folder
+PROGRESS_NOTE_S = 1.0
 
 
 def _check_deadline(job: Job) -> None:
@@ -235,9 +239,11 @@ class InferenceWorker:
         return n
 
     def pending(self, rid: str) -> Job | None:
-        """The accepted job with this result id, while it is queued or running."""
+        """The accepted job with this result id, while it is queued or running (not one that a
+        DELETE at a replica sharing the result folder withdrew: the worker drops it)."""
         with self._lock:
-            return self._jobs.get(rid)
+            job = self._jobs.get(rid)
+        return None if job is None or self._withdrawn(job) else job
 
     def failure(self, rid: str) -> Failure | None:
         """How the job with this result id failed, if nobody waited for it and it did, until the
@@ -262,6 +268,20 @@ class InferenceWorker:
             if job.persisted:
                 self.store.unpend(rid, upload=False)  # no restart runs it; the worker removes the upload
         return job is not None or forgot
+
+    def _withdrawn(self, job: Job) -> bool:
+        """A persisted job whose record a replica sharing the result folder removed: a DELETE
+        that reached it (:meth:`ResultStore.withdraw`)."""
+        return job.persisted and not self.store.is_pending(job.rid)
+
+    def _note_progress(self, job: Job, force: bool = False) -> None:
+        """Write a persisted job's progress where replicas read it, at most once a second."""
+        now = time.monotonic()
+        if not job.persisted or (not force and now - job.progress_noted < PROGRESS_NOTE_S):
+            return
+        job.progress_noted = now
+        with contextlib.suppress(OSError):  # only what replicas say about it is older
+            self.store.note_progress(job.rid, job.progress)
 
     def _forget(self, job: Job) -> None:
         with self._lock:
@@ -305,7 +325,7 @@ class InferenceWorker:
             job = self.queue.get()
             if job is None:
                 return
-            if job.cancelled.is_set() or job.future.cancelled():
+            if job.cancelled.is_set() or job.future.cancelled() or self._withdrawn(job):
                 job.upload.unlink(missing_ok=True)
                 if job.persisted:
                     self.store.unpend(job.rid)
@@ -315,6 +335,7 @@ class InferenceWorker:
                 continue
             self.busy.set()
             job.state = "running"
+            self._note_progress(job, force=True)
             result: dict[str, Any] | None = None
             error: BaseException | None = None
             cancelled = False
@@ -332,8 +353,9 @@ class InferenceWorker:
                 job.upload.unlink(missing_ok=True)
                 self.busy.clear()
                 self.processed += 1
-            if cancelled or job.cancelled.is_set() or job.future.cancelled():
-                # Deadline passed, the client left or deleted the job: nobody will ask for this id.
+            if cancelled or job.cancelled.is_set() or job.future.cancelled() or self._withdrawn(job):
+                # Deadline passed, the client left or deleted the job (here or at a replica that
+                # shares the result folder): nobody will ask for this id.
                 self.store.delete(job.rid)
             elif error is not None and not job.waited_for:
                 self._record_failure(job, error)  # kept for the client's next GET
@@ -353,10 +375,11 @@ class InferenceWorker:
 
     def _predict_with_oom_retry(self, vol: Any, job: Job) -> Any:
         def check(done: int, total: int) -> None:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set() or self._withdrawn(job):
                 raise JobCancelled
             _check_deadline(job)
             job.progress = done / total if total else 1.0
+            self._note_progress(job)
 
         bs = self.engine.batch_size
         while True:

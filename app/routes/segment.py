@@ -335,11 +335,13 @@ def _replayed(rid: str, worker: InferenceWorker, store: ResultStore, request: Re
     job = worker.pending(rid)
     if job is not None:
         body = _status(job, request)
+    elif (there := store.elsewhere(rid)) is not None:  # a replica sharing the result folder runs it
+        body = _status_of(rid, *there, request)
     else:
         state = "done" if store.get(rid) is not None else "failed" if worker.failure(rid) is not None else None
         if state is None:
             return None
-        body = {"id": rid, "status": state, "progress": 1.0, "status_url": f"{root_path(request)}/segmentations/{rid}"}
+        body = _status_of(rid, state, 1.0, request)
     return JSONResponse(
         body,
         status_code=202,
@@ -348,11 +350,15 @@ def _replayed(rid: str, worker: InferenceWorker, store: ResultStore, request: Re
 
 
 def _status(job: Job, request: Request) -> dict[str, Any]:
+    return _status_of(job.rid, job.state, job.progress, request)
+
+
+def _status_of(rid: str, state: str, progress: float, request: Request) -> dict[str, Any]:
     return {
-        "id": job.rid,
-        "status": job.state,
-        "progress": round(job.progress, 3),
-        "status_url": f"{root_path(request)}/segmentations/{job.rid}",
+        "id": rid,
+        "status": state,
+        "progress": round(progress, 3),
+        "status_url": f"{root_path(request)}/segmentations/{rid}",
     }
 
 
@@ -379,6 +385,8 @@ def get_segmentation(rid: str, request: Request, store: StoreDep) -> Any:
     job = worker.pending(rid) if worker is not None else None
     if job is not None:
         return JSONResponse(_status(job, request), status_code=202, headers={"Retry-After": "1"})
+    if (there := store.elsewhere(rid)) is not None:  # accepted by a replica sharing the result folder
+        return JSONResponse(_status_of(rid, *there, request), status_code=202, headers={"Retry-After": "1"})
     failed = worker.failure(rid) if worker is not None else None
     if failed is not None:  # the job's own error, with its status and code
         return error_response(request, failed.status, failed.code, f"{failed.message} (request {failed.request_id})")
@@ -398,7 +406,7 @@ def get_mask(rid: str, request: Request, store: StoreDep) -> Any:
     path = store.mask_path(rid)
     if path is None:
         worker = _worker(request)
-        if worker is not None and worker.pending(rid) is not None:
+        if (worker is not None and worker.pending(rid) is not None) or store.elsewhere(rid) is not None:
             raise NotFinished(f"segmentation {rid!r} is not finished; GET /segmentations/{rid} says when it is")
         raise NotFound(f"no mask for segmentation {rid!r}")
     return FileResponse(path, media_type="application/gzip", filename=f"{rid}_mask.nii.gz")
@@ -408,6 +416,7 @@ def get_mask(rid: str, request: Request, store: StoreDep) -> Any:
 def delete_segmentation(rid: str, request: Request, store: StoreDep) -> Response:
     worker = _worker(request)
     cancelled = worker is not None and worker.cancel(rid)  # queued or running: dropped, nothing kept
+    cancelled = store.withdraw(rid) or cancelled  # one a replica sharing the result folder accepted
     if not store.delete(rid) and not cancelled:
         raise NotFound(f"no segmentation {rid!r}")
     return Response(status_code=204)

@@ -661,7 +661,8 @@ def test_jobs_an_ended_process_accepted_are_run_by_the_next_one(
             # Its deadline passed while no process ran: its own error, as for any late job.
             body = assert_error(c.get(f"/segmentations/{late}"), 504, "deadline_exceeded")
             assert "stopped before running it" in body["message"]
-            assert_error(c.get(f"/segmentations/{theirs}"), 404)  # not ours to run
+            # Not ours to run; the replica that accepted it answers it, and so does this one.
+            assert c.get(f"/segmentations/{theirs}").json()["status"] == "queued"
             assert (tmp_path / "results" / "results" / late / "error.json").is_file()
             assert not dead.exists() and (live / f"{theirs}.json").exists()
             assert "kitseg_jobs_resumed_total 1.0" in c.get("/metrics").text  # the late one was not resumed
@@ -690,10 +691,10 @@ def test_a_live_replica_takes_over_the_jobs_of_one_that_ended(
         starting.mkdir()
         with open(live / ".owner", "ab") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the replica that still runs
-            assert_error(c.get(f"/segmentations/{ok}"), 404)  # not known here until the sweep
+            assert c.get(f"/segmentations/{ok}").json()["status"] == "queued"  # until the sweep runs it
             c.portal.call(sweep_once, c.app)  # type: ignore[union-attr]
             assert _poll(c, ok).status_code == 200
-            assert_error(c.get(f"/segmentations/{theirs}"), 404)
+            assert c.get(f"/segmentations/{theirs}").json()["status"] == "queued"  # the replica's, not run here
             assert not dead.exists() and not dead_spool.exists()
             assert (live / f"{theirs}.json").exists() and live_spool.exists() and starting.exists()
             assert "kitseg_jobs_resumed_total 1.0" in c.get("/metrics").text
@@ -717,8 +718,12 @@ def test_a_wait_false_job_is_on_disk_until_it_ends_and_cancelling_it_removes_it(
     with _client(tmp_path, tiny_checkpoint) as c:
         pending = c.app.state.store.pending  # type: ignore[attr-defined]
         a, b = (c.post("/segment?wait=false", files={"file": ("v", payload)}).json()["id"] for _ in range(2))
+        deadline = time.time() + 30
+        while not (pending / f"{a}.progress").exists():  # a runs (gated), and says so for replicas
+            assert time.time() < deadline
+            time.sleep(0.05)
         assert sorted(p.name for p in pending.iterdir()) == sorted(
-            [".owner", f"{a}.json", f"{a}.upload", f"{b}.json", f"{b}.upload"]
+            [".owner", f"{a}.json", f"{a}.upload", f"{a}.progress", f"{b}.json", f"{b}.upload"]
         )
         record = json.loads((pending / f"{a}.json").read_text())
         assert record["id"] == a and set(record) == {"id", "request_id", "received_ms", "accepted_at", "deadline_at"}
@@ -734,6 +739,38 @@ def test_a_wait_false_job_is_on_disk_until_it_ends_and_cancelling_it_removes_it(
         while sorted(p.name for p in pending.iterdir()) != [".owner"]:
             assert time.time() < deadline, list(pending.iterdir())
             time.sleep(0.05)
+        _clean(tmp_path)
+
+
+def test_a_job_withdrawn_by_a_replica_is_dropped_while_it_runs(
+    tmp_path: Path, tiny_checkpoint: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DELETE at a replica sharing the result folder removes the job's record
+    (ResultStore.withdraw); the worker running it stops at its next batch and keeps nothing.
+    Meanwhile the running job's progress is on disk for the replicas."""
+    gate, started = threading.Event(), threading.Event()
+    orig = worker_mod.Engine.predict
+
+    def gated(self: object, *a: object, **k: object) -> object:
+        started.set()
+        assert gate.wait(30)
+        return orig(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_mod.Engine, "predict", gated)
+    with _client(tmp_path, tiny_checkpoint) as c:
+        store = c.app.state.store  # type: ignore[attr-defined]
+        rid = c.post("/segment?wait=false", files={"file": ("v", payload)}).json()["id"]
+        assert started.wait(30)
+        assert (store.pending / f"{rid}.progress").read_text() == "0.000"  # "running", for replicas
+        (store.pending / f"{rid}.json").unlink()  # what a replica's DELETE does
+        assert_error(c.get(f"/segmentations/{rid}"), 404)  # gone here at once
+        gate.set()
+        deadline = time.time() + 30
+        while 'kitseg_jobs_total{outcome="cancelled"} 1.0' not in c.get("/metrics").text:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert not (tmp_path / "results" / "results" / rid).exists()
+        assert_error(c.get(f"/segmentations/{rid}/mask"), 404)
         _clean(tmp_path)
 
 

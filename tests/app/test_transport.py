@@ -342,6 +342,68 @@ def test_accepted_jobs_survive_a_killed_server(tmp_path: Path, tiny_checkpoint: 
                 proc.wait()
 
 
+def test_replicas_sharing_a_result_folder(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Two kitseg-serve processes on one result folder, as behind a load balancer without sticky
+    sessions. One Idempotency-Key sent to both at once starts one job. Either one answers the
+    status, mask and DELETE of a job the other accepted. Then one is SIGKILLed and not started
+    again: the other's sweep (every 5 s with a 20 s time-to-live) runs the jobs it had accepted,
+    at the same ids, and the key still finds its job."""
+    import concurrent.futures as cf
+
+    env_extra = {"KITSEG_RESULT_TTL_S": "20"}
+    (port_a, env_a), (port_b, env_b) = (_server_env(tmp_path, tiny_checkpoint, **env_extra) for _ in range(2))
+    url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
+    procs = [_start_server(port_a, env_a, 60.0), _start_server(port_b, env_b, 0.0)]  # A's jobs outlive it
+    try:
+        body = _nii()
+
+        def post(url: str, key: str | None = None) -> httpx.Response:
+            headers = {"Idempotency-Key": key} if key else {}
+            return httpx.post(f"{url}/segment?wait=false", files={"file": ("v.nii", body)}, headers=headers, timeout=30)
+
+        with cf.ThreadPoolExecutor(4) as ex:
+            answers = list(ex.map(lambda u: post(u, "k"), [url_a, url_b, url_a, url_b]))
+        assert all(r.status_code in (202, 409) for r in answers), [r.text for r in answers]
+        ids = {r.json()["id"] for r in answers if r.status_code == 202}
+        assert len(ids) == 1, ids  # one job, whichever replica took it
+        (key_job,) = ids
+        replay = post(url_b, "k")  # B answers for it wherever it runs
+        assert replay.headers["idempotent-replayed"] == "true" and replay.json()["id"] == key_job
+        deadline = time.time() + 10  # B runs a job in about a second, A in a minute
+        while httpx.get(f"{url_b}/segmentations/{key_job}", timeout=5).status_code == 202 and time.time() < deadline:
+            time.sleep(0.2)
+        on_a = key_job if time.time() >= deadline else None
+        running = on_a or post(url_a).json()["id"]  # A runs one job for 60 s
+        queued, dropped = post(url_a).json()["id"], post(url_a).json()["id"]
+        status = httpx.get(f"{url_b}/segmentations/{running}", timeout=5)
+        assert status.status_code == 202 and status.json()["status"] == "running", status.text
+        assert httpx.get(f"{url_b}/segmentations/{queued}", timeout=5).json()["status"] == "queued"
+        assert httpx.get(f"{url_b}/segmentations/{queued}/mask", timeout=5).status_code == 409
+        assert httpx.delete(f"{url_b}/segmentations/{dropped}", timeout=5).status_code == 204
+        assert httpx.get(f"{url_a}/segmentations/{dropped}", timeout=5).status_code == 404  # gone at A at once
+        procs[0].kill()
+        procs[0].wait(timeout=30)
+        for rid in (running, queued):
+            deadline = time.time() + 60
+            while (r := httpx.get(f"{url_b}/segmentations/{rid}", timeout=5)).status_code == 202:
+                assert time.time() < deadline, r.text
+                time.sleep(0.2)
+            assert r.status_code == 200 and r.json()["id"] == rid, r.text
+        assert httpx.get(f"{url_b}/segmentations/{dropped}", timeout=5).status_code == 404
+        assert "kitseg_jobs_resumed_total 2.0" in httpx.get(f"{url_b}/metrics", timeout=5).text
+        again = post(url_b, "k")
+        assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+        assert again.json()["id"] == key_job
+        pending = tmp_path / "results" / "pending"
+        assert [p.name for p in pending.rglob("*") if p.is_file()] == [".owner"]  # B's lock
+        assert list((tmp_path / "results" / "spool").iterdir()) == []
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_predict_cli_rides_out_a_server_restart(
     tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
