@@ -9,6 +9,8 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +313,20 @@ def test_predict_cli_with_server_writes_what_the_local_engine_writes(
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
+@contextmanager
+def _remote(tmp_path: Path, checkpoint: Path) -> Iterator[tuple[Any, Path, Any]]:
+    """A live service on ``checkpoint``, ``kitseg-predict``'s client of it (``Remote``), and a KiTS
+    IPL scan to send it: ``(remote, scan, app)``."""
+    from app.predict_cli import Remote
+    from tests.conftest import ORIENTATIONS, make_volume, write_nifti
+
+    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
+    scan = write_nifti(tmp_path / "a.nii.gz", hu, aff)
+    app = create_app(make_settings(tmp_path / "srv", checkpoint=checkpoint))
+    with LiveServer(app) as srv:
+        yield Remote(srv.url, None, 120), scan, app
+
+
 def test_predict_cli_with_server_sends_again_an_upload_whose_answer_was_lost(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
@@ -318,14 +334,7 @@ def test_predict_cli_with_server_sends_again_an_upload_whose_answer_was_lost(
     same Idempotency-Key, and the service answers the first job instead of running a second."""
     import httpx
 
-    from app.predict_cli import Remote
-    from tests.conftest import ORIENTATIONS, make_volume, write_nifti
-
-    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
-    scan = write_nifti(tmp_path / "a.nii.gz", hu, aff)
-    app = create_app(make_settings(tmp_path / "srv", checkpoint=tiny_checkpoint))
-    with LiveServer(app) as srv:
-        remote = Remote(srv.url, None, 120)
+    with _remote(tmp_path, tiny_checkpoint) as (remote, scan, app):
         real, sent = remote.client.request, []
 
         def lossy(method: str, url: Any, **kw: Any) -> Any:
@@ -342,7 +351,7 @@ def test_predict_cli_with_server_sends_again_an_upload_whose_answer_was_lost(
         assert [c["label"] for c in classes] == [1, 2]
         time.sleep(0.5)
         assert app.state.worker.processed == 1  # one job for two POSTs
-    assert nib.load(tmp_path / "out" / "a_mask.nii.gz").shape == hu.shape
+    assert nib.load(tmp_path / "out" / "a_mask.nii.gz").shape == nib.load(scan).shape
 
 
 def test_predict_cli_with_server_waits_while_its_earlier_try_is_being_accepted(
@@ -353,13 +362,8 @@ def test_predict_cli_with_server_waits_while_its_earlier_try_is_being_accepted(
     import httpx
 
     from app.predict_cli import Remote, ServiceError
-    from tests.conftest import ORIENTATIONS, make_volume, write_nifti
 
-    hu, aff, _ = make_volume(ORIENTATIONS["IPL"])
-    scan = write_nifti(tmp_path / "a.nii.gz", hu, aff)
-    app = create_app(make_settings(tmp_path / "srv", checkpoint=tiny_checkpoint))
-    with LiveServer(app) as srv:
-        remote = Remote(srv.url, None, 120)
+    with _remote(tmp_path, tiny_checkpoint) as (remote, scan, _):
         real, sent = remote.client.request, []
 
         def busy_once(method: str, url: Any, **kw: Any) -> Any:

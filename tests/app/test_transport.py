@@ -302,6 +302,19 @@ def _start_server(port: int, env: dict[str, str], delay_s: float) -> subprocess.
         time.sleep(0.2)
 
 
+def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _nothing_left(results: Path) -> None:
+    """No accepted job's files and no spooled upload: only the live server's lock."""
+    assert [p.name for p in (results / "pending").rglob("*") if p.is_file()] == [".owner"]
+    assert list((results / "spool").iterdir()) == []
+
+
 def test_accepted_jobs_survive_a_killed_server(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """SIGKILL (an OOM kill, a crash, a host reset) while wait=false jobs run and wait: the next
     server on the same result folder finishes them; a job deleted before the kill stays gone."""
@@ -332,14 +345,9 @@ def test_accepted_jobs_survive_a_killed_server(tmp_path: Path, tiny_checkpoint: 
                 6,
             )
         assert httpx.get(f"{url}/segmentations/{ids[2]}", timeout=5).status_code == 404
-        pending = tmp_path / "results" / "pending"
-        assert [p.name for p in pending.rglob("*") if p.is_file()] == [".owner"]  # the live server's lock
-        assert list((tmp_path / "results" / "spool").iterdir()) == []
+        _nothing_left(tmp_path / "results")
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _kill(procs)
 
 
 def test_replicas_sharing_a_result_folder(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -348,8 +356,6 @@ def test_replicas_sharing_a_result_folder(tmp_path: Path, tiny_checkpoint: Path)
     status, mask and DELETE of a job the other accepted. Then one is SIGKILLed and not started
     again: the other's sweep (every 5 s with a 20 s time-to-live) runs the jobs it had accepted,
     at the same ids, and the key still finds its job."""
-    import concurrent.futures as cf
-
     env_extra = {"KITSEG_RESULT_TTL_S": "20"}
     (port_a, env_a), (port_b, env_b) = (_server_env(tmp_path, tiny_checkpoint, **env_extra) for _ in range(2))
     url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
@@ -394,14 +400,9 @@ def test_replicas_sharing_a_result_folder(tmp_path: Path, tiny_checkpoint: Path)
         again = post(url_b, "k")
         assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
         assert again.json()["id"] == key_job
-        pending = tmp_path / "results" / "pending"
-        assert [p.name for p in pending.rglob("*") if p.is_file()] == [".owner"]  # B's lock
-        assert list((tmp_path / "results" / "spool").iterdir()) == []
+        _nothing_left(tmp_path / "results")  # B holds its lock
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _kill(procs)
 
 
 def test_predict_cli_rides_out_a_server_restart(
@@ -446,10 +447,7 @@ def test_predict_cli_rides_out_a_server_restart(
         assert "sending a.nii.gz again" in capsys.readouterr().err
         assert [c["label"] for c in classes] == [1, 2] and (tmp_path / "out2" / "a_mask.nii.gz").exists()
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _kill(procs)
 
 
 def test_sigterm_drains_accepted_work_then_exits(tmp_path: Path, tiny_checkpoint: Path) -> None:
