@@ -73,7 +73,8 @@ async def sweep_once(app: FastAPI) -> None:
         return
     with suppress(Exception):
         await run_in_threadpool(store.sweep_spool)
-        resumed = worker.restore(await run_in_threadpool(store.adopt_pending))
+        adopted = await run_in_threadpool(store.adopt_pending)
+        resumed = await run_in_threadpool(worker.restore, adopted) if adopted else 0
         if app.state.metrics is not None:
             app.state.metrics.resumed.inc(resumed)
 
