@@ -381,8 +381,11 @@ def test_replicas_sharing_a_result_folder(tmp_path: Path, tiny_checkpoint: Path)
         on_a = key_job if time.time() >= deadline else None
         running = on_a or post(url_a).json()["id"]  # A runs one job for 60 s
         queued, dropped = post(url_a).json()["id"], post(url_a).json()["id"]
-        status = httpx.get(f"{url_b}/segmentations/{running}", timeout=5)
-        assert status.status_code == 202 and status.json()["status"] == "running", status.text
+        deadline = time.time() + 10  # once A's worker has taken it up and said so
+        while (status := httpx.get(f"{url_b}/segmentations/{running}", timeout=5)).json()["status"] != "running":
+            assert status.status_code == 202 and time.time() < deadline, status.text
+            time.sleep(0.1)
+        assert status.status_code == 202 and status.json()["progress"] == 0.0  # A's model holds it for 60 s
         assert httpx.get(f"{url_b}/segmentations/{queued}", timeout=5).json()["status"] == "queued"
         assert httpx.get(f"{url_b}/segmentations/{queued}/mask", timeout=5).status_code == 409
         assert httpx.delete(f"{url_b}/segmentations/{dropped}", timeout=5).status_code == 204
