@@ -215,8 +215,8 @@ class ServiceUnavailable(Exception):
 class Remote:
     """A kitseg service: each volume is uploaded with ``wait=false``, its status URL polled and
     its mask fetched, so no request stays open for the whole job (proxies cut long ones). A full
-    queue (503) and a restart are waited out; an upload is retried with its Idempotency-Key, so
-    it never runs twice. The upload's file name is not sent: a patient's name in a file
+    queue (503), a restart and a proxy's 502/504 are waited out; an upload is retried with its
+    Idempotency-Key, so it never runs twice. The upload's file name is not sent: a patient's name in a file
     name stays on this machine."""
 
     def __init__(self, url: str, api_key: str | None, timeout_s: float) -> None:
@@ -287,13 +287,18 @@ class Remote:
 
     @staticmethod
     def _busy(r: Any) -> bool:
-        """A 503 (a full queue, a start), or a 409 for an upload whose earlier try the service is
-        still accepting (its Idempotency-Key is in use): both are sent again after Retry-After."""
+        """Sent again after Retry-After: a 503 (a full queue, a start); a 409 for an upload whose
+        earlier try the service is still accepting (its Idempotency-Key is in use); and a 502 or
+        504 that a proxy in front answered (the service behind it restarting, or a replica gone),
+        which, unlike the service's own 504 ``deadline_exceeded``, has no kitseg error body."""
+        try:
+            code = r.json().get("code")
+        except (ValueError, AttributeError):
+            code = None
         if r.status_code == 409:
-            try:
-                return bool(r.json().get("code") == "idempotency_key_in_use")
-            except (ValueError, AttributeError):
-                return False
+            return bool(code == "idempotency_key_in_use")
+        if r.status_code in (502, 504):
+            return code is None
         return bool(r.status_code == 503)
 
     @staticmethod

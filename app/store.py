@@ -274,20 +274,24 @@ class ResultStore:
         tmp.write_text(f"{progress:.3f}")
         os.replace(tmp, self.pending / f"{rid}.progress")
 
-    def _records_elsewhere(self, rid: str) -> list[Path]:
+    def _records(self, rid: str) -> list[Path]:
+        """The records of ``rid`` in every process's pending folder, this one's included: it
+        holds the jobs it is adopting before its worker has them."""
         if self._dir(rid) is None:
             return []
         return [
             d / f"{rid}.json"
             for d in self.pending_root.iterdir()
-            if d != self.pending and ID_RE.fullmatch(d.name) and (d / f"{rid}.json").is_file()
+            if ID_RE.fullmatch(d.name) and (d / f"{rid}.json").is_file()
         ]
 
     def elsewhere(self, rid: str) -> tuple[str, float] | None:
-        """``(status, progress)`` of a job another process sharing this result folder accepted
-        and has not finished (``queued``, or ``running`` once it has said how far it is); one
-        whose process has ended is ``queued`` until a process adopts it. None when there is none."""
-        for rec in self._records_elsewhere(rid):
+        """``(status, progress)`` of an accepted, unfinished job that this process's worker
+        doesn't hold (ask it first): one another process sharing this result folder runs
+        (``queued``, or ``running`` once it has said how far it is), one whose process has ended
+        (``queued`` until a process adopts it), or one this process is adopting. None when
+        there is none."""
+        for rec in self._records(rid):
             if not self._alive(rec.parent.name):
                 return "queued", 0.0
             try:
@@ -297,10 +301,11 @@ class ResultStore:
         return None
 
     def withdraw(self, rid: str) -> bool:
-        """Cancel a job another process accepted: its record goes, so its worker drops it at its
-        next batch and no restart runs it. False when there is none."""
+        """Cancel a job that this process's worker doesn't hold (ask it first; see
+        :meth:`elsewhere`): its record goes, so the worker that runs it drops it at its next
+        batch, and no restart or adoption runs it. False when there is none."""
         found = False
-        for rec in self._records_elsewhere(rid):
+        for rec in self._records(rid):
             rec.unlink(missing_ok=True)
             found = True
         return found

@@ -698,6 +698,15 @@ def test_a_live_replica_takes_over_the_jobs_of_one_that_ended(
             assert not dead.exists() and not dead_spool.exists()
             assert (live / f"{theirs}.json").exists() and live_spool.exists() and starting.exists()
             assert "kitseg_jobs_resumed_total 1.0" in c.get("/metrics").text
+            # The sweep's two steps apart: a job moved into this process's folder is answered
+            # before its worker has it (a 404 in that window failed scripts/replicas-smoke.sh).
+            midway = _left_by(store.pending_root / ("c" * 32), payload, 600)
+            adopted = store.adopt_pending()
+            assert (store.pending / f"{midway}.json").exists()
+            assert c.get(f"/segmentations/{midway}").json()["status"] == "queued"
+            assert c.get(f"/segmentations/{midway}/mask").status_code == 409
+            assert c.app.state.worker.restore(adopted) == 1  # type: ignore[attr-defined]
+            assert _poll(c, midway).status_code == 200
         shutil.rmtree(live)
         live_spool.unlink()
         starting.rmdir()

@@ -389,6 +389,11 @@ def test_predict_cli_with_server_waits_while_its_earlier_try_is_being_accepted(
             remote.segment(scan, tmp_path / "out" / "b_mask.nii.gz")
         conflict = httpx.Response(409, json={"code": "not_finished", "message": "m", "request_id": "r"})
         assert not Remote._busy(conflict) and Remote._busy(httpx.Response(503))
+        # A proxy's 502 or 504 (HTML, or nothing) is waited out; the service's own 504 is the job's error.
+        assert Remote._busy(httpx.Response(502, text="<html>502 Bad Gateway</html>"))
+        assert Remote._busy(httpx.Response(504))
+        late = {"code": "deadline_exceeded", "message": "m", "request_id": "r"}
+        assert not Remote._busy(httpx.Response(504, json=late))
 
 
 def test_predict_cli_server_links_resolve_under_a_proxy_prefix() -> None:
