@@ -38,6 +38,8 @@ DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 CLOSED = "the service is shutting down and has purged its results"
+#: age after which a partial write, or the pending folder of a start that died half-way, is removed
+STALE_S = 3600
 
 
 class KeyUse(NamedTuple):
@@ -304,11 +306,10 @@ class ResultStore:
         """Cancel a job that this process's worker doesn't hold (ask it first; see
         :meth:`elsewhere`): its record goes, so the worker that runs it drops it at its next
         batch, and no restart or adoption runs it. False when there is none."""
-        found = False
-        for rec in self._records(rid):
+        records = self._records(rid)
+        for rec in records:
             rec.unlink(missing_ok=True)
-            found = True
-        return found
+        return bool(records)
 
     def adopt_pending(self) -> list[tuple[dict[str, Any], Path]]:
         """Move the persisted jobs of processes that have ended into this one's folder and return
@@ -317,7 +318,7 @@ class ResultStore:
         adopted: list[tuple[dict[str, Any], Path]] = []
         for d in self.pending_root.iterdir():
             if d == self.pending or not d.is_dir() or not ID_RE.fullmatch(d.name):
-                if d.name.startswith(".") and self._expired(d, 3600):  # a start that died in __init__
+                if d.name.startswith(".") and self._expired(d, STALE_S):  # a start that died in __init__
                     shutil.rmtree(d, ignore_errors=True)
                 continue
             try:
@@ -434,7 +435,7 @@ class ResultStore:
                 f.unlink(missing_ok=True)
         n = 0
         for d in self.results.iterdir():
-            if d.name.startswith(".") and time.time() - d.stat().st_mtime > 3600:
+            if d.name.startswith(".") and self._expired(d, STALE_S):
                 shutil.rmtree(d, ignore_errors=True)
             elif d.is_dir() and ID_RE.fullmatch(d.name) and self._expired(d):
                 shutil.rmtree(d, ignore_errors=True)

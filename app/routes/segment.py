@@ -217,7 +217,9 @@ async def segment(
             except OSError as e:  # the job runs; its claim still answers a repeated POST here
                 log.warning("could not keep an idempotency key: %s", e.strerror or e)
         return JSONResponse(
-            _status(job, request), status_code=202, headers={"Location": f"{root_path(request)}/segmentations/{rid}"}
+            _status_of(rid, job.state, job.progress, request),
+            status_code=202,
+            headers={"Location": f"{root_path(request)}/segmentations/{rid}"},
         )
     try:
         result = await _wait_for_result(request, job, settings.request_timeout_s)
@@ -332,11 +334,8 @@ def _replayed(rid: str, worker: InferenceWorker, store: ResultStore, request: Re
     status, as the first POST answered (``done`` or ``failed`` once it has ended; its status URL
     has the result or the error). None when the job is gone (deleted, expired): then the key
     starts a new one."""
-    job = worker.pending(rid)
-    if job is not None:
-        body = _status(job, request)
-    elif (there := store.elsewhere(rid)) is not None:  # a replica sharing the result folder runs it
-        body = _status_of(rid, *there, request)
+    if (unfinished := _unfinished(rid, worker, store)) is not None:
+        body = _status_of(rid, *unfinished, request)
     else:
         state = "done" if store.get(rid) is not None else "failed" if worker.failure(rid) is not None else None
         if state is None:
@@ -349,8 +348,11 @@ def _replayed(rid: str, worker: InferenceWorker, store: ResultStore, request: Re
     )
 
 
-def _status(job: Job, request: Request) -> dict[str, Any]:
-    return _status_of(job.rid, job.state, job.progress, request)
+def _unfinished(rid: str, worker: InferenceWorker | None, store: ResultStore) -> tuple[str, float] | None:
+    """``(status, progress)`` of an accepted job that hasn't ended: this process's worker holds
+    it, or another process sharing the result folder does (:meth:`ResultStore.elsewhere`)."""
+    job = worker.pending(rid) if worker is not None else None
+    return (job.state, job.progress) if job is not None else store.elsewhere(rid)
 
 
 def _status_of(rid: str, state: str, progress: float, request: Request) -> dict[str, Any]:
@@ -382,11 +384,8 @@ def get_segmentation(rid: str, request: Request, store: StoreDep) -> Any:
     if result is not None:
         return JSONResponse(_linked(result, request))
     worker = _worker(request)
-    job = worker.pending(rid) if worker is not None else None
-    if job is not None:
-        return JSONResponse(_status(job, request), status_code=202, headers={"Retry-After": "1"})
-    if (there := store.elsewhere(rid)) is not None:  # accepted by a replica sharing the result folder
-        return JSONResponse(_status_of(rid, *there, request), status_code=202, headers={"Retry-After": "1"})
+    if (unfinished := _unfinished(rid, worker, store)) is not None:
+        return JSONResponse(_status_of(rid, *unfinished, request), status_code=202, headers={"Retry-After": "1"})
     failed = worker.failure(rid) if worker is not None else None
     if failed is not None:  # the job's own error, with its status and code
         return error_response(request, failed.status, failed.code, f"{failed.message} (request {failed.request_id})")
@@ -405,8 +404,7 @@ def get_segmentation(rid: str, request: Request, store: StoreDep) -> Any:
 def get_mask(rid: str, request: Request, store: StoreDep) -> Any:
     path = store.mask_path(rid)
     if path is None:
-        worker = _worker(request)
-        if (worker is not None and worker.pending(rid) is not None) or store.elsewhere(rid) is not None:
+        if _unfinished(rid, _worker(request), store) is not None:
             raise NotFinished(f"segmentation {rid!r} is not finished; GET /segmentations/{rid} says when it is")
         raise NotFound(f"no mask for segmentation {rid!r}")
     return FileResponse(path, media_type="application/gzip", filename=f"{rid}_mask.nii.gz")
