@@ -280,6 +280,13 @@ def main() -> int:
     )
     ap.add_argument("--checkpoint", type=Path, default=DEMO)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "engine.json")
+    ap.add_argument("--no-docs", action="store_true", help="write the JSON only, leave docs/benchmarks.md alone")
+    ap.add_argument(
+        "--label",
+        default="",
+        help="prefix for the docs section's heading, so that runs on different machines keep their own "
+        "sections (for example 'Session 32, AVX-512 BF16 CPU: '); default: the plain 'Engine'",
+    )
     a = ap.parse_args()
     model, meta = load_checkpoint(a.checkpoint)
     rng = np.random.default_rng(0)
@@ -349,7 +356,7 @@ def main() -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2))
     md = [
-        f"## Engine ({a.slices} slices of 512x512 at 0.78 mm -> {round(grid_px)}x{round(grid_px)} model grid, {gflop_per_slice:.2f} GFLOP/slice)",
+        f"## {a.label + 'engine' if a.label else 'Engine'} ({a.slices} slices of 512x512 at 0.78 mm -> {round(grid_px)}x{round(grid_px)} model grid, {gflop_per_slice:.2f} GFLOP/slice)",
         "",
         f"Machine: {results['machine']}",
         "",
@@ -418,7 +425,8 @@ def main() -> int:
         ]
     else:
         md += ["", "torch.compile: not measured (it needs native bf16 and a C++ compiler; `auto` is off without them)."]
-    update_section(ROOT / "docs" / "benchmarks.md", "## Engine", "\n".join(md))
+    if not a.no_docs:
+        update_section(ROOT / "docs" / "benchmarks.md", md[0].split(" (")[0] + " (", "\n".join(md))
     print("\n".join(md))
     return 0
 

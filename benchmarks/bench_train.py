@@ -168,16 +168,24 @@ def main() -> int:
     ap.add_argument(
         "--workers",
         type=int,
-        help="DataLoader workers for our loop (default: 1 on a CPU, as in the tables; on CUDA the trainer's "
-        "default, training.train.default_workers, since one worker cuts only about 60 512x512 slices a second)",
+        help="DataLoader workers for our loop (default: the trainer's, training.train.default_workers: 0 on a "
+        "CPU, where a worker process takes a core from the training step's threads, several on CUDA). Tables "
+        "made before session 32 ran one worker on a CPU, which is not what the trainer does there",
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
     ap.add_argument("--no-docs", action="store_true", help="write the JSON only, leave docs/benchmarks.md alone")
+    ap.add_argument(
+        "--label",
+        default="",
+        help="prefix for the docs section's heading, so that runs on different machines keep their own "
+        "sections (for example 'Session 32, AVX-512 BF16 CPU: '); default: the plain 'Training throughput'",
+    )
     a = ap.parse_args()
     device = torch.device(a.device)
+    workers_note = "the trainer's default here" if a.workers is None else "set by --workers"
     if a.workers is None:
-        a.workers = default_workers(device) if device.type == "cuda" else 1
+        a.workers = default_workers(device)
     tmp = Path(tempfile.mkdtemp(prefix="kitseg-bench-train-"))
     for i in range(a.cases):
         hu, seg, sp = make_phantom(np.random.default_rng(100 + i), inplane=512)
@@ -185,6 +193,7 @@ def main() -> int:
     cases = sorted((tmp / "data").iterdir())
     res: dict = {"device": str(device), "machine": machine()}
     res["base_width"] = a.base_width
+    res["workers"] = a.workers
     res["naive"] = naive(cases, a.steps, a.base_width, device)
     # The naive loop's own shape: 4 whole 512x512 slices at native spacing per step, so the
     # per-slice and per-pixel ratios are the same number and neither favours us.
@@ -215,7 +224,7 @@ def main() -> int:
     n, o, d, ss = res["naive"], res["ours"], res["ours_same_shape_default_malloc"], res["ours_same_shape"]
     m = res["machine"]
     md = [
-        f"## Training throughput ({res['device']}, base {a.base_width}, {a.steps} steps each, {a.cases} 512x512 phantoms)",
+        f"## {a.label + 'training throughput' if a.label else 'Training throughput'} ({res['device']}, base {a.base_width}, {a.steps} steps each, {a.cases} 512x512 phantoms)",
         "",
         f"Machine: {machine_line(m)}.",
         "",
@@ -242,10 +251,10 @@ def main() -> int:
         "",
         f"The trainer picks the memory format once per run by timing one batch each way "
         f"({ss['format_choice_s']:.0f} s at the naive loop's shape, {o['format_choice_s']:.1f} s for the demo "
-        "recipe; not in the throughput).",
+        f"recipe; not in the throughput). Our loop ran {a.workers} DataLoader worker(s), {workers_note}.",
     ]
     if not a.no_docs:
-        update_section(ROOT / "docs" / "benchmarks.md", "## Training throughput", "\n".join(md))
+        update_section(ROOT / "docs" / "benchmarks.md", md[0].split(" (")[0] + " (", "\n".join(md))
     print("\n".join(md))
     return 0
 
