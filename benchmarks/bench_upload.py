@@ -15,7 +15,8 @@ time shows that on loopback the decoding only moves into the upload, which then 
     python benchmarks/bench_upload.py --mbps 0 1000 --repeat 3
 
 Writes benchmarks/results/upload.json and the "Decoding during the upload" section of
-docs/benchmarks.md. Single pass (``KITSEG_MIRROR=false``), as the end-to-end table.
+docs/benchmarks.md. Single pass (``KITSEG_MIRROR=false``), as the end-to-end table, unless
+``--mirror`` asks for the service's default (test-time mirroring: twice the model stage).
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ BOUNDARY = "kitsegbenchboundary"
 PIECE = 1 << 20
 
 
-def _serve(decode: bool, tmp: Path, device: str, precision: str) -> tuple[subprocess.Popen[bytes], str]:
+def _serve(
+    decode: bool, tmp: Path, device: str, precision: str, mirror: bool = False
+) -> tuple[subprocess.Popen[bytes], str]:
     env = {
         **os.environ,
         "KITSEG_DECODE_DURING_UPLOAD": "true" if decode else "false",
-        "KITSEG_MIRROR": "false",
+        "KITSEG_MIRROR": "true" if mirror else "false",
         "KITSEG_DEVICE": device,
         "KITSEG_PRECISION": precision,
         "KITSEG_RESULT_DIR": str(tmp / ("on" if decode else "off")),
@@ -117,6 +120,11 @@ def main() -> int:
         help="a fresh pair of services for every request (each request is its process's first); "
         "default: both answer one request first, then take all of them",
     )
+    ap.add_argument(
+        "--mirror",
+        action="store_true",
+        help="test-time mirroring on, as the service's default KITSEG_MIRROR=true (default: single pass)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "upload.json")
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument(
@@ -135,7 +143,7 @@ def main() -> int:
 
         def start() -> None:
             for decode in (True, False):
-                servers[decode] = _serve(decode, tmp, a.device, a.precision)
+                servers[decode] = _serve(decode, tmp, a.device, a.precision, a.mirror)
                 card = httpx.get(f"{servers[decode][1]}/model").json()
                 engine[decode] = f"{card['precision']} {card['backend']}"
             if not a.fresh:
@@ -172,6 +180,7 @@ def main() -> int:
                             "mbps": mbps,
                             "decode_during_upload": decode,
                             "fresh_processes": a.fresh,
+                            "mirror": a.mirror,
                             "upload_mb": len(body) / 2**20,
                             "slices": a.slices,
                             "runs": rs,
@@ -201,10 +210,10 @@ def main() -> int:
     heading = (
         (f"## {a.label}decoding during the upload" if a.label else "## Decoding during the upload")
         + (", first requests of fresh processes" if a.fresh else "")
-        + f" (POST /segment over 127.0.0.1, {a.device}, {model},"
+        + f" (POST /segment over 127.0.0.1, {a.device}, {model}, {'mirrored' if a.mirror else 'single pass'})"
     )
     md = [
-        f"{heading} single pass)",
+        heading,
         "",
         f"Machine: {machine_line(machine())}; model stage in {model} (the services' `/model`).",
         "",
