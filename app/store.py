@@ -387,18 +387,31 @@ class ResultStore:
             yield
 
     def key_use(self, digest: str) -> KeyUse | None:
-        """Who holds an idempotency key, until the results' time-to-live has passed."""
+        """Who holds an idempotency key (:meth:`_key_expired` says for how long)."""
         f = self.keys / digest
-        if not DIGEST_RE.fullmatch(digest) or self._expired(f):
+        if not DIGEST_RE.fullmatch(digest):
             return None
         try:
             parts = f.read_text().split()
         except OSError:
             return None
-        if not parts or not ID_RE.fullmatch(parts[0]):
+        if not parts or not ID_RE.fullmatch(parts[0]) or self._key_expired(f, parts[0]):
             return None
         fingerprint = parts[1] if len(parts) > 1 and DIGEST_RE.fullmatch(parts[1]) else None
         return KeyUse(parts[0], fingerprint, len(parts) > 2 and self._alive(parts[2]))
+
+    def _key_expired(self, f: Path, rid: str) -> bool:
+        """A key lasts the results' time-to-live from when it was written, and beyond that for
+        as long as its job is kept: unfinished (its record in any process's pending folder, a
+        queue that outlasts the time-to-live, say, or a dead replica's job not yet adopted), or
+        ended with a result or error not yet expired. Otherwise a retry after the time-to-live
+        would start the job again while the first one still runs or is still answered."""
+        if not self._expired(f):
+            return False
+        d = self.results / rid
+        if d.is_dir() and not self._expired(d):
+            return False
+        return not self._records(rid)
 
     def claim_key(self, digest: str, rid: str, fingerprint: str, replacing: str | None) -> bool:
         """Give the key to ``rid`` while its request is accepted (then :meth:`bind_key`, or
@@ -431,8 +444,15 @@ class ResultStore:
         """Delete expired results, idempotency keys and stale partial writes; returns how many
         results were removed."""
         for f in self.keys.iterdir():
-            if self._expired(f):
-                f.unlink(missing_ok=True)
+            if not self._expired(f):
+                continue
+            with self._keys_locked():  # not while a request claims it again
+                try:
+                    rid = (f.read_text().split() or [""])[0]
+                except OSError:
+                    continue
+                if not ID_RE.fullmatch(rid) or self._key_expired(f, rid):
+                    f.unlink(missing_ok=True)
         n = 0
         for d in self.results.iterdir():
             if d.name.startswith(".") and self._expired(d, STALE_S):

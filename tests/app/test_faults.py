@@ -950,7 +950,10 @@ def test_a_post_repeated_with_its_idempotency_key_finds_the_first_job(
         assert replay.headers["idempotent-replayed"] == "true" and replay.json()["id"] == fresh.json()["id"]
         store = c.app.state.store  # type: ignore[attr-defined]
         store.ttl_s = 0
-        assert "idempotent-replayed" not in post(c, "retry-me").headers
+        late = post(c, "retry-me")
+        assert "idempotent-replayed" not in late.headers
+        # The new job's key lasts while the job runs (test_an_idempotency_key_lasts_while_its_job_is_kept).
+        _poll(c, late.json()["id"], headers={"X-API-Key": keys[0]})
         store.sweep()
         assert list(store.keys.iterdir()) == []
 
@@ -1042,4 +1045,47 @@ def test_an_idempotency_key_claimed_by_another_process(tmp_path: Path, tiny_chec
         assert (store.keys / digest).read_text() == f"{taken.json()['id']} {fp}"  # bound once accepted
         _poll(c, taken.json()["id"])
         shutil.rmtree(store.pending_root / replica)
+        _clean(tmp_path)
+
+
+def test_an_idempotency_key_lasts_while_its_job_is_kept(tmp_path: Path, tiny_checkpoint: Path, payload: bytes) -> None:
+    """A key lasts the results' time-to-live from when it was written, and longer while its job
+    is kept: unfinished (here a live replica's, still running past the time-to-live) or ended
+    with a result not yet expired. A retry then finds the job instead of starting it again. Once
+    the job is gone and the key is old, the key starts a new one and the sweep removes it."""
+    import fcntl
+    import hashlib
+    import os
+
+    def age(p: Path) -> None:
+        old = time.time() - 120
+        os.utime(p, (old, old))
+
+    with _client(tmp_path, tiny_checkpoint, result_ttl_s=60) as c:
+        store = c.app.state.store  # type: ignore[attr-defined]
+        key = store.keys / hashlib.sha256(b"\0old").hexdigest()  # no API key configured
+        replica = store.pending_root / ("b" * 32)
+        rid = _left_by(replica, payload, 600, owner=True)
+        with open(replica / ".owner", "wb") as owner:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the replica runs it, for over the time-to-live
+            key.write_text(f"{rid} {hashlib.sha256(payload).hexdigest()}")
+            age(key)
+            again = _keyed(c, "old", payload)
+            assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+            assert again.json()["id"] == rid
+            store.sweep()
+            assert key.exists()
+        shutil.rmtree(replica)  # the job is gone (withdrawn with its replica's folder): a new one starts
+        fresh = _keyed(c, "old", payload)
+        assert fresh.status_code == 202 and "idempotent-replayed" not in fresh.headers
+        new = fresh.json()["id"]
+        assert new != rid and _poll(c, new).status_code == 200
+        age(key)  # ended, its result kept: still answered
+        done = _keyed(c, "old", payload)
+        assert done.headers["idempotent-replayed"] == "true" and done.json()["status"] == "done"
+        store.sweep()
+        assert key.exists()
+        age(store.results / new)  # the result has expired too: the key goes with it
+        store.sweep()
+        assert not key.exists()
         _clean(tmp_path)

@@ -280,6 +280,9 @@ def _server_env(tmp_path: Path, checkpoint: Path, **extra: str) -> tuple[int, di
         "KITSEG_RESULT_DIR": str(tmp_path / "results"),
         "KITSEG_DEVICE": "cpu",
         "KITSEG_WARMUP": "false",
+        # As make_settings: auto compiles the network where the CPU has native bf16, and a cold
+        # compile in a process's first job (10-40 s) broke these tests' timing there.
+        "KITSEG_COMPILE": "off",
         "KITSEG_LOG_LEVEL": "WARNING",
         **extra,
     }
