@@ -12,7 +12,8 @@
 #   seeds), and the test seed is 15 (15000-15029): kidney 0.974 / tumor 0.841 there on the AVX2
 #   machine, 14.0 min (16 epochs). On the AVX2 machine R scores higher on the development sets (RECIPE=r).
 #   On an AVX-512 BF16 EPYC (session 32) all 30 epochs fit: 11.8 min, kidney 0.984 / tumor 0.872 on
-#   seed 15, and the same checkpoint 0.986 / 0.836 on a fresh seed 16 (docs/training.md).
+#   seed 15, and the same checkpoint 0.986 / 0.836 on a fresh seed 16; trained again with --seed 1,
+#   tumor 0.849 / 0.803 on the two (docs/training.md).
 # RECIPE=r: the 15-minute recipe of sessions 14-19 (candidate R): a 2.5 mm grid, 80-pixel patches,
 #   per-patch Dice, 25 epochs, 12-minute guard, then tumor components under 0.5 mL become kidney
 #   (`kitseg-train postprocess`; the weights are those training picked, unchanged). About 13
