@@ -2,10 +2,10 @@
 # The CUDA checks issues 2 and 5 ask for, as one short script for a lent GPU machine (about 9
 # minutes on an H100/H200). The steps run in the order 1, 2, 3, 5, 2b, 4, 6, 7, so that a run cut
 # short loses the least. It needs CUDA torch and the project's runtime dependencies. On an
-# offline GPU host that has CUDA torch (and pytest) but not the rest, download the other
-# dependencies' wheels elsewhere (`pip download --no-deps --only-binary=:all: --python-version
-# 3.12 ...`, every name the closure needs) and run, from the repository's root:
-#   pip install --no-index --no-deps --target /tmp/site wheels/*.whl &&
+# offline GPU host that has CUDA torch (and pytest) but not the rest, fetch the other
+# dependencies' wheels where PyPI is reachable (benchmarks/gpu_wheels.sh, into .whl) and run, from
+# the repository's root on the host:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 #   PYTHONPATH=/tmp/site:$PWD PYTHON=python3 bash benchmarks/gpu_check.sh
 # The steps:
 #   1. the GPU tests (pytest -m gpu): a checkpoint written on CUDA loads on CPU and back; the CUDA
