@@ -78,6 +78,21 @@ print(json.dumps({"slices": n, "voxels": 512 * 512 * n, "upload_mb": len(payload
 """
 
 
+def add_label_argument(ap: argparse.ArgumentParser, plain: str) -> None:
+    """``--label``: a prefix for a benchmark's docs section heading (see :func:`section_title`)."""
+    ap.add_argument(
+        "--label",
+        default="",
+        help="prefix for the docs section's heading, so that runs on different machines keep their own "
+        f"sections (for example 'Session 32, AVX-512 BF16 CPU: '); default: the plain '{plain}'",
+    )
+
+
+def section_title(label: str, plain: str) -> str:
+    """``plain`` (a heading's title, capitalised), or ``label`` followed by it in lower case."""
+    return f"{label}{plain[0].lower()}{plain[1:]}" if label else plain
+
+
 def update_section(doc: Path, heading: str, block: str) -> None:
     """Replace the section of ``doc`` that starts with ``heading`` (up to the next ``## ``), or append it."""
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\nWritten by the scripts in `benchmarks/`.\n"

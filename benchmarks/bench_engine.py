@@ -45,7 +45,7 @@ from segcore.unet import flops_per_pixel, fold_batch_norm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_e2e import update_section  # noqa: E402
+from benchmarks.bench_e2e import add_label_argument, section_title, update_section  # noqa: E402
 
 DEMO = ROOT / "app" / "demo_model" / "kitseg-demo-phantom.safetensors"
 
@@ -281,12 +281,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", type=Path, default=DEMO)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "engine.json")
     ap.add_argument("--no-docs", action="store_true", help="write the JSON only, leave docs/benchmarks.md alone")
-    ap.add_argument(
-        "--label",
-        default="",
-        help="prefix for the docs section's heading, so that runs on different machines keep their own "
-        "sections (for example 'Session 32, AVX-512 BF16 CPU: '); default: the plain 'Engine'",
-    )
+    add_label_argument(ap, "Engine")
     a = ap.parse_args()
     model, meta = load_checkpoint(a.checkpoint)
     rng = np.random.default_rng(0)
@@ -356,7 +351,7 @@ def main() -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2))
     md = [
-        f"## {a.label + 'engine' if a.label else 'Engine'} ({a.slices} slices of 512x512 at 0.78 mm -> {round(grid_px)}x{round(grid_px)} model grid, {gflop_per_slice:.2f} GFLOP/slice)",
+        f"## {section_title(a.label, 'Engine')} ({a.slices} slices of 512x512 at 0.78 mm -> {round(grid_px)}x{round(grid_px)} model grid, {gflop_per_slice:.2f} GFLOP/slice)",
         "",
         f"Machine: {results['machine']}",
         "",

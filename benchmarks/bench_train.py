@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_e2e import update_section  # noqa: E402
+from benchmarks.bench_e2e import add_label_argument, section_title, update_section  # noqa: E402
 from benchmarks.bench_engine import machine, machine_line  # noqa: E402
 from segcore.inference import cpu_bf16_fast  # noqa: E402
 from segcore.preprocessing import PreprocessConfig  # noqa: E402
@@ -175,12 +175,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
     ap.add_argument("--no-docs", action="store_true", help="write the JSON only, leave docs/benchmarks.md alone")
-    ap.add_argument(
-        "--label",
-        default="",
-        help="prefix for the docs section's heading, so that runs on different machines keep their own "
-        "sections (for example 'Session 32, AVX-512 BF16 CPU: '); default: the plain 'Training throughput'",
-    )
+    add_label_argument(ap, "Training throughput")
     a = ap.parse_args()
     device = torch.device(a.device)
     workers_note = "the trainer's default here" if a.workers is None else "set by --workers"
@@ -224,7 +219,7 @@ def main() -> int:
     n, o, d, ss = res["naive"], res["ours"], res["ours_same_shape_default_malloc"], res["ours_same_shape"]
     m = res["machine"]
     md = [
-        f"## {a.label + 'training throughput' if a.label else 'Training throughput'} ({res['device']}, base {a.base_width}, {a.steps} steps each, {a.cases} 512x512 phantoms)",
+        f"## {section_title(a.label, 'Training throughput')} ({res['device']}, base {a.base_width}, {a.steps} steps each, {a.cases} 512x512 phantoms)",
         "",
         f"Machine: {machine_line(m)}.",
         "",

@@ -38,7 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_e2e import render, update_section  # noqa: E402
+from benchmarks.bench_e2e import add_label_argument, render, section_title, update_section  # noqa: E402
 from benchmarks.bench_engine import machine, machine_line  # noqa: E402
 from benchmarks.load_test import _status_kb, start_service  # noqa: E402
 
@@ -127,12 +127,7 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "upload.json")
     ap.add_argument("--no-docs", action="store_true")
-    ap.add_argument(
-        "--label",
-        default="",
-        help="prefix for the docs section's heading, so that runs on different machines keep their own "
-        "sections (for example 'Session 23, AVX2 CPU: '); default: the plain 'Decoding during the upload'",
-    )
+    add_label_argument(ap, "Decoding during the upload")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="kitseg-bench-") as tmpdir:
@@ -208,7 +203,7 @@ def main() -> int:
 
     (model,) = set(engine.values())
     heading = (
-        (f"## {a.label}decoding during the upload" if a.label else "## Decoding during the upload")
+        f"## {section_title(a.label, 'Decoding during the upload')}"
         + (", first requests of fresh processes" if a.fresh else "")
         + f" (POST /segment over 127.0.0.1, {a.device}, {model}, {'mirrored' if a.mirror else 'single pass'})"
     )
