@@ -41,6 +41,14 @@ log = logging.getLogger("kitseg.app")
 
 
 def _load(settings: Settings) -> Engine:
+    compile = settings.compile
+    if not settings.warmup:
+        # The warm-up is where compiling is paid for, once, before the service says it is ready.
+        # Without it the first request would pay (10-50 s on a 2-core CPU): auto stays eager.
+        if compile == "auto":
+            compile = "off"
+        elif compile == "on":
+            log.warning("KITSEG_COMPILE=on with KITSEG_WARMUP=false: the first request compiles the network")
     engine = Engine.from_checkpoint(
         [str(p) for p in settings.checkpoint_paths],
         device=settings.device,
@@ -49,7 +57,7 @@ def _load(settings: Settings) -> Engine:
         mirror=settings.mirror,
         backend=settings.backend,
         body_crop=settings.body_crop,
-        compile=settings.compile,
+        compile=compile,
     )
     if settings.warmup:
         if engine.compiled:

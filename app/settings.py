@@ -61,7 +61,8 @@ class Settings(BaseSettings):
         "auto",
         description="torch.compile the network at startup (the same masks; startup about 40 s longer on a 2-core "
         "CPU with a fresh inductor cache). auto: on for torch bf16 on CPU when a C++ compiler is installed (model "
-        "stage 1.17-1.32x faster here), off on CUDA until measured there",
+        "stage 1.17-1.32x faster here), off on CUDA until measured there, and off with warmup=false (the first request "
+        "would pay for compiling)",
     )
     batch_size: int = Field(8, ge=1, le=256, description="slices per forward pass; bounds activation memory")
     result_dir: Path = Field(

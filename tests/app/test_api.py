@@ -77,6 +77,29 @@ def test_compile_setting_reaches_the_engine(
         assert card["compiled"] is True and card["backend"] == "torch"
 
 
+def test_compile_auto_is_off_without_a_warm_up(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warm-up pays for compiling before the service is ready. Without it, auto stays eager
+    (the first request would pay 10-50 s), and an explicit on compiles there, with a warning."""
+    import app.main as main_mod
+
+    asked: list[str] = []
+
+    def from_checkpoint(*a: object, compile: str, **kw: object) -> object:
+        asked.append(compile)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(main_mod.Engine, "from_checkpoint", from_checkpoint)
+    for warmup, setting in ((False, "auto"), (True, "auto"), (False, "on"), (False, "off")):
+        with pytest.raises(RuntimeError, match="stop here"):
+            main_mod._load(make_settings(tmp_path, checkpoint=tiny_checkpoint, warmup=warmup, compile=setting))
+    assert asked == ["off", "auto", "on", "off"]
+    assert [r.getMessage() for r in caplog.records if "first request compiles" in r.getMessage()] == [
+        "KITSEG_COMPILE=on with KITSEG_WARMUP=false: the first request compiles the network"
+    ]
+
+
 def test_compiled_service_compiles_at_startup_and_not_per_request(tmp_path: Path) -> None:
     from torch._dynamo.utils import counters
 
