@@ -928,7 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "off", "bf16", "fp16"],
         help="mixed precision. auto: bf16 on CUDA, off on CPU. bf16 on a CPU with AVX-512 BF16 or AMX trains "
-        "1.9-2.3x faster, but scored lower than fp32 on the development sets (docs/training.md)",
+        "1.7-2.3x faster, but scored lower than fp32 on the development sets (docs/training.md)",
     )
     tr.add_argument(
         "--workers",

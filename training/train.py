@@ -316,7 +316,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     """``auto`` -> bf16 on CUDA, ``off`` (fp32) on a CPU.
 
     bf16 on a CPU is opt-in: on a CPU with native bf16 (:func:`segcore.inference.cpu_bf16_fast`:
-    AVX-512 BF16 or AMX) a step runs 1.9-2.3x faster, but both phantom recipes trained that way
+    AVX-512 BF16 or AMX) a step runs 1.7-2.3x faster, but both phantom recipes trained that way
     scored lower on the development sets than in fp32 (docs/training.md, session 19). Elsewhere
     bf16 convolutions are emulated or take a slow path, so asking for it there logs a warning.
     """
