@@ -408,8 +408,7 @@ class ResultStore:
         would start the job again while the first one still runs or is still answered."""
         if not self._expired(f):
             return False
-        d = self.results / rid
-        if d.is_dir() and not self._expired(d):
+        if not self._expired(self.results / rid):  # a result or error kept (a missing folder is expired)
             return False
         return not self._records(rid)
 
@@ -444,15 +443,10 @@ class ResultStore:
         """Delete expired results, idempotency keys and stale partial writes; returns how many
         results were removed."""
         for f in self.keys.iterdir():
-            if not self._expired(f):
-                continue
-            with self._keys_locked():  # not while a request claims it again
-                try:
-                    rid = (f.read_text().split() or [""])[0]
-                except OSError:
-                    continue
-                if not ID_RE.fullmatch(rid) or self._key_expired(f, rid):
-                    f.unlink(missing_ok=True)
+            if self._expired(f):
+                with self._keys_locked():  # not while a request claims it again
+                    if self.key_use(f.name) is None:  # its job is gone too (_key_expired), or unreadable
+                        f.unlink(missing_ok=True)
         n = 0
         for d in self.results.iterdir():
             if d.name.startswith(".") and self._expired(d, STALE_S):

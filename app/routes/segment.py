@@ -181,7 +181,8 @@ async def segment(
             alias="Idempotency-Key",
             description="with wait=false: a key of the client's choosing (a UUID, say; 1-255 visible ASCII "
             "characters). A POST repeated with it, as a client retries after a lost connection, answers the first "
-            "one's job (Idempotent-Replayed: true) instead of starting another, for the results' time-to-live and while its job is unfinished or kept",
+            "one's job (Idempotent-Replayed: true) instead of starting another, for the results' time-to-live "
+            "and while its job is unfinished or kept",
         ),
     ] = None,
 ) -> Any:
